@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/bonedist synth runs/demo/phantoms --n 400 --seed 0
+	$(BIN)/bonedist pack runs/demo/phantoms --out shards/phantoms
+	$(BIN)/bonedist inspect shards/phantoms --grid runs/demo/phantoms-grid.png
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check bonedist tests
+
+clean:
+	rm -rf $(VENV) runs/demo shards/phantoms

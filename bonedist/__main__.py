@@ -1,0 +1,3 @@
+from bonedist.cli import main
+
+raise SystemExit(main())

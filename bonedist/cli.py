@@ -1,0 +1,151 @@
+"""The ``bonedist`` command line: a thin layer that parses flags and calls the library.
+
+    bonedist synth data/phantoms --n 400
+    bonedist pack data/phantoms --out shards/phantoms
+    bonedist inspect shards/phantoms --grid grid.png
+    bonedist bench pack
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bonedist import BonedistError, __version__
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write synthetic hand phantoms in the official RSNA/Kaggle layouts")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--n", type=int, default=400, help="training images (default 400)")
+    p.add_argument("--n-val", type=int, default=None, help="validation images (default n/4)")
+    p.add_argument("--n-test", type=int, default=None, help="test images (default n/4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=512, help="image height in pixels (default 512)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    from bonedist.data.synth import synth_dataset
+
+    counts = synth_dataset(args.out, n=args.n, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
+                           size=args.size, workers=args.workers)
+    print(f"wrote {sum(counts.values())} phantoms ({', '.join(f'{k} {v}' for k, v in counts.items())}) to {args.out}")
+    return 0
+
+
+def _add_pack(sub) -> None:
+    p = sub.add_parser("pack", help="pack radiographs in an official layout into WebDataset shards",
+                       description="Detects the official RSNA/Kaggle layouts under ROOT (or reads --csv) and writes "
+                                   "validated, resized shards plus manifest.json to --out.")
+    p.add_argument("root", type=Path, help="data root holding the official files")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default shards/<root name>)")
+    p.add_argument("--size", type=int, default=500, help="square output side in pixels (default 500)")
+    p.add_argument("--resize", default="pad", choices=["pad", "stretch"],
+                   help="pad: keep aspect ratio, letterbox (default); stretch: distort to a square (the paper)")
+    p.add_argument("--samples-per-shard", type=int, default=500)
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument("--splits", default="train,validation,test", help="comma-separated splits to pack")
+    p.add_argument("--strict", action="store_true", help="fail (and write no manifest) if anything is skipped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("generic CSV (collections outside the official layouts)")
+    g.add_argument("--csv", type=Path, default=None, help="table of images (path relative to ROOT or absolute)")
+    g.add_argument("--id-col", default="id")
+    g.add_argument("--age-col", default="boneage", help="bone age column; pass '' for unlabeled data")
+    g.add_argument("--sex-col", default="male", help="values True/False, TRUE/FALSE, M/F, male/female, 1/0")
+    g.add_argument("--path-col", default=None, help="image path column (relative to ROOT); else --image-dir")
+    g.add_argument("--image-dir", default=None, help="folder under ROOT searched for <id>.png/.jpg")
+    g.add_argument("--split", default="train", help="split of every row (default train)")
+    g.add_argument("--split-col", default=None, help="column naming each row's split")
+    g.add_argument("--age-unit", default="months", choices=["months", "years"])
+    p.set_defaults(func=_cmd_pack)
+
+
+def _cmd_pack(args) -> int:
+    from bonedist.data.layouts import GenericCSV
+    from bonedist.data.pack import PackOptions, pack_dataset
+
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    options = PackOptions(size=args.size, resize=args.resize, samples_per_shard=args.samples_per_shard,
+                          workers=args.workers, strict=args.strict, splits=splits, progress=not args.quiet)
+    generic = None
+    if args.csv is not None:
+        generic = GenericCSV(csv=args.csv, id_col=args.id_col, age_col=args.age_col or None, sex_col=args.sex_col,
+                             path_col=args.path_col, image_dir=args.image_dir, split=args.split,
+                             split_col=args.split_col, age_unit=args.age_unit)
+    out = args.out or Path("shards") / args.root.resolve().name
+    _, code = pack_dataset(args.root, out, options, generic)
+    return code
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise a pack and verify every shard's checksum and count")
+    p.add_argument("shards", type=Path)
+    p.add_argument("--grid", type=Path, default=None, help="write a labelled contact sheet PNG")
+    p.add_argument("--split", default=None, help="split for the contact sheet (default: all)")
+    p.add_argument("--n", type=int, default=24, help="images in the contact sheet")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args) -> int:
+    from bonedist.data.manifest import load_manifest, summary_lines, verify_shards, write_grid
+
+    manifest = load_manifest(args.shards)
+    print("\n".join(summary_lines(args.shards, manifest)))
+    problems = verify_shards(args.shards, manifest)
+    n_shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+    for problem in problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    print(f"verified {n_shards - len(problems)}/{n_shards} shards (sha256 and sample count)")
+    if args.grid:
+        drawn = write_grid(args.shards, manifest, args.grid, split=args.split, n=args.n)
+        print(f"wrote a contact sheet of {drawn} samples to {args.grid}")
+    return 1 if problems else 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: bonedist vs a baseline measured in the same run")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bench.add_parser("pack", help="packing images/s vs a single-process PIL resize-and-save loop")
+    b.add_argument("root", type=Path, nargs="?", default=None,
+                   help="data root in an official layout (default: synthesise phantoms in a temporary folder)")
+    b.add_argument("--n", type=int, default=240, help="phantoms to synthesise when no ROOT is given")
+    b.add_argument("--source-size", type=int, default=1600, help="phantom height in pixels (real originals ~1500-2100)")
+    b.add_argument("--size", type=int, default=500)
+    b.add_argument("--workers", type=int, default=0)
+    b.set_defaults(func=_cmd_bench_pack)
+
+
+def _cmd_bench_pack(args) -> int:
+    from bonedist.bench.pack import bench_pack
+
+    bench_pack(args.root, n=args.n, source_size=args.source_size, size=args.size, workers=args.workers)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bonedist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_synth, _add_pack, _add_inspect, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BonedistError as exc:
+        print(f"bonedist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bonedist {args.command}: interrupted; finished work is kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data: reading the official RSNA layouts, packing WebDataset shards, synthetic phantoms, loaders."""

@@ -1,0 +1,381 @@
+"""Find and read the official RSNA/Kaggle bone-age layouts (or a generic CSV) into one normalised table.
+
+Every layout becomes rows of ``id, split, boneage_months, male, source, origin``: ``source`` is where the image
+lies relative to the data root (``folder/1377.png`` or ``archive.zip!folder/1377.png``), ``origin`` names the CSV
+row the record came from, for error messages. Rows that cannot be used are returned as ``skipped`` entries
+(``{"source", "reason"}``) and never stop the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from bonedist import BonedistError
+from bonedist.data.images import IMAGE_SUFFIXES
+
+SPLITS = ("train", "validation", "test")
+MAX_AGE_MONTHS = 240.0
+ZIP_SEP = "!"
+MAX_DEPTH = 4  # how deep below the root the layout files and image folders are looked for
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One official table format: its file name, split, and column names (matched case-insensitively)."""
+
+    name: str
+    filename: str
+    split: str
+    id_col: str
+    sex_col: str
+    age_col: str | None  # None: the layout has no ages (unlabeled test data)
+
+
+# In priority order: for a split, the first layout found is read and later ones are reported as ignored.
+OFFICIAL_LAYOUTS = (
+    Layout("kaggle-train", "boneage-training-dataset.csv", "train", "id", "male", "boneage"),
+    Layout("rsna-train", "train.csv", "train", "id", "male", "boneage"),
+    Layout("rsna-validation", "Validation Dataset.csv", "validation", "Image ID", "male", "Bone Age (months)"),
+    Layout("rsna-test", "Bone age ground truth.xlsx", "test", "Case ID", "Sex", "Ground truth bone age (months)"),
+    Layout("kaggle-test", "boneage-test-dataset.csv", "test", "Case ID", "Sex", None),
+)
+IMAGE_PREFIX = {
+    "train": "boneage-training-dataset",
+    "validation": "boneage-validation-dataset",
+    "test": "boneage-test-dataset",
+}
+
+_TRUE = {"true", "t", "1", "1.0", "m", "male", "yes", "y"}
+_FALSE = {"false", "0", "0.0", "f", "female", "no", "n"}  # "f": False and Female both mean not male
+
+
+@dataclass
+class GenericCSV:
+    """Column mapping for a collection outside the official layouts (``bonedist pack --csv``)."""
+
+    csv: Path
+    id_col: str = "id"
+    age_col: str | None = "boneage"
+    sex_col: str = "male"
+    path_col: str | None = None
+    image_dir: str | None = None
+    split: str = "train"
+    split_col: str | None = None
+    age_unit: str = "months"
+
+
+@dataclass
+class Table:
+    """The normalised records of every split found, what was skipped, and which layout files were read."""
+
+    records: pd.DataFrame
+    skipped: list[dict] = field(default_factory=list)
+    layouts: list[dict] = field(default_factory=list)
+
+
+def parse_male(value) -> bool | None:
+    """True/False, TRUE/FALSE, M/F, male/female, 1/0 → is male; None when unrecognised."""
+    if isinstance(value, bool):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None
+
+
+def parse_age(value) -> tuple[float | None, str | None]:
+    """Return (months, None) or (None, reason)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
+        return None, "missing bone age"
+    try:
+        age = float(str(value).strip())
+    except ValueError:
+        return None, f"invalid bone age {value!r}"
+    if not math.isfinite(age) or not 0.0 <= age <= MAX_AGE_MONTHS:
+        return None, f"bone age {value} outside 0-{MAX_AGE_MONTHS:g} months"
+    return age, None
+
+
+def normalise_id(value) -> str | None:
+    """Spreadsheet ids arrive as 1377.0; keep them as the file stem ``1377``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text or None
+
+
+def sample_key(image_id: str) -> str:
+    """WebDataset keys may not contain dots (they separate the extension) nor slashes."""
+    return "".join("_" if c in "./\\ " else c for c in image_id)
+
+
+def read_source(root: Path, source: str) -> bytes:
+    """The bytes of an image named by a ``source`` string (a file, or a member of a zip archive)."""
+    if ZIP_SEP in source:
+        archive, member = source.split(ZIP_SEP, 1)
+        with zipfile.ZipFile(root / archive) as zf:
+            return zf.read(member)
+    return (root / source).read_bytes()
+
+
+def read_table(root: str | Path, generic: GenericCSV | None = None, splits: tuple[str, ...] = SPLITS) -> Table:
+    """Detect the layouts under ``root`` (or read ``generic``) and return the normalised table.
+
+    Raises:
+        BonedistError: the root does not exist, or no known layout was found in it.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise BonedistError(f"data root {root} does not exist or is not a folder")
+    table = Table(records=pd.DataFrame())
+    rows: list[dict] = []
+    if generic is not None:
+        rows = _read_generic(root, generic, table)
+    else:
+        files = _walk(root)
+        found_splits = set()
+        for layout in OFFICIAL_LAYOUTS:
+            matches = [f for f in files if f.name.lower() == layout.filename.lower()]
+            if not matches or layout.split not in splits:
+                continue
+            path = matches[0]
+            if layout.split in found_splits:
+                table.layouts.append({"split": layout.split, "layout": layout.name, "file": _rel(root, path),
+                                      "used": False, "note": "another file of this split was read first"})
+                continue
+            split_rows = _read_official(root, path, layout, files, table)
+            if split_rows is None:
+                continue
+            found_splits.add(layout.split)
+            rows.extend(split_rows)
+        if not table.layouts:
+            known = ", ".join(sorted({layout.filename for layout in OFFICIAL_LAYOUTS}))
+            raise BonedistError(
+                f"no known bone-age layout under {root}: looked for {known} (up to {MAX_DEPTH} folders deep); "
+                "for another collection pass --csv FILE with --id-col/--age-col/--sex-col"
+            )
+    columns = ["id", "key", "split", "boneage_months", "male", "source", "origin"]
+    records = pd.DataFrame(rows, columns=columns)
+    table.records = _drop_duplicates(records, table.skipped)
+    return table
+
+
+def _walk(root: Path) -> list[Path]:
+    out = []
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir() and depth < MAX_DEPTH and not entry.name.startswith("."):
+                stack.append((entry, depth + 1))
+            elif entry.is_file():
+                out.append(entry)
+    return sorted(out)
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _load_frame(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() in (".xlsx", ".xls"):
+        return pd.read_excel(path, sheet_name=0, dtype=object)
+    return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+
+
+def _find_column(frame: pd.DataFrame, name: str) -> str | None:
+    wanted = name.strip().lower()
+    for column in frame.columns:
+        if str(column).strip().lower() == wanted:
+            return column
+    return None
+
+
+def _read_official(root: Path, path: Path, layout: Layout, files: list[Path], table: Table) -> list[dict] | None:
+    rel = _rel(root, path)
+    try:
+        frame = _load_frame(path)
+    except Exception as exc:  # a malformed CSV or spreadsheet: report it and read the other layouts
+        table.skipped.append({"source": rel, "reason": f"cannot read {layout.name} table: {exc}"})
+        return None
+    wanted = [layout.id_col, layout.sex_col] + ([layout.age_col] if layout.age_col else [])
+    columns = {name: _find_column(frame, name) for name in wanted}
+    missing = [name for name, col in columns.items() if col is None]
+    if missing:
+        table.skipped.append({"source": rel, "reason": f"unknown columns {list(map(str, frame.columns))}: "
+                                                      f"a {layout.name} table needs {wanted}"})
+        return None
+    table.layouts.append({"split": layout.split, "layout": layout.name, "file": rel, "used": True})
+    images = index_images(root, files, IMAGE_PREFIX[layout.split])
+    rows = []
+    for i, raw in enumerate(frame.to_dict("records")):
+        origin = f"{rel} row {i + 2}"
+        image_id = normalise_id(raw[columns[layout.id_col]])
+        age = raw[columns[layout.age_col]] if layout.age_col else None
+        record = _record(image_id, layout.split, age, raw[columns[layout.sex_col]], origin,
+                         labeled=layout.age_col is not None, table=table)
+        if record is None:
+            continue
+        source = images.get(image_id)
+        if source is None:
+            table.skipped.append({"source": origin, "reason": f"image {image_id}.png not found under "
+                                                              f"{IMAGE_PREFIX[layout.split]}* folders or zips"})
+            continue
+        record["source"] = source
+        rows.append(record)
+    return rows
+
+
+def _record(image_id, split, age_value, sex_value, origin, labeled, table) -> dict | None:
+    if image_id is None:
+        table.skipped.append({"source": origin, "reason": "missing image id"})
+        return None
+    age = None
+    if labeled:
+        age, why = parse_age(age_value)
+        if why:
+            table.skipped.append({"source": origin, "reason": f"{why} for image {image_id}"})
+            return None
+    male = parse_male(sex_value)
+    if male is None:
+        table.skipped.append({"source": origin, "reason": f"invalid sex {sex_value!r} for image {image_id} "
+                                                          "(expected True/False, TRUE/FALSE, M/F)"})
+        return None
+    return {"id": image_id, "key": sample_key(image_id), "split": split, "boneage_months": age, "male": male,
+            "origin": origin}
+
+
+def index_images(root: Path, files: list[Path], prefix: str) -> dict[str, str]:
+    """Map image id (file stem) → source, over folders and zips named like the split's official image set.
+
+    Extracted folders win over zips holding the same image, so an extracted copy is read without unzipping.
+    """
+    folder_hits: dict[str, str] = {}
+    zip_hits: dict[str, str] = {}
+    prefix = prefix.lower()
+    for path in files:
+        rel_parts = path.relative_to(root).parts
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES and any(part.lower().startswith(prefix) for part in rel_parts[:-1]):
+            folder_hits.setdefault(path.stem, _rel(root, path))
+        elif suffix == ".zip" and path.name.lower().startswith(prefix):
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    names = zf.namelist()
+            except (zipfile.BadZipFile, OSError):
+                continue
+            for name in names:
+                member = PurePosixPath(name)
+                if member.suffix.lower() in IMAGE_SUFFIXES and not member.name.startswith("."):
+                    zip_hits.setdefault(member.stem, f"{_rel(root, path)}{ZIP_SEP}{name}")
+    return {**zip_hits, **folder_hits}
+
+
+def _read_generic(root: Path, spec: GenericCSV, table: Table) -> list[dict]:
+    csv = spec.csv if spec.csv.is_absolute() else root / spec.csv
+    if not csv.is_file():
+        raise BonedistError(f"--csv {spec.csv}: file not found")
+    try:
+        frame = _load_frame(csv)
+    except Exception as exc:
+        raise BonedistError(f"--csv {csv}: cannot read it: {exc}") from exc
+    flags = {"--id-col": spec.id_col, "--sex-col": spec.sex_col, "--age-col": spec.age_col,
+             "--path-col": spec.path_col, "--split-col": spec.split_col}
+    columns = {}
+    for flag, name in flags.items():
+        if name is None:
+            continue
+        columns[flag] = _find_column(frame, name)
+        if columns[flag] is None:
+            raise BonedistError(f"--csv {csv.name}: no column {name!r} (given by {flag}); "
+                                f"the columns are {list(map(str, frame.columns))}")
+    if spec.age_unit not in ("months", "years"):
+        raise BonedistError(f"--age-unit must be months or years, got {spec.age_unit!r}")
+    rel_csv = csv.name
+    table.layouts.append({"split": spec.split_col or spec.split, "layout": "generic-csv", "file": str(csv),
+                          "used": True})
+    images = {}
+    if spec.path_col is None:
+        image_dir = root / (spec.image_dir or ".")
+        if not image_dir.is_dir():
+            raise BonedistError(f"--image-dir {spec.image_dir}: not a folder under {root}")
+        files = [p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        images = {p.stem: _rel(root, p) for p in sorted(files)}
+    rows = []
+    resolved_root = root.resolve()
+    for i, raw in enumerate(frame.to_dict("records")):
+        origin = f"{rel_csv} row {i + 2}"
+        split = str(raw[columns["--split-col"]]).strip().lower() if spec.split_col else spec.split
+        if split not in SPLITS:
+            table.skipped.append({"source": origin, "reason": f"unknown split {split!r} (expected {SPLITS})"})
+            continue
+        age = raw[columns["--age-col"]] if spec.age_col else None
+        if spec.age_col and spec.age_unit == "years":
+            try:
+                age = float(age) * 12.0
+            except (TypeError, ValueError):
+                pass  # parse_age reports it
+        record = _record(normalise_id(raw[columns["--id-col"]]), split, age, raw[columns["--sex-col"]], origin,
+                         labeled=spec.age_col is not None, table=table)
+        if record is None:
+            continue
+        if spec.path_col:
+            source = _safe_path(root, resolved_root, str(raw[columns["--path-col"]]).strip())
+            if source is None:
+                table.skipped.append({"source": origin, "reason": "image path escapes the data root"})
+                continue
+        else:
+            source = images.get(record["id"])
+            if source is None:
+                table.skipped.append({"source": origin, "reason": f"image {record['id']}.* not found in "
+                                                                  f"{spec.image_dir or root}"})
+                continue
+        record["source"] = source
+        rows.append(record)
+    return rows
+
+
+def _safe_path(root: Path, resolved_root: Path, text: str) -> str | None:
+    """A CSV path relative to the root, or None when it points outside it (absolute, ``..``, symlink out)."""
+    if not text or ZIP_SEP in text:
+        return None
+    target = (root / text).resolve()
+    if not target.is_relative_to(resolved_root):
+        return None
+    return target.relative_to(resolved_root).as_posix()
+
+
+def _drop_duplicates(records: pd.DataFrame, skipped: list[dict]) -> pd.DataFrame:
+    """Keep the first record of each key (in split order train → validation → test, then file order).
+
+    A duplicate inside a split is ambiguous; one across splits would leak test images into training.
+    """
+    if records.empty:
+        return records
+    order = {split: i for i, split in enumerate(SPLITS)}
+    records = records.assign(_split_order=records["split"].map(order)).sort_values("_split_order", kind="stable")
+    first: dict[str, str] = {}
+    keep = []
+    for key, origin, split in zip(records["key"], records["origin"], records["split"]):
+        if key in first:
+            skipped.append({"source": origin, "reason": f"duplicate id {key} (first seen at {first[key]})"})
+            keep.append(False)
+        else:
+            first[key] = f"{origin} ({split})"
+            keep.append(True)
+    return records[keep].drop(columns="_split_order").reset_index(drop=True)

@@ -1,0 +1,170 @@
+"""The shard manifest: writing it atomically, reading it back, verifying shards, and ``bonedist inspect``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bonedist import BonedistError
+
+MANIFEST = "manifest.json"
+AGE_BIN_EDGES = list(range(0, 241, 12))  # 20 one-year bins over 0-240 months
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the manifest is for everyone who reads the shards
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def age_stats(ages: list) -> dict:
+    """Count, mean, std, range and a one-year histogram of the known ages (None = unlabeled)."""
+    known = np.array([a for a in ages if a is not None], dtype=np.float64)
+    stats = {"n": int(len(ages)), "labeled": int(known.size)}
+    if known.size:
+        counts, _ = np.histogram(known, bins=AGE_BIN_EDGES)
+        stats.update(mean=round(float(known.mean()), 4), std=round(float(known.std()), 4),
+                     min=float(known.min()), max=float(known.max()),
+                     hist={"edges": AGE_BIN_EDGES, "counts": counts.tolist()})
+    return stats
+
+
+def load_manifest(shards: str | Path) -> dict:
+    """Read ``shards/manifest.json``; a missing or partial pack gives a clear error."""
+    path = Path(shards) / MANIFEST
+    if not path.is_file():
+        hint = " (an interrupted pack: re-run the same `bonedist pack` command to finish it)" if (
+            Path(shards) / ".pack-state.json").exists() else ""
+        raise BonedistError(f"{path} not found: {shards} is not a finished bonedist pack{hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BonedistError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def shard_paths(shards: str | Path, split: str, manifest: dict | None = None) -> list[str]:
+    """The tar files of one split, in order."""
+    manifest = manifest or load_manifest(shards)
+    if split not in manifest["splits"]:
+        raise BonedistError(f"split {split!r} not in {shards} (it has {', '.join(manifest['splits'])})")
+    return [str(Path(shards) / s["name"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify_shards(shards: str | Path, manifest: dict) -> list[str]:
+    """Check every shard's sha256 and sample count against the manifest; returns the problems found."""
+    problems = []
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            path = Path(shards) / shard["name"]
+            if not path.is_file():
+                problems.append(f"{shard['name']}: missing")
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != shard["sha256"]:
+                problems.append(f"{shard['name']}: sha256 mismatch (file changed or corrupt)")
+                continue
+            try:
+                with tarfile.open(path) as tar:
+                    keys = {m.name.split(".", 1)[0] for m in tar.getmembers()}
+            except tarfile.TarError as exc:
+                problems.append(f"{shard['name']}: unreadable tar ({exc})")
+                continue
+            if len(keys) != shard["count"]:
+                problems.append(f"{shard['name']}: {len(keys)} samples, manifest says {shard['count']}")
+    return problems
+
+
+def summary_lines(shards: str | Path, manifest: dict) -> list[str]:
+    lines = [
+        f"{shards}: bonedist {manifest['bonedist_version']} pack of {manifest['source_root']} "
+        f"({manifest['created']})",
+        f"image size {manifest['image_size']}x{manifest['image_size']}, resize {manifest['resize_mode']}, "
+        f"{manifest['samples_per_shard']} samples per shard",
+        f"{'split':<11}{'count':>7}{'shards':>8}{'labeled':>9}{'age mean':>10}{'age std':>9}{'male':>7}{'female':>8}",
+    ]
+    for split, info in manifest["splits"].items():
+        age = info["age"]["all"]
+        mean = f"{age['mean']:.1f}" if "mean" in age else "-"
+        std = f"{age['std']:.1f}" if "std" in age else "-"
+        lines.append(f"{split:<11}{info['count']:>7}{len(info['shards']):>8}{info['labeled']:>9}{mean:>10}{std:>9}"
+                     f"{info['age']['male']['n']:>7}{info['age']['female']['n']:>8}")
+    lines.append(f"skipped: {len(manifest['skipped'])}")
+    for entry in manifest["skipped"][:20]:
+        lines.append(f"  {entry['source']}: {entry['reason']}")
+    if len(manifest["skipped"]) > 20:
+        lines.append(f"  ... and {len(manifest['skipped']) - 20} more")
+    return lines
+
+
+def write_grid(shards: str | Path, manifest: dict, out_png: str | Path, split: str | None = None, n: int = 24,
+               cell: int = 192) -> int:
+    """A labelled contact sheet of the first ``n`` samples (id, age, sex under each); returns how many drawn."""
+    import cv2
+
+    from bonedist.data.images import decode_png_gray8
+
+    splits = [split] if split else list(manifest["splits"])
+    tiles = []
+    for name in splits:
+        for path in shard_paths(shards, name, manifest):
+            with tarfile.open(path) as tar:
+                members = {m.name: m for m in tar.getmembers()}
+                for member_name in members:  # tar order is write order
+                    if len(tiles) >= n:
+                        break
+                    if not member_name.endswith(".json"):
+                        continue
+                    key = member_name[: -len(".json")]
+                    meta = json.loads(tar.extractfile(members[member_name]).read())
+                    image = decode_png_gray8(tar.extractfile(members[key + ".png"]).read())
+                    tiles.append(_tile(image, meta, cell))
+            if len(tiles) >= n:
+                break
+        if len(tiles) >= n:
+            break
+    if not tiles:
+        raise BonedistError(f"no samples to draw in {shards}")
+    cols = min(6, len(tiles))
+    rows = math.ceil(len(tiles) / cols)
+    sheet = np.full((rows * (cell + 22), cols * cell), 40, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        sheet[r * (cell + 22) : r * (cell + 22) + cell + 22, c * cell : (c + 1) * cell] = tile
+    if not cv2.imwrite(str(out_png), sheet):
+        raise BonedistError(f"cannot write {out_png}")
+    return len(tiles)
+
+
+def _tile(image: np.ndarray, meta: dict, cell: int) -> np.ndarray:
+    import cv2
+
+    tile = np.full((cell + 22, cell), 40, np.uint8)
+    tile[:cell] = cv2.resize(image, (cell, cell), interpolation=cv2.INTER_AREA)
+    age = meta["boneage_months"]
+    age_text = "?" if age is None else f"{age:.0f}m"
+    label = f"{meta['id']} {'M' if meta['male'] else 'F'} {age_text} {meta['split'][:5]}"
+    cv2.putText(tile, label, (3, cell + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
+    return tile

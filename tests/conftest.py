@@ -1,0 +1,61 @@
+"""Shared fixtures: small synthetic phantom datasets and packs, built once per session in temporary folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RSNA_SAMPLE = Path(os.environ.get("BONEDIST_RSNA_SAMPLE", REPO.parent / "shared" / "data" / "rsna-sample"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA (run launch/gpu_check.sh on a GPU machine)"))
+        if "realdata" in item.keywords and not RSNA_SAMPLE.is_dir():
+            item.add_marker(pytest.mark.skip(reason=f"real RSNA sample not found at {RSNA_SAMPLE}"))
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory) -> Path:
+    """24 train + 8 validation + 8 test phantoms at 160 px in the official layouts (read-only for tests)."""
+    from bonedist.data.synth import synth_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    synth_dataset(root, n=24, n_val=8, n_test=8, seed=1, size=160, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture
+def phantom_copy(phantom_root, tmp_path) -> Path:
+    """A private copy of the phantom set that a test may damage."""
+    dst = tmp_path / "data"
+    shutil.copytree(phantom_root, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(phantom_root, tmp_path_factory) -> Path:
+    from bonedist.data.pack import PackOptions, pack_dataset
+
+    out = tmp_path_factory.mktemp("shards") / "phantoms"
+    _, code = pack_dataset(phantom_root, out, PackOptions(size=96, samples_per_shard=8, workers=1, progress=False))
+    assert code == 0
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+    """Run the installed ``bonedist`` console script for real; returns the CompletedProcess."""
+    exe = Path(sys.executable).parent / "bonedist"  # the venv running pytest, whatever PATH says
+    assert exe.exists(), f"bonedist is not installed next to {sys.executable} (pip install -e .)"
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
