@@ -116,6 +116,37 @@ def _add_bench(sub) -> None:
     b.add_argument("--size", type=int, default=500)
     b.add_argument("--workers", type=int, default=0)
     b.set_defaults(func=_cmd_bench_pack)
+    b = bench.add_parser("attention", help="AG-CNN attention crops/s: Kornia batched vs the per-image OpenCV loop")
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--size", type=int, default=500)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    b.set_defaults(func=_cmd_bench_attention)
+
+
+def _cmd_bench_attention(args) -> int:
+    from bonedist.bench.attention import bench_attention
+
+    bench_attention(batch=args.batch, size=args.size, repeats=args.repeats, device=args.device)
+    return 0
+
+
+def _add_weights(sub) -> None:
+    p = sub.add_parser("weights", help="pretrained backbone weights for offline compute nodes")
+    weights = p.add_subparsers(dest="weights", required=True, metavar="ACTION")
+    f = weights.add_parser("fetch", help="download the three ImageNet backbones into DIR (needs internet)")
+    f.add_argument("dir", type=Path)
+    f.add_argument("--tags", nargs="*", default=None, help="timm tags (default: the paper's three backbones)")
+    f.set_defaults(func=_cmd_weights_fetch)
+
+
+def _cmd_weights_fetch(args) -> int:
+    from bonedist.models.backbones import fetch_weights
+
+    for file in fetch_weights(args.dir, args.tags):
+        print(f"saved {file}")
+    print(f"copy {args.dir} to the compute nodes and train with --pretrained {args.dir}")
+    return 0
 
 
 def _cmd_bench_pack(args) -> int:
@@ -129,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonedist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_pack, _add_inspect, _add_bench):
+    for add in (_add_synth, _add_pack, _add_inspect, _add_weights, _add_bench):
         add(sub)
     return parser
 

@@ -1,0 +1,1 @@
+"""Training: tasks (losses and metrics per model kind), the Accelerate engine, checkpoints."""
