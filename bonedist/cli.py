@@ -122,6 +122,33 @@ def _add_bench(sub) -> None:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     b.set_defaults(func=_cmd_bench_attention)
+    b = bench.add_parser("loader", help="augmented device-ready batches/s: stream and cache vs PIL + torchvision")
+    b.add_argument("--n", type=int, default=256, help="phantoms to prepare")
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--batches", type=int, default=12, help="timed batches per method")
+    b.add_argument("--workers", type=int, default=0, help="DataLoader workers for every method (default: cores)")
+    b.add_argument("--device", default=None)
+    b.set_defaults(func=_cmd_bench_loader)
+    b = bench.add_parser("augment", help="Kornia batch augmentation vs torchvision v2 per image, same device")
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--size", type=int, default=500)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--device", default=None)
+    b.set_defaults(func=_cmd_bench_augment)
+
+
+def _cmd_bench_loader(args) -> int:
+    from bonedist.bench.loader import bench_loader
+
+    bench_loader(n=args.n, batch_size=args.batch, batches=args.batches, workers=args.workers, device=args.device)
+    return 0
+
+
+def _cmd_bench_augment(args) -> int:
+    from bonedist.bench.loader import bench_augment
+
+    bench_augment(batch_size=args.batch, size=args.size, repeats=args.repeats, device=args.device)
+    return 0
 
 
 def _cmd_bench_attention(args) -> int:

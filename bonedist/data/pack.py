@@ -343,7 +343,9 @@ def _finish(root: Path, out: Path, table, state: dict, options: PackOptions, by_
         splits[split] = {
             "count": len(samples),
             "labeled": sum(1 for s in samples if s[1] is not None),
-            "shards": [{"name": s["name"], "count": s["count"], "sha256": s["sha256"]} for s in shards],
+            # per-shard [key, age, male] lists let loaders balance ages and plan epochs without opening a tar
+            "shards": [{"name": s["name"], "count": s["count"], "sha256": s["sha256"], "samples": s["samples"]}
+                       for s in shards],
             "age": {
                 "all": age_stats([s[1] for s in samples]),
                 "male": age_stats([s[1] for s in samples if s[2]]),

@@ -107,9 +107,13 @@ def xception(pretrained: str | None = None, freeze_backbone: bool = True, image_
 
 @register_model
 def resnet50_patch(pretrained: str | None = None, freeze_backbone: bool = True, image_size: int = 500,
-                   patch_size: int = 224, num_patches: int = 3, eval_grid: int = 3,
+                   patch_size: int = 224, num_patches: int = 3, eval_grid: int | None = None,
                    in_chans: int = 3) -> SexImageRegressor:
-    """ResNet50 on P x P patches: concat raw sex; Dense(14, ReLU); Dense(1). One prediction per patch."""
+    """ResNet50 on P x P patches: concat raw sex; Dense(14, ReLU); Dense(1). One prediction per patch.
+
+    Training draws ``num_patches`` random patches per radiograph; evaluation averages an overlapping
+    ``eval_grid`` x ``eval_grid`` grid (default: just enough patches per side to overlap and cover the image).
+    """
     head = _mlp([2048 + 1, 14, 1], nn.ReLU)
     return SexImageRegressor("resnet50", head, None, image_size, patch_size, pretrained, freeze_backbone, in_chans,
                              num_patches=num_patches, eval_grid=eval_grid)

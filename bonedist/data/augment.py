@@ -1,0 +1,157 @@
+"""GPU augmentation with Kornia and conversion to each model's input spec, on the training device.
+
+uint8 (B, 1, H, W) → float [0, 1] → resize to ``spec.image_size`` → (train) the paper's Table 2 affine + flip with
+per-sample parameters → whole images, or K random patches (rotation + flip) for patch models, or (eval) the
+deterministic overlapping patch grid → 1 or 3 channels → the backbone's mean/std. Reproducible from a seed: each
+call seeds Kornia's parameter sampling from (seed, rank, step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+
+from bonedist import BonedistError
+from bonedist.models.spec import InputSpec
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; the defaults are the paper's Table 2 (Keras ImageDataGenerator semantics)."""
+
+    rotation: float = 5.0  # degrees, +-
+    translate: tuple[float, float] = (0.1, 0.1)  # fraction of width, height
+    shear: float = 0.01  # degrees, as Keras' shear_range
+    scale: tuple[float, float] = (0.75, 1.25)  # Keras zoom_range 0.25
+    hflip: float = 0.5  # probability
+    patch_rotation: float = 5.0  # the paper's patch loader: rotation and flip only
+    patch_hflip: float = 0.5
+    enabled: bool = True
+
+    def __post_init__(self):
+        self.translate, self.scale = tuple(self.translate), tuple(self.scale)
+        if self.rotation < 0 or self.shear < 0 or self.patch_rotation < 0:
+            raise BonedistError("augmentation rotation/shear ranges must be >= 0")
+        if not all(0 <= t < 1 for t in self.translate):
+            raise BonedistError(f"translate must be fractions in [0, 1), got {self.translate}")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise BonedistError(f"scale must be 0 < low <= high, got {self.scale}")
+        if not (0 <= self.hflip <= 1 and 0 <= self.patch_hflip <= 1):
+            raise BonedistError("flip probabilities must be in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def off(cls) -> AugmentConfig:
+        return cls(rotation=0, translate=(0, 0), shear=0, scale=(1, 1), hflip=0, patch_rotation=0, patch_hflip=0)
+
+
+def _whole_image_ops(cfg: AugmentConfig) -> list[torch.nn.Module]:
+    ops: list[torch.nn.Module] = []
+    if cfg.rotation or any(cfg.translate) or cfg.shear or cfg.scale != (1.0, 1.0):
+        ops.append(K.RandomAffine(degrees=cfg.rotation, translate=cfg.translate if any(cfg.translate) else None,
+                                  scale=cfg.scale if cfg.scale != (1.0, 1.0) else None,
+                                  shear=cfg.shear if cfg.shear else None, p=1.0, padding_mode="zeros"))
+    if cfg.hflip:
+        ops.append(K.RandomHorizontalFlip(p=cfg.hflip))
+    return ops
+
+
+def _patch_ops(cfg: AugmentConfig) -> list[torch.nn.Module]:
+    ops: list[torch.nn.Module] = []
+    if cfg.patch_rotation:
+        ops.append(K.RandomRotation(degrees=cfg.patch_rotation, p=1.0))
+    if cfg.patch_hflip:
+        ops.append(K.RandomHorizontalFlip(p=cfg.patch_hflip))
+    return ops
+
+
+def eval_grid_size(spec: InputSpec) -> int:
+    """Patches per side of the evaluation grid: covers the image, overlapping, at least sqrt(K) per side."""
+    if spec.input_size >= spec.image_size:
+        return 1
+    if spec.eval_grid:
+        return spec.eval_grid
+    per_side = math.ceil(spec.image_size / spec.input_size)
+    if per_side * spec.input_size == spec.image_size:
+        per_side += 1  # an exact tiling would not overlap
+    return max(per_side, math.ceil(math.sqrt(spec.num_patches or 1)))
+
+
+def gather_patches(images: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
+    """Patches (B*K, C, P, P) with top-left corners ``ys``, ``xs`` of shape (B, K), without copying whole images."""
+    batch, channels, _, _ = images.shape
+    k = ys.shape[1]
+    offs = torch.arange(size, device=images.device)
+    rows = (ys.reshape(-1, 1) + offs).view(-1, size, 1)  # (B*K, P, 1)
+    cols = (xs.reshape(-1, 1) + offs).view(-1, 1, size)  # (B*K, 1, P)
+    owner = torch.arange(batch, device=images.device).repeat_interleave(k).view(-1, 1, 1)
+    patches = images.permute(0, 2, 3, 1)[owner, rows, cols]  # (B*K, P, P, C)
+    return patches.permute(0, 3, 1, 2).contiguous()
+
+
+class InputPipeline:
+    """Turns device uint8 batches into model inputs for one ``InputSpec``."""
+
+    def __init__(self, spec: InputSpec, cfg: AugmentConfig | None = None, seed: int = 0, rank: int = 0):
+        self.spec, self.cfg, self.seed, self.rank = spec, cfg or AugmentConfig(), seed, rank
+        enabled = self.cfg.enabled
+        self.image_ops = torch.nn.Sequential(*_whole_image_ops(self.cfg)) if enabled else torch.nn.Sequential()
+        self.patch_ops = torch.nn.Sequential(*_patch_ops(self.cfg)) if enabled else torch.nn.Sequential()
+        self.grid = eval_grid_size(spec)
+
+    @property
+    def train_repeats(self) -> int:
+        """Model inputs per radiograph in training (labels are repeated this many times)."""
+        return self.spec.num_patches or 1
+
+    @property
+    def eval_repeats(self) -> int:
+        return self.grid * self.grid if self.spec.is_patch else 1
+
+    def _to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)  # (B, 1, H, W) in [0, 1]
+        size = self.spec.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(self.spec.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.spec.std, device=x.device).view(1, -1, 1, 1)
+        return ((x - mean) / std).contiguous()
+
+    def _seed(self, step: int) -> None:
+        torch.manual_seed(hash((self.seed, self.rank, step)) & 0x7FFF_FFFF_FFFF)
+
+    def train(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Augmented model inputs: (B, C, S, S), or (B*K, C, P, P) for patch models (patch k of image b at b*K+k)."""
+        x = self._to_unit(images)
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # Kornia samples from the global RNG: seed it, then restore
+            self._seed(step)
+            if not self.spec.is_patch:
+                return self._finish(self.image_ops(x) if len(self.image_ops) else x)
+            batch, size, p, k = x.shape[0], self.spec.image_size, self.spec.input_size, self.spec.num_patches
+            ys = torch.randint(0, size - p + 1, (batch, k), device=x.device)
+            xs = torch.randint(0, size - p + 1, (batch, k), device=x.device)
+            patches = gather_patches(x, ys, xs, p)  # (B*K, 1, P, P)
+            return self._finish(self.patch_ops(patches) if len(self.patch_ops) else patches)
+
+    def eval(self, images: torch.Tensor) -> torch.Tensor:
+        """Deterministic inputs: whole images, or the G x G overlapping grid (B*G*G, C, P, P) per radiograph."""
+        x = self._to_unit(images)
+        if not self.spec.is_patch:
+            return self._finish(x)
+        size, p, g = self.spec.image_size, self.spec.input_size, self.grid
+        starts = torch.linspace(0, size - p, g, device=x.device).round().long()  # (G,)
+        ys = starts.repeat_interleave(g).expand(x.shape[0], -1)  # (B, G*G)
+        xs = starts.repeat(g).expand(x.shape[0], -1)
+        return self._finish(gather_patches(x, ys, xs, p))

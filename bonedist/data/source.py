@@ -1,0 +1,146 @@
+"""One interface over the two data modes: batches already on the training device, uint8 images.
+
+``--data-mode auto`` caches a split on the device when it fits within ``cache_share`` of the free device memory
+(GPU memory on CUDA, available RAM on CPU) and streams it otherwise; the reason is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from bonedist import BonedistError
+from bonedist.data.cache import CacheTrainSampler, DeviceCache, cache_eval_positions, nbytes_of_split
+from bonedist.data.manifest import load_manifest
+from bonedist.data.sampling import SplitIndex
+from bonedist.data.stream import EvalStream, TrainStream, make_loader
+
+log = logging.getLogger(__name__)
+DATA_MODES = ("auto", "stream", "cache")
+
+
+@dataclass
+class DataConfig:
+    """How batches are made. ``workers`` are DataLoader workers per process (stream mode)."""
+
+    shards: str
+    batch_size: int = 8
+    mode: str = "auto"
+    workers: int = 2
+    cache_share: float = 0.5
+    balanced: bool = True
+    n_bins: int = 10
+    max_age: float = 228.0
+    shuffle_buffer: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in DATA_MODES:
+            raise BonedistError(f"--data-mode must be one of {', '.join(DATA_MODES)}, got {self.mode!r}")
+        if self.batch_size < 1:
+            raise BonedistError(f"--batch-size must be positive, got {self.batch_size}")
+        if not 0.0 < self.cache_share <= 1.0:
+            raise BonedistError(f"--cache-share must be in (0, 1], got {self.cache_share}")
+        if self.workers < 0:
+            raise BonedistError(f"--workers must be >= 0, got {self.workers}")
+
+
+def free_device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_mode(cfg: DataConfig, index: SplitIndex, image_size: int, device: torch.device) -> tuple[str, str]:
+    need = nbytes_of_split(index, image_size)
+    if cfg.mode != "auto":
+        return cfg.mode, f"--data-mode {cfg.mode} requested ({need / 2**30:.2f} GiB of images)"
+    free = free_device_bytes(device)
+    budget = cfg.cache_share * free
+    where = "GPU memory" if device.type == "cuda" else "RAM"
+    if need <= budget:
+        return "cache", (f"the split ({need / 2**30:.2f} GiB as uint8) fits in {cfg.cache_share:.0%} of free {where} "
+                         f"({free / 2**30:.1f} GiB)")
+    return "stream", (f"the split ({need / 2**30:.2f} GiB) exceeds {cfg.cache_share:.0%} of free {where} "
+                      f"({free / 2**30:.1f} GiB)")
+
+
+class TrainBatches:
+    """Training batches for one rank, in either mode; ``set_epoch`` then iterate; ``len`` = batches per epoch."""
+
+    def __init__(self, cfg: DataConfig, split: str, device: torch.device, rank: int = 0, world: int = 1,
+                 progress: bool = True, manifest: dict | None = None):
+        self.cfg, self.device = cfg, device
+        manifest = manifest or load_manifest(cfg.shards)
+        self.index = SplitIndex.from_manifest(manifest, split)
+        if len(self.index) == 0:
+            raise BonedistError(f"split {split!r} of {cfg.shards} is empty")
+        self.mode, self.reason = choose_mode(cfg, self.index, manifest["image_size"], device)
+        common = dict(batch_size=cfg.batch_size, rank=rank, world=world, seed=cfg.seed, balanced=cfg.balanced,
+                      n_bins=cfg.n_bins, max_age=cfg.max_age)
+        if self.mode == "cache":
+            self.cache = DeviceCache(cfg.shards, self.index, device, threads=max(cfg.workers, 2) * 2,
+                                     progress=progress)
+            self.sampler = CacheTrainSampler(self.index, **common)
+        else:
+            self.stream = TrainStream(cfg.shards, self.index, workers=cfg.workers,
+                                      shuffle_buffer=cfg.shuffle_buffer, **common)
+
+    def set_epoch(self, epoch: int) -> None:
+        (self.sampler if self.mode == "cache" else self.stream).set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) if self.mode == "cache" else len(self.stream)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.mode == "cache":
+            for positions in self.sampler:
+                yield self.cache.batch(positions)
+            return
+        for batch in make_loader(self.stream, self.cfg.workers):
+            yield to_device(batch, self.device)
+
+
+class EvalBatches:
+    """Every sample of a split exactly once across ranks, each batch tagged with manifest positions (``index``)."""
+
+    def __init__(self, cfg: DataConfig, split: str, device: torch.device, rank: int = 0, world: int = 1,
+                 mode: str | None = None, progress: bool = False, manifest: dict | None = None,
+                 cache: DeviceCache | None = None):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        manifest = manifest or load_manifest(cfg.shards)
+        self.index = SplitIndex.from_manifest(manifest, split)
+        self.mode = mode or choose_mode(cfg, self.index, manifest["image_size"], device)[0]
+        self.cache = cache
+        if self.mode == "cache" and self.cache is None:
+            self.cache = DeviceCache(cfg.shards, self.index, device, threads=max(cfg.workers, 2) * 2,
+                                     progress=progress)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.mode == "cache":
+            for positions in cache_eval_positions(len(self.index), self.cfg.batch_size, self.rank, self.world):
+                yield self.cache.batch(positions)
+            return
+        stream = EvalStream(self.cfg.shards, self.index, self.cfg.batch_size, self.rank, self.world,
+                            self.cfg.workers)
+        for batch in make_loader(stream, self.cfg.workers):
+            yield to_device(batch, self.device)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+

@@ -1,0 +1,187 @@
+"""WebDataset streams that behave the same on 1 process and on N processes x W DataLoader workers.
+
+Training: every epoch the split's shards are shuffled with a seed shared by all ranks and dealt round-robin to the
+``world * workers`` slots (our explicit node and worker splitter), so ranks read disjoint shards that together
+cover the split. Each slot cycles its shards, shuffles samples in a buffer, and stops after the same number of
+batches on every slot (webdataset's ``with_epoch`` idea), so uneven shards never leave a rank short and DDP never
+hangs. With fewer shards than slots, each slot draws shards at random with replacement instead (resampled).
+
+Evaluation: every sample exactly once, split by position (sample i goes to slot i mod slots), with its position
+carried along so gathered predictions are put back in manifest order: no padding, no duplicates.
+
+Workers decode PNGs with OpenCV into uint8 tensors only; all float work happens on the device. Samples are read
+as raw bytes (no pickle decoding). The loader is not passed through ``accelerator.prepare``: it is already split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bonedist.data.images import decode_png_gray8
+from bonedist.data.sampling import SplitIndex, balance_weights
+
+
+@dataclass
+class StreamPlan:
+    """Which shards each slot (rank, worker) reads in an epoch, and how many batches every slot yields."""
+
+    slots: list[list[int]] | None  # shard indices per slot; None: resampled mode
+    batches_per_slot: int
+
+
+def plan_epoch(counts: list[int], epoch: int, seed: int, world: int, workers: int, batch_size: int,
+               balanced: bool) -> StreamPlan:
+    n_slots = world * max(workers, 1)
+    total = sum(counts)
+    if len(counts) < n_slots:
+        return StreamPlan(None, max(1, math.ceil(total / (n_slots * batch_size))))
+    order = list(range(len(counts)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)  # the same on every rank: a shared shard order
+    slots = [order[s::n_slots] for s in range(n_slots)]
+    if balanced:  # the number of draws is random: one epoch is about one pass over the split
+        per_slot = math.ceil(total / (n_slots * batch_size))
+    else:  # every slot covers all of its samples at least once
+        per_slot = max(math.ceil(sum(counts[i] for i in slot) / batch_size) for slot in slots)
+    return StreamPlan(slots, max(1, per_slot))
+
+
+def _slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def decode_sample(sample: dict) -> dict:
+    """Raw webdataset sample → uint8 (1, H, W) tensor and labels; nothing but OpenCV decoding on the CPU."""
+    meta = json.loads(sample["json"])
+    image = torch.from_numpy(decode_png_gray8(sample["png"])).unsqueeze(0)  # (1, H, W) uint8
+    age = meta["boneage_months"]
+    return {"image": image, "male": float(meta["male"]), "age": math.nan if age is None else float(age),
+            "key": sample["__key__"], "index": sample.get("__index__", -1)}
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),  # (B, 1, H, W) uint8
+        "male": torch.tensor([s["male"] for s in samples], dtype=torch.float32),
+        "age": torch.tensor([s["age"] for s in samples], dtype=torch.float64),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+    }
+
+
+class TrainStream(IterableDataset):
+    """The training stream of one rank; call ``set_epoch`` before iterating a new epoch."""
+
+    def __init__(self, shard_dir: str | Path, index: SplitIndex, batch_size: int, rank: int = 0, world: int = 1,
+                 workers: int = 0, seed: int = 0, balanced: bool = True, shuffle_buffer: int = 500,
+                 n_bins: int = 10, max_age: float = 228.0):
+        super().__init__()
+        self.urls = [str(Path(shard_dir) / name) for name in index.shard_names]
+        self.counts = index.shard_counts
+        self.batch_size, self.rank, self.world, self.workers = batch_size, rank, world, workers
+        self.seed, self.balanced, self.shuffle_buffer = seed, balanced, shuffle_buffer
+        self.weights = dict(zip(index.keys, balance_weights(index.age, index.male, n_bins, max_age))) \
+            if balanced else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self) -> StreamPlan:
+        return plan_epoch(self.counts, self.epoch, self.seed, self.world, self.workers, self.batch_size,
+                          self.balanced)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (all its workers together)."""
+        return self.plan().batches_per_slot * max(self.workers, 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, n_workers = _slot()
+        assert n_workers == max(self.workers, 1), "DataLoader num_workers must match the stream's workers"
+        slot = self.rank * n_workers + worker
+        rng = random.Random(hash((self.seed, self.epoch, slot)))
+        np_rng = np.random.default_rng(rng.getrandbits(64))
+        plan = self.plan()
+        pipeline = wds.DataPipeline(lambda: self._passes(plan, slot, rng, np_rng), wds.map(decode_sample),
+                                    wds.batched(self.batch_size, collation_fn=collate, partial=False))
+        for i, batch in enumerate(pipeline):
+            if i >= plan.batches_per_slot:
+                break
+            yield batch
+
+    def _passes(self, plan: StreamPlan, slot: int, rng: random.Random, np_rng: np.random.Generator):
+        """Raw samples, one shuffled pass over the slot's shards after another, until the batch quota is met.
+
+        The shuffle buffer drains at the end of each pass, so a slot sees all of its samples before any twice.
+        """
+        shuffle = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)
+        while True:
+            if plan.slots is None:  # fewer shards than slots: resample shards with replacement
+                mine = [rng.randrange(len(self.urls))]
+            else:
+                mine = list(plan.slots[slot])
+                rng.shuffle(mine)
+            samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": self.urls[i]} for i in mine])
+            if self.balanced:
+                samples = self._repeat(samples, np_rng)
+            yield from shuffle(samples)
+
+    def _repeat(self, samples, np_rng: np.random.Generator):
+        for sample in samples:  # each sample Poisson(w) times: sampling with replacement, in a stream
+            for _ in range(np_rng.poisson(self.weights[sample["__key__"]])):
+                yield sample
+
+
+class EvalStream(IterableDataset):
+    """Every sample of a split exactly once across ranks and workers, tagged with its manifest position."""
+
+    def __init__(self, shard_dir: str | Path, index: SplitIndex, batch_size: int, rank: int = 0, world: int = 1,
+                 workers: int = 0):
+        super().__init__()
+        self.urls = [str(Path(shard_dir) / name) for name in index.shard_names]
+        self.counts = index.shard_counts
+        self.batch_size, self.rank, self.world, self.workers = batch_size, rank, world, workers
+        self.total = len(index)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, n_workers = _slot()
+        slot, n_slots = self.rank * n_workers + worker, self.world * n_workers
+        starts = np.cumsum([0] + self.counts[:-1])
+        # only the shards holding one of this slot's positions are opened
+        wanted = [i for i, (start, count) in enumerate(zip(starts, self.counts))
+                  if any((p % n_slots) == slot for p in range(start, min(start + count, start + n_slots)))]
+
+        def positioned():
+            for shard in wanted:
+                stream = wds.tarfile_to_samples()([{"url": self.urls[shard]}])
+                for offset, sample in enumerate(stream):
+                    position = int(starts[shard]) + offset
+                    if position % n_slots == slot:
+                        sample["__index__"] = position
+                        yield decode_sample(sample)
+
+        batch = []
+        for sample in positioned():
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
+
+
+def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader over a pre-batched, pre-split stream (never pass it through ``accelerator.prepare``)."""
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
