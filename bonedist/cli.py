@@ -105,6 +105,21 @@ def _cmd_inspect(args) -> int:
     return 1 if problems else 0
 
 
+def _add_train(sub) -> None:
+    from bonedist.train.cli import add_train_arguments
+
+    p = sub.add_parser("train", help="train one model (single process; use `accelerate launch -m bonedist.train` "
+                                     "for several)")
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from bonedist.train.cli import run_train
+
+    return run_train(args)
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: bonedist vs a baseline measured in the same run")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -135,6 +150,20 @@ def _add_bench(sub) -> None:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--device", default=None)
     b.set_defaults(func=_cmd_bench_augment)
+    b = bench.add_parser("train-step", help="training images/s: fp32 eager vs the engine's defaults")
+    b.add_argument("--model", required=True)
+    b.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 8 on CPU")
+    b.add_argument("--size", type=int, default=None, help="default 500 on CUDA, 128 on CPU")
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--device", default=None)
+    b.set_defaults(func=_cmd_bench_train_step)
+
+
+def _cmd_bench_train_step(args) -> int:
+    from bonedist.bench.train_step import bench_train_step
+
+    bench_train_step(args.model, batch=args.batch, size=args.size, steps=args.steps, device=args.device)
+    return 0
 
 
 def _cmd_bench_loader(args) -> int:
@@ -187,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonedist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_pack, _add_inspect, _add_weights, _add_bench):
+    for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_weights, _add_bench):
         add(sub)
     return parser
 

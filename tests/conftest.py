@@ -59,3 +59,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     assert exe.exists(), f"bonedist is not installed next to {sys.executable} (pip install -e .)"
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    """300 train / 60 validation / 60 test phantoms packed at 64 px: big enough to learn on in a CPU minute."""
+    from bonedist.data.pack import PackOptions, pack_dataset
+    from bonedist.data.synth import synth_dataset
+
+    root = tmp_path_factory.mktemp("train-data")
+    synth_dataset(root / "raw", n=300, n_val=60, n_test=60, seed=0, size=192, workers=2, progress=False)
+    _, code = pack_dataset(root / "raw", root / "shards", PackOptions(size=64, samples_per_shard=50, workers=2,
+                                                                      progress=False))
+    assert code == 0
+    return root / "shards"
+
+
+def run_train(*args: str, runs: Path, timeout: float = 600, env: dict | None = None):
+    """`python -m bonedist.train` in a fresh process (W&B off unless the caller asks)."""
+    cmd = [sys.executable, "-m", "bonedist.train", "--runs-dir", str(runs), *args]
+    if "--wandb" not in args:
+        cmd += ["--wandb", "off"]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def epoch_records(run_dir: Path) -> list[dict]:
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]

@@ -37,11 +37,14 @@ def create_backbone(arch: str, pretrained: str | None = None, in_chans: int = 3,
 
     Args:
         arch: timm architecture (``inception_v3``, ``legacy_xception``, ``resnet50``).
-        pretrained: None/"none" for random init; a timm tag such as ``resnet50.a1_in1k``; a weights file
+        pretrained: None/"none" for random init; "default" for the paper's tag (``DEFAULT_TAGS``); a timm tag such
+            as ``resnet50.a1_in1k``; a weights file
             (.safetensors/.pth); or a folder written by ``bonedist weights fetch``.
         in_chans: input channels; RGB weights are adapted to 1 channel by summing the stem filters.
     """
     tag = DEFAULT_TAGS.get(arch, arch)
+    if pretrained == "default":  # the paper's ImageNet weights for this architecture
+        pretrained = tag
     if not is_weight_request(pretrained):
         return timm.create_model(tag, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     text = str(pretrained)

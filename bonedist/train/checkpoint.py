@@ -1,0 +1,107 @@
+"""Checkpoints: written atomically (temporary folder, then rename), the last k kept, the best kept apart.
+
+Layout of a run folder ``runs/EXPERIMENT/MODEL/``::
+
+    config.json  metrics.jsonl
+    checkpoints/step-00000120/{state.pt, model.safetensors, meta.json}
+    best/{model.safetensors, meta.json}
+
+``state.pt`` holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``.
+``model.safetensors`` + ``meta.json`` (config, mu/sigma, metrics) are what evaluation and prediction read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bonedist import BonedistError
+
+STEP_PREFIX = "step-"
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_folder_atomic(target: Path, files: dict[str, object]) -> None:
+    """Write ``files`` (name -> bytes-producing callable) into a temp folder beside ``target``, then rename."""
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, write in files.items():
+        write(tmp / name)
+    for name in files:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    old = target.parent / f".old-{target.name}"
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, model_tensors: dict[str, torch.Tensor], meta: dict,
+                    keep_last: int) -> Path:
+    folder = Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
+    _write_folder_atomic(folder, {
+        "state.pt": lambda p: torch.save(state, p),
+        "model.safetensors": lambda p: save_file(model_tensors, str(p)),
+        "meta.json": lambda p: p.write_text(json.dumps(meta, indent=1)),
+    })
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def save_best(run_dir: Path, model_tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    folder = Path(run_dir) / "best"
+    _write_folder_atomic(folder, {
+        "model.safetensors": lambda p: save_file(model_tensors, str(p)),
+        "meta.json": lambda p: p.write_text(json.dumps(meta, indent=1)),
+    })
+    return folder
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted write are not listed)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.pt").is_file():
+        raise BonedistError(f"--resume {resume}: not a checkpoint folder (no state.pt)")
+    return path
+
+
+def load_state(folder: Path) -> dict:
+    try:
+        return torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BonedistError(f"cannot load checkpoint {folder}: {exc.__class__.__name__}: {exc}") from exc

@@ -1,0 +1,110 @@
+"""Command-line flags of ``bonedist train`` / ``python -m bonedist.train`` / ``accelerate launch -m bonedist.train``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bonedist import BonedistError
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="inception_v3, xception, resnet50_patch or agcnn")
+    p.add_argument("--shards", required=True, help="a folder written by `bonedist pack`")
+    p.add_argument("--preset", default="paper", help="paper (the study as written), tiny (CPU tests and demo)")
+    p.add_argument("--experiment", default="default", help="runs/EXPERIMENT/MODEL; also the W&B group")
+    p.add_argument("--runs-dir", default="runs")
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained", default=None,
+                   help="none, default (ImageNet tag), a timm tag, a weights file or a `bonedist weights fetch` folder")
+    g.add_argument("--freeze", action=argparse.BooleanOptionalAction, default=None, help="freeze the backbone")
+    g.add_argument("--image-size", type=int, default=None)
+    g.add_argument("--patch-size", type=int, default=None)
+    g.add_argument("--num-patches", type=int, default=None)
+    g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other model option, e.g. fusion_grad=joint, reduction=max, threshold=0.7")
+    g = p.add_argument_group("optimisation")
+    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
+                       ("--backbone-lr", float), ("--weight-decay", float), ("--warmup-epochs", float),
+                       ("--early-stopping", int), ("--clip-grad", float), ("--ema", float)):
+        g.add_argument(flag, type=kind, default=None)
+    g.add_argument("--optimizer", default=None, choices=["adam", "adamw"])
+    g.add_argument("--scheduler", default=None, choices=["plateau", "cosine", "constant"])
+    g.add_argument("--loss", default=None, choices=["mse", "l1", "huber"])
+    g = p.add_argument_group("data")
+    g.add_argument("--data-mode", default=None, choices=["auto", "stream", "cache"])
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (stream mode)")
+    g.add_argument("--cache-share", type=float, default=None, help="share of free device memory auto may cache in")
+    g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-sample to uniform age bins x sex (the paper; default on)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--steps-per-epoch", type=int, default=None, help="cap on batches per epoch")
+    g.add_argument("--eval-batch-size", type=int, default=None)
+    g = p.add_argument_group("engine")
+    g.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"])
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--checkpoint-every", type=int, default=None, help="optimizer steps between checkpoints")
+    g.add_argument("--keep-last", type=int, default=None)
+    g.add_argument("--resume", default=None, help="auto (default), never, or a checkpoint folder")
+    g.add_argument("--wandb", default=None, choices=["auto", "online", "offline", "off"])
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--log-every", type=int, default=None, help="optimizer steps between step-level log records")
+
+
+def _parse_value(text: str):
+    """A literal option value: JSON numbers/booleans/null, else the string itself (never evaluated as code)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace):
+    from bonedist.train.config import resolve_config
+
+    model_cfg = {}
+    for item in args.model_opt:
+        if "=" not in item:
+            raise BonedistError(f"--model-opt {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        model_cfg[key.strip()] = _parse_value(value)
+    for flag, key in (("pretrained", "pretrained"), ("freeze", "freeze_backbone"), ("image_size", "image_size"),
+                      ("patch_size", "patch_size"), ("num_patches", "num_patches")):
+        if getattr(args, flag) is not None:
+            model_cfg[key] = getattr(args, flag)
+    overrides = {k: getattr(args, k) for k in (
+        "experiment", "runs_dir", "epochs", "batch_size", "grad_accum", "lr", "backbone_lr", "weight_decay",
+        "warmup_epochs", "early_stopping", "clip_grad", "ema", "optimizer", "scheduler", "loss", "data_mode",
+        "workers", "cache_share", "steps_per_epoch", "eval_batch_size", "precision", "channels_last", "compile",
+        "sync_bn", "seed", "checkpoint_every", "keep_last", "resume", "wandb", "wandb_project", "log_every")}
+    if args.balance is not None:
+        overrides["balanced"] = args.balance
+    if args.augment is False:
+        overrides["augment"] = {"enabled": False}
+    return resolve_config(args.model, args.shards, args.preset, model_cfg=model_cfg, **overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from bonedist.train.engine import Trainer
+
+    cfg = config_from_args(args)
+    return Trainer(cfg).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bonedist.train", description=__doc__)
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_train(args)
+    except BonedistError as exc:
+        print(f"bonedist train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bonedist train: interrupted; run again with --resume auto to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,390 @@
+"""The training engine: one model-agnostic loop under Accelerate, from one CPU process to many GPU nodes.
+
+Each model brings its task (loss); the engine adds mixed precision, channels_last, optional torch.compile,
+gradient accumulation and clipping, exact distributed validation, atomic checkpoints, preemption and tracking.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from bonedist import BonedistError, __version__
+from bonedist.data.augment import InputPipeline
+from bonedist.data.manifest import load_manifest
+from bonedist.data.sampling import balance_weights, target_stats
+from bonedist.data.source import DataConfig, EvalBatches, TrainBatches
+from bonedist.eval.inference import BRANCH_KEYS, gather_predictions, predict_batches
+from bonedist.models import create_model
+from bonedist.train import checkpoint as ckpt
+from bonedist.train.config import TrainConfig
+from bonedist.train.schedule import build_scheduler
+from bonedist.train.tasks import task_loss
+from bonedist.train.tracking import MetricsLog, image_grid, wandb_mode
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; run again (or requeue) to continue
+REQUEUE_MARKER = "REQUEUE"
+
+
+class NonFiniteLoss(BonedistError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.runs_dir) / cfg.experiment / cfg.model
+        cuda = torch.cuda.is_available()
+        precision = ("bf16" if cuda else "no") if cfg.precision == "auto" else cfg.precision.replace("fp32", "no")
+        self.tracking = wandb_mode(cfg.wandb)
+        self.accelerator = Accelerator(cpu=not cuda, mixed_precision=precision,
+                                       gradient_accumulation_steps=cfg.grad_accum,
+                                       log_with="wandb" if self.tracking != "off" else None,
+                                       project_dir=str(self.run_dir))
+        acc = self.accelerator
+        self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
+        self.stop_requested = self.stop_requested_everywhere = False
+        set_seed(cfg.seed)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(cfg.to_json() + "\n")
+            (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=acc.is_main_process)
+        self._build()
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.manifest = load_manifest(cfg.shards)
+        if "validation" not in self.manifest["splits"]:
+            raise BonedistError(f"{cfg.shards} has no validation split: training selects checkpoints on it")
+        model = create_model(cfg.model, **cfg.model_cfg)
+        self.task = model.task
+        if cfg.sync_bn and self.world > 1 and torch.cuda.is_available():
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.channels_last = torch.cuda.is_available() if cfg.channels_last is None else cfg.channels_last
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.spec = model.spec
+        data_cfg = DataConfig(shards=cfg.shards, batch_size=cfg.batch_size, mode=cfg.data_mode, workers=cfg.workers,
+                              cache_share=cfg.cache_share, balanced=cfg.balanced, seed=cfg.seed)
+        self.train_data = TrainBatches(data_cfg, "train", self.device, self.rank, self.world,
+                                       progress=acc.is_local_main_process, manifest=self.manifest)
+        acc.print(f"data mode: {self.train_data.mode} ({self.train_data.reason})")
+        eval_cfg = DataConfig(**{**data_cfg.__dict__, "batch_size": cfg.eval_batch_size})
+        self.val_data = EvalBatches(eval_cfg, "validation", self.device, self.rank, self.world,
+                                    mode=self.train_data.mode, manifest=self.manifest)
+        index = self.train_data.index
+        weights = balance_weights(index.age, index.male) if cfg.balanced else None
+        self.mu, self.sigma = target_stats(index.age, weights)
+        self.pipe = InputPipeline(self.spec, cfg.augment_config(), seed=cfg.seed, rank=self.rank)
+        self.steps_per_epoch = min(len(self.train_data), cfg.steps_per_epoch or len(self.train_data))
+        self.optim_steps_per_epoch = max(1, self.steps_per_epoch // cfg.grad_accum)
+        groups = model.param_groups(cfg.lr, cfg.backbone_lr, cfg.weight_decay)
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        optimizer = opt_cls(groups, lr=cfg.lr)
+        self.scheduler = build_scheduler(cfg, optimizer, self.optim_steps_per_epoch)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.loss_fn = task_loss(self.task)
+        self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "micro_step": 0, "best": math.inf,
+                      "best_epoch": -1, "bad_epochs": 0}
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to the end (or to a preemption); returns the process exit code."""
+        acc, cfg = self.accelerator, self.cfg
+        self._start_tracking()
+        self._maybe_resume()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            while self.state["epoch"] < cfg.epochs:
+                if not self._train_epoch():
+                    return self._preempted()
+                stop = self._end_epoch()
+                if stop:
+                    acc.print(f"early stopping: no improvement for {cfg.early_stopping} epochs")
+                    break
+            acc.print(f"done: best validation {self._best_name()} {self.state['best']:.4f} "
+                      f"(epoch {self.state['best_epoch'] + 1}); model in {self.run_dir / 'best'}")
+            return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            acc.end_training()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _agree(self, nonfinite: bool) -> tuple[bool, bool]:
+        """All ranks learn whether any rank was signalled or saw a non-finite loss (one tiny all-reduce)."""
+        flags = torch.tensor([float(self.stop_requested), float(nonfinite)], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def _train_epoch(self) -> bool:
+        """One epoch from the saved position; False when stopped by a signal (after saving)."""
+        acc, cfg, state = self.accelerator, self.cfg, self.state
+        self.model.train()
+        self.train_data.set_epoch(state["epoch"])
+        batches = iter(self.train_data)
+        for _ in range(state["batch_in_epoch"]):  # resuming mid-epoch: the same batches, skipped
+            next(batches)
+        sums = torch.zeros(3 + len(BRANCH_KEYS), dtype=torch.float64, device=self.device)
+        bar = tqdm(total=self.steps_per_epoch, initial=state["batch_in_epoch"], disable=not acc.is_main_process,
+                   desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+        wait = compute = 0.0
+        tick = time.perf_counter()
+        while state["batch_in_epoch"] < self.steps_per_epoch:
+            batch = next(batches)
+            got = time.perf_counter()
+            wait += got - tick
+            loss, parts, n = self._step(batch)
+            state["batch_in_epoch"] += 1
+            state["micro_step"] += 1
+            sums += torch.stack([loss.detach().double() * n, parts["abs_err"] * self.sigma, torch.tensor(
+                n, dtype=torch.float64, device=self.device), *[parts.get(f"loss_{k}", loss).detach().double() * n
+                                                              for k in BRANCH_KEYS]])
+            if acc.sync_gradients:
+                state["global_step"] += 1
+                self._log_step(loss, bar)
+                if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.stop_requested_everywhere:
+                    bar.close()
+                    self.save_checkpoint()
+                    return False
+            tick = time.perf_counter()
+            compute += tick - got
+        bar.close()
+        self._epoch_train_stats = (acc.reduce(sums, reduction="sum"), wait, wait + compute)
+        return True
+
+    def _step(self, batch: dict):
+        acc, cfg = self.accelerator, self.cfg
+        x = self.pipe.train(batch["image"], step=self.state["micro_step"])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        reps = self.pipe.train_repeats
+        male = batch["male"].repeat_interleave(reps)
+        target = ((batch["age"] - self.mu) / self.sigma).float().repeat_interleave(reps)
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                out = self.model(x, male)
+            loss, parts = self.loss_fn(out, target, cfg.loss)
+            stop, nonfinite = self._agree(not bool(torch.isfinite(loss)))
+            self.stop_requested_everywhere = stop
+            if nonfinite:
+                raise NonFiniteLoss(f"non-finite training loss at epoch {self.state['epoch'] + 1}, step "
+                                    f"{self.state['global_step']}; stopped without saving. The last good checkpoint "
+                                    f"is {self._last_checkpoint()}; try a lower --lr or --clip-grad 1.0")
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.clip_grad:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.optimizer.step()
+            if acc.sync_gradients and self.scheduler.per_step:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        parts["abs_err"] = (out["pred"].detach().double() - target.double()).abs().sum()
+        return loss, parts, target.numel()
+
+    def _log_step(self, loss: torch.Tensor, bar) -> None:
+        step = self.state["global_step"]
+        bar.update(self.cfg.grad_accum)
+        if step % self.cfg.log_every == 0:
+            record = {"kind": "step", "epoch": self.state["epoch"] + 1, "step": step,
+                      "train_loss_step": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"]}
+            bar.set_postfix(loss=f"{record['train_loss_step']:.4f}")
+            self.log.write(record)
+            self.accelerator.log({k: v for k, v in record.items() if k != "kind"}, step=step)
+
+    def _end_epoch(self) -> bool:
+        """Validate, schedule, checkpoint, log; True when early stopping says stop."""
+        cfg, state = self.cfg, self.state
+        sums, wait, elapsed = self._epoch_train_stats
+        n = max(float(sums[2]), 1.0)
+        metrics = {"kind": "epoch", "epoch": state["epoch"] + 1, "step": state["global_step"],
+                   "train_loss": float(sums[0]) / n, "train_mae_months": float(sums[1]) / n,
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   "images_per_s_per_device": self.steps_per_epoch * cfg.batch_size / max(elapsed, 1e-9),
+                   "data_wait_share": wait / max(elapsed, 1e-9), "peak_memory_gb": _peak_memory_gb()}
+        if self.task == "agcnn":
+            metrics.update({f"train_loss_{k}": float(sums[3 + i]) / n for i, k in enumerate(BRANCH_KEYS)})
+        metrics.update(self.validate())
+        metrics.update(self._weights_in_sync())
+        key = self._best_name()
+        improved = metrics[key] < state["best"]
+        if improved:
+            state["best"], state["best_epoch"], state["bad_epochs"] = metrics[key], state["epoch"], 0
+        else:
+            state["bad_epochs"] += 1
+        if self.scheduler.per_epoch:
+            self.scheduler.step(metrics[key])
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        self.save_checkpoint(best_metrics=metrics if improved else None)
+        self.log.write(metrics)
+        self.accelerator.log({k: v for k, v in metrics.items() if k != "kind"}, step=state["global_step"])
+        self._log_images()
+        self.accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in metrics.items() if k != "kind"))
+        return bool(cfg.early_stopping and state["bad_epochs"] >= cfg.early_stopping)
+
+    def _weights_in_sync(self) -> dict:
+        """DDP keeps replicas identical; a checksum of every rank's weights proves it (or says which drifted)."""
+        params = [p.detach().double() for p in self.unwrapped.parameters()]
+        local = torch.stack([sum(p.sum() for p in params), sum((p * p).sum() for p in params)]).to(self.device)
+        every = self.accelerator.gather(local.view(1, 2)).view(-1, 2)
+        return {"weight_checksum": float(every[0, 0]), "ranks_in_sync": bool((every == every[0]).all())}
+
+    def _best_name(self) -> str:
+        return "val_loss_fusion" if self.task == "agcnn" else "val_mae_months"
+
+    def validate(self) -> dict:
+        """Exact metrics over the whole validation split (every sample once, across all ranks)."""
+        local = predict_batches(self.unwrapped, self.pipe, self.val_data, self.accelerator.autocast,
+                                channels_last=self.channels_last)
+        preds = gather_predictions(local, len(self.val_data))
+        z_true = (preds["age"] - self.mu) / self.sigma
+        out = {"val_count": int(len(preds["index"]))}
+        for name in ("pred", *BRANCH_KEYS):
+            if name not in preds:
+                continue
+            suffix = "" if name == "pred" else f"_{name}"
+            out[f"val_loss{suffix}"] = float(np.mean((preds[name] - z_true) ** 2))
+            out[f"val_mae_months{suffix}"] = float(np.mean(np.abs(preds[name] - z_true)) * self.sigma)
+        out["val_baseline_mae_months"] = float(np.mean(np.abs(preds["age"] - self.mu)))  # predict-the-mean
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _meta(self, metrics: dict | None = None) -> dict:
+        model_cfg = {k: v for k, v in self.cfg.model_cfg.items() if k != "pretrained"}  # weights are in the file
+        return {"model": self.cfg.model, "model_cfg": model_cfg, "spec": self.spec.to_dict(), "mu": self.mu,
+                "sigma": self.sigma, "epoch": self.state["epoch"], "global_step": self.state["global_step"],
+                "metrics": metrics, "config": self.cfg.to_dict(), "bonedist_version": __version__,
+                "git": ckpt.git_revision(), "pack": {"image_size": self.manifest["image_size"],
+                                                     "resize_mode": self.manifest["resize_mode"]}}
+
+    def save_checkpoint(self, best_metrics: dict | None = None) -> None:
+        acc = self.accelerator
+        rng = {"torch": torch.get_rng_state(), "python": _python_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        all_rng = _gather_rng(rng, self.world)
+        if acc.is_main_process:
+            tensors = ckpt.model_state(self.unwrapped)
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "ema": None,
+                     "trainer": dict(self.state), "rng": all_rng, "mu": self.mu, "sigma": self.sigma,
+                     "config": self.cfg.to_dict(), "git": ckpt.git_revision(), "world": self.world}
+            meta = self._meta(best_metrics)
+            ckpt.save_checkpoint(self.run_dir, self.state["global_step"], state, tensors, meta, self.cfg.keep_last)
+            if best_metrics is not None:
+                ckpt.save_best(self.run_dir, tensors, meta)
+        acc.wait_for_everyone()
+
+    def _maybe_resume(self) -> None:
+        folder = ckpt.find_resume(self.run_dir, self.cfg.resume)
+        if folder is None:
+            return
+        from safetensors.torch import load_file
+
+        saved = ckpt.load_state(folder)
+        if saved["world"] != self.world:
+            self.accelerator.print(f"warning: checkpoint written by {saved['world']} processes, resuming with "
+                                   f"{self.world}: data order and RNG streams will differ from an unbroken run")
+        self.unwrapped.load_state_dict(load_file(str(folder / "model.safetensors")))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if saved["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
+        self.state.update(saved["trainer"])
+        rng = saved["rng"][self.rank] if self.rank < len(saved["rng"]) else saved["rng"][0]
+        torch.set_rng_state(rng["torch"])
+        _set_python_rng_state(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.accelerator.print(f"resumed from {folder} (epoch {self.state['epoch'] + 1}, batch "
+                               f"{self.state['batch_in_epoch']}, step {self.state['global_step']})")
+
+    def _last_checkpoint(self) -> str:
+        found = ckpt.list_checkpoints(self.run_dir)
+        return str(found[-1]) if found else "none yet"
+
+    def _preempted(self) -> int:
+        acc = self.accelerator
+        if acc.is_main_process:
+            (self.run_dir / REQUEUE_MARKER).write_text(f"{self._last_checkpoint()}\n")
+        acc.print(f"stopped by a signal at step {self.state['global_step']}; checkpoint saved in "
+                  f"{self._last_checkpoint()}; run the same command again (--resume auto) to continue")
+        under_launcher = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun reports a non-zero child as a crash
+        return 0 if under_launcher else EXIT_PREEMPTED
+
+    # -- tracking ------------------------------------------------------------------------------------------------
+    def _start_tracking(self) -> None:
+        if self.tracking == "off":
+            return
+        job = os.environ.get("SLURM_JOB_ID")
+        name = f"{self.cfg.model}-{job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else self.cfg.model
+        self.accelerator.init_trackers(self.cfg.wandb_project, config=self.cfg.to_dict(), init_kwargs={"wandb": {
+            "group": self.cfg.experiment, "name": name, "dir": str(self.run_dir), "mode": self.tracking,
+            "job_type": "train", "tags": [self.cfg.model, self.cfg.preset]}})
+
+    def _log_images(self) -> None:
+        if self.tracking == "off" or not self.accelerator.is_main_process:
+            return
+        import wandb
+
+        batch = next(iter(EvalBatches(self.val_data.cfg, "validation", self.device, 0, 1, mode=self.val_data.mode,
+                                      manifest=self.manifest, cache=self.val_data.cache)))
+        x = self.pipe.train(batch["image"][:8], step=0)
+        images = {"augmented_inputs": wandb.Image(image_grid(x), caption="training inputs after augmentation")}
+        if self.task == "agcnn":
+            model = self.unwrapped.eval()
+            with torch.no_grad():
+                out = model(self.pipe.eval(batch["image"][:8]), batch["male"][:8])
+            images["attention_boxes"] = wandb.Image(image_grid(self.pipe.eval(batch["image"][:8]), out["boxes"]),
+                                                    caption="AG-CNN attention crops (green)")
+        self.accelerator.log(images, step=self.state["global_step"])
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _python_rng_state():
+    import random
+
+    return random.getstate()
+
+
+def _set_python_rng_state(state) -> None:
+    import random
+
+    random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def _gather_rng(rng: dict, world: int) -> list[dict]:
+    if world == 1:
+        return [rng]
+    from accelerate.utils import gather_object
+
+    return gather_object([rng])

@@ -1,0 +1,48 @@
+"""Learning-rate schedules: ReduceLROnPlateau (per epoch, on the validation metric), cosine with linear warmup
+(per optimizer step), or constant."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Schedule:
+    """A scheduler with a uniform face: ``per_step``/``per_epoch`` say when the engine calls ``step``."""
+
+    def __init__(self, kind: str, inner=None):
+        self.kind, self.inner = kind, inner
+        self.per_step = kind == "cosine"
+        self.per_epoch = kind == "plateau"
+
+    def step(self, metric: float | None = None) -> None:
+        if self.kind == "plateau":
+            self.inner.step(metric)
+        elif self.inner is not None:
+            self.inner.step()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.inner is not None and state:
+            self.inner.load_state_dict(state)
+
+
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
+    if cfg.scheduler == "plateau":
+        return Schedule("plateau", torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience))
+    if cfg.scheduler == "cosine":
+        total = max(1, cfg.epochs * steps_per_epoch)
+        warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        return Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
+    return Schedule("constant")

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU check: the gpu-marked tests and every benchmark on CUDA, in under 8 minutes on one H100.
+#
+#   launch/gpu_check.sh            # from the repository root, with bonedist importable (pip install -e . or PYTHONPATH=.)
+#
+# Packages missing on a bare GPU image (kornia, webdataset, openpyxl) are installed from ./.whl when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+if ! "$PY" -c "import kornia, webdataset, openpyxl" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/bonedist-site .whl/*.whl
+  export PYTHONPATH="${PYTHONPATH}:/tmp/bonedist-site"
+fi
+"$PY" - <<'PY'
+import torch, kornia, timm, webdataset, accelerate
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {torch.cuda.get_device_name(0)}, "
+      f"kornia {kornia.__version__}, timm {timm.__version__}, webdataset {webdataset.__version__}, "
+      f"accelerate {accelerate.__version__}")
+PY
+failed=0
+section() {  # section NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo; echo "=== ${name}"
+  timeout "${limit}" "$@" || { echo "!!! ${name} failed or timed out (exit $?)"; failed=1; }
+  echo "=== ${name}: $((SECONDS - start)) s"
+}
+section "gpu tests" 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+section "bench attention" 40 "$PY" -m bonedist bench attention --batch 32 --size 500
+section "bench augment" 30 "$PY" -m bonedist bench augment --batch 32 --size 500
+section "bench loader" 90 "$PY" -m bonedist bench loader --n 512 --batch 32 --batches 24 --workers 8
+for model in xception inception_v3 resnet50_patch agcnn; do
+  section "bench train-step ${model}" 90 "$PY" -m bonedist bench train-step --model "${model}" --steps 10
+done
+exit ${failed}

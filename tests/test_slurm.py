@@ -1,0 +1,93 @@
+"""launch/slurm/train.sbatch against a real local Slurm (started by .ci/run via launch/slurm/local_cluster.sh)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, epoch_records
+
+SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm():
+    if not _slurm_up():
+        if os.environ.get("BONEDIST_REQUIRE_SLURM"):
+            pytest.fail("BONEDIST_REQUIRE_SLURM is set but no Slurm answers (launch/slurm/local_cluster.sh start)")
+        pytest.skip("no local Slurm (start one with: sudo launch/slurm/local_cluster.sh start)")
+
+
+def submit(tmp_path: Path, name: str, shards: Path, extra: str) -> str:
+    env = {**os.environ, "MODEL": "xception", "SHARDS": str(shards), "PRESET": "tiny", "EXPERIMENT": name,
+           "RUNS_DIR": str(tmp_path / "runs"), "BONEDIST_PYTHON": sys.executable, "CPU_PROCS": "2",
+           "OMP_NUM_THREADS": "1", "EXTRA_ARGS": f"--wandb off {extra}"}
+    result = subprocess.run(["sbatch", "--parsable", "--chdir", str(REPO), "--output", str(tmp_path / f"{name}.out"),
+                             "--time", "00:15:00", str(SBATCH)], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=20).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_state(job: str, done: tuple[str, ...], timeout: float, predicate=None) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(job)
+        if info.get("JobState") in done and (predicate is None or predicate(info)):
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {job} did not reach {done} in {timeout} s: {job_info(job)}")
+
+
+def test_sbatch_trains_and_fills_the_run_folder(train_shards, tmp_path):
+    job = submit(tmp_path, "slurm-basic", train_shards, "--epochs 1 --steps-per-epoch 4")
+    info = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=400)
+    log = (tmp_path / "slurm-basic.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    run = tmp_path / "runs" / "slurm-basic" / "xception"
+    records = epoch_records(run)
+    assert len(records) == 1 and records[0]["ranks_in_sync"] is True and records[0]["val_count"] == 60
+    assert (run / "best" / "model.safetensors").exists() and "2 CPU processes per node" in log
+
+
+def test_usr1_preempts_requeues_and_the_job_finishes(train_shards, tmp_path):
+    job = submit(tmp_path, "slurm-requeue", train_shards,
+                 "--epochs 2 --steps-per-epoch 10 --batch-size 4 --log-every 1 --data-mode cache")
+    metrics = tmp_path / "runs" / "slurm-requeue" / "xception" / "metrics.jsonl"
+    deadline = time.time() + 400
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"step"') >= 3):
+        time.sleep(0.2)
+    assert metrics.exists(), (tmp_path / "slurm-requeue.out").read_text(errors="replace")[-3000:]
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=20)
+    # Slurm holds a requeued batch job for ~2 minutes (Reason=BeginTime); once the requeue has happened, release it
+    # now to keep the test short. The job is still restarted by Slurm and still resumes by itself.
+    pending = wait_state(job, ("PENDING",), timeout=300, predicate=lambda i: int(i.get("Restarts", "0")) >= 1)
+    if pending.get("Reason") == "BeginTime":
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=20)
+    info = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600,
+                      predicate=lambda i: int(i.get("Restarts", "0")) >= 1)
+    log = (tmp_path / "slurm-requeue.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "requeueing job" in log or int(info["Restarts"]) >= 1
+    assert "resumed from" in log
+    records = epoch_records(metrics.parent)
+    assert [r["epoch"] for r in records] == [1, 2]

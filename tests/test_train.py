@@ -1,0 +1,94 @@
+"""The training engine in one process: run folder, W&B offline, resume, non-finite loss, every model learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bonedist.data.manifest import load_manifest
+from tests.conftest import epoch_records, run_train
+from tests.wandb_reader import read_history
+
+TINY = ["--preset", "tiny", "--steps-per-epoch", "6"]
+
+
+def test_run_folder_metrics_checkpoints_and_wandb_offline(train_shards, tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    result = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "2",
+                       "--wandb", "auto", "--experiment", "exp1", runs=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "exp1" / "xception"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "xception" and config["preset"] == "tiny" and config["epochs"] == 2
+    epochs = epoch_records(run)
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    val_count = load_manifest(train_shards)["splits"]["validation"]["count"]
+    for record in epochs:
+        assert record["val_count"] == val_count  # every validation sample exactly once
+        for key in ("train_loss", "val_loss", "val_mae_months", "images_per_s_per_device", "data_wait_share",
+                    "peak_memory_gb", "lr"):
+            assert isinstance(record[key], float), key
+        assert record["ranks_in_sync"] is True
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000006", "step-00000012"]
+    meta = json.loads((run / "best" / "meta.json").read_text())
+    assert meta["model"] == "xception" and meta["sigma"] > 0 and meta["pack"]["image_size"] == 64
+    state = torch.load(run / "checkpoints" / "step-00000012" / "state.pt", weights_only=True)
+    assert state["trainer"]["global_step"] == 12 and state["trainer"]["epoch"] == 2
+    assert {"optimizer", "scheduler", "rng", "mu", "sigma", "config", "git"} <= set(state)
+    # W&B wrote an offline run in the run folder, and its history holds the same numbers
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    history = [row for row in read_history(offline[0]) if "val_mae_months" in row]
+    assert [round(row["val_mae_months"], 6) for row in history] == [round(r["val_mae_months"], 6) for r in epochs]
+
+
+def test_resume_auto_continues_where_it_stopped(train_shards, tmp_path):
+    args = ["--model", "resnet50_patch", "--shards", str(train_shards), *TINY]
+    first = run_train(*args, "--epochs", "1", runs=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(*args, "--epochs", "2", runs=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    epochs = epoch_records(tmp_path / "default" / "resnet50_patch")
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 6), (2, 12)]
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(train_shards, tmp_path):
+    result = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--lr", "1e30",
+                       "--checkpoint-every", "1", "--scheduler", "constant", runs=tmp_path)
+    assert result.returncode == 2
+    assert "non-finite training loss" in result.stderr and "Traceback" not in result.stderr
+    assert "last good checkpoint" in result.stderr
+    for folder in (tmp_path / "default" / "xception" / "checkpoints").glob("step-*"):
+        weights = load_file(str(folder / "model.safetensors"))
+        assert all(torch.isfinite(t.float()).all() for t in weights.values()), folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "vgg", "--shards", "x"], "unknown model 'vgg'"),
+    (["--model", "xception", "--shards", "/nonexistent"], "manifest.json not found"),
+    (["--model", "xception", "--shards", "x", "--preset", "fast"], "unknown preset 'fast'"),
+    (["--model", "agcnn", "--shards", "x", "--model-opt", "reduction"], "expected KEY=VALUE"),
+    (["--model", "xception", "--shards", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
+    result = run_train(*args, runs=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, epochs", [("xception", 4), ("inception_v3", 3), ("resnet50_patch", 4),
+                                           ("agcnn", 4)])
+def test_every_model_learns_well_below_the_mean_baseline(train_shards, tmp_path, model, epochs):
+    result = run_train("--model", model, "--shards", str(train_shards), "--preset", "tiny", "--epochs", str(epochs),
+                       runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = epoch_records(tmp_path / "default" / model)
+    key = "val_mae_months_fusion" if model == "agcnn" else "val_mae_months"
+    best = min(r[key] for r in records)
+    baseline = records[-1]["val_baseline_mae_months"]
+    assert best < 0.75 * baseline, f"{model}: best validation MAE {best:.1f} vs predict-the-mean {baseline:.1f}"
