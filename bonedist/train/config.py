@@ -132,7 +132,7 @@ def _tiny(model: str) -> dict:
     if model == "inception_v3":
         cfg["image_size"] = 96  # Inception's stem needs at least 75 px
     if model == "resnet50_patch":
-        cfg.update(patch_size=32, num_patches=3)
+        cfg.update(patch_size=48, num_patches=3)
     if model == "agcnn":
         cfg.update(drop_rate=0.1)
     return dict(epochs=3, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=1e-4, scheduler="cosine",
