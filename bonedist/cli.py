@@ -120,6 +120,59 @@ def _cmd_train(args) -> int:
     return run_train(args)
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="every trained model and the ensembles on a split, with a report",
+                       description="Works in one process or under `accelerate launch -m bonedist evaluate ...`; "
+                                   "every sample is predicted exactly once either way.")
+    p.add_argument("--runs", required=True, help="runs/EXPERIMENT, holding MODEL/best/ folders")
+    p.add_argument("--split", default="test")
+    p.add_argument("--shards", default=None, help="packed data (default: the one the models were trained on)")
+    p.add_argument("--flip", action="store_true", help="test-time horizontal flip averaging")
+    p.add_argument("--patch-aggregate", default="mean", choices=["mean", "median"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data-mode", default="auto", choices=["auto", "stream", "cache"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="report folder (default RUNS/report)")
+    p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "off"])
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from bonedist.eval.evaluate import EvalOptions, evaluate
+
+    result = evaluate(EvalOptions(runs=args.runs, split=args.split, shards=args.shards, flip=args.flip,
+                                  aggregate=args.patch_aggregate, batch_size=args.batch_size,
+                                  data_mode=args.data_mode, workers=args.workers, out=args.out, wandb=args.wandb))
+    if result:
+        for note in result["notes"]:
+            print(f"note: {note}")
+        for name, m in result["metrics"].items():
+            print(f"{name:<24} MAE {m['mae_months']:6.2f} months  RMSE {m['rmse_months']:6.2f}  "
+                  f"MSE(z) {m['mse_z']:.3f}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="bone age of radiographs with the trained ensemble")
+    p.add_argument("images", nargs="+", help="8/16-bit PNG or JPEG files")
+    p.add_argument("--sex", required=True, help="F or M")
+    p.add_argument("--runs", default="runs/default", help="runs/EXPERIMENT with trained models")
+    p.add_argument("--chronological-age", default=None, help="e.g. 10y3m, 123m: also print the difference")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--heatmap", default=None, help="PNG with the AG-CNN attention box and mask")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    import json
+
+    from bonedist.eval.predict import format_result, predict_images
+
+    rows = predict_images(args.images, args.sex, args.runs, args.chronological_age, args.heatmap)
+    print(json.dumps(rows, indent=1) if args.json else "\n".join(format_result(r) for r in rows))
+    return 0
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: bonedist vs a baseline measured in the same run")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -216,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonedist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_weights, _add_bench):
+    for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_evaluate, _add_predict, _add_weights,
+                _add_bench):
         add(sub)
     return parser
 

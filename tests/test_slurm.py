@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -91,3 +92,24 @@ def test_usr1_preempts_requeues_and_the_job_finishes(train_shards, tmp_path):
     assert "resumed from" in log
     records = epoch_records(metrics.parent)
     assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_train_all_submits_the_models_then_a_dependent_evaluation(train_shards, tmp_path):
+    env = {**os.environ, "SHARDS": str(train_shards), "PRESET": "tiny", "EXPERIMENT": "all",
+           "RUNS_DIR": str(tmp_path / "runs"), "BONEDIST_PYTHON": sys.executable, "CPU_PROCS": "2",
+           "OMP_NUM_THREADS": "1", "MODELS": "xception resnet50_patch", "WANDB_MODE": "disabled",
+           "EXTRA_ARGS": "--wandb off --epochs 1 --steps-per-epoch 3",
+           "SBATCH_ARGS": f"--output {tmp_path}/%x-%j.out --time 00:15:00",
+           "EVAL_ARGS": f"--output {tmp_path}/eval-%j.out --time 00:15:00"}
+    result = subprocess.run(["bash", str(REPO / "launch/slurm/train_all.sbatch")], capture_output=True, text=True,
+                            env=env, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    ids = re.findall(r"job (\d+)", result.stdout)
+    assert len(ids) == 3, result.stdout
+    evaluation = ids[-1]
+    assert "afterok" in job_info(evaluation).get("Dependency", "") or job_info(evaluation)["JobState"] != "PENDING"
+    info = wait_state(evaluation, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.out"))
+    assert info["JobState"] == "COMPLETED", logs
+    metrics = json.loads((tmp_path / "runs" / "all" / "report" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"xception", "resnet50_patch"} and "ensemble_fitted" in metrics["metrics"]

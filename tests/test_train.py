@@ -92,3 +92,21 @@ def test_every_model_learns_well_below_the_mean_baseline(train_shards, tmp_path,
     best = min(r[key] for r in records)
     baseline = records[-1]["val_baseline_mae_months"]
     assert best < 0.75 * baseline, f"{model}: best validation MAE {best:.1f} vs predict-the-mean {baseline:.1f}"
+
+
+@pytest.mark.slow
+def test_train_all_script_trains_then_evaluates(train_shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PRESET": "tiny", "RUNS_DIR": str(tmp_path), "MODELS": "xception",
+           "BONEDIST_PYTHON": sys.executable, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(REPO / "launch" / "train_all.sh"), str(train_shards), "script", "--",
+                             "--epochs", "1", "--steps-per-epoch", "3", "--wandb", "off"],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "script" / "report" / "metrics.json").read_text())
+    assert metrics["models"] == ["xception"] and metrics["n"] == 60

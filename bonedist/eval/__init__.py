@@ -1,0 +1,1 @@
+"""Evaluation: exact distributed inference, metrics, ensembles, the report, single-image prediction."""

@@ -1,0 +1,164 @@
+"""``bonedist evaluate``: every trained model and their ensembles on one split, exactly once per sample.
+
+    bonedist evaluate --runs runs/rsna --split test
+    accelerate launch --config_file launch/accelerate/single_node.yaml -m bonedist evaluate --runs runs/rsna
+
+Writes ``runs/EXPERIMENT/report/``: metrics.json, predictions.csv, ensemble.json, report.md and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+
+from bonedist import BonedistError
+from bonedist.data.manifest import load_manifest
+from bonedist.data.source import DataConfig, EvalBatches
+from bonedist.eval.inference import BRANCH_KEYS, gather_predictions, predict_batches
+from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
+from bonedist.eval.runs import find_runs, load_trained, paper_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOptions:
+    runs: str
+    split: str = "test"
+    shards: str | None = None
+    flip: bool = False
+    aggregate: str = "mean"  # patch models: mean or median over the grid
+    batch_size: int = 16
+    data_mode: str = "auto"
+    workers: int = 2
+    out: str | None = None
+    wandb: str = "auto"
+
+    def __post_init__(self):
+        if self.aggregate not in ("mean", "median"):
+            raise BonedistError(f"--patch-aggregate must be mean or median, got {self.aggregate!r}")
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    found, missing = find_runs(opts.runs)
+    for name in missing:
+        acc.print(f"warning: no trained {name} under {opts.runs}; it is left out of the report and the ensembles")
+    trained = {name: load_trained(path, acc.device) for name, path in found.items()}
+    shards = opts.shards or next(iter(trained.values())).meta["config"]["shards"]
+    manifest = load_manifest(shards)
+    if opts.split not in manifest["splits"]:
+        raise BonedistError(f"--split {opts.split}: {shards} has {', '.join(manifest['splits'])}")
+    splits = [opts.split]
+    if opts.split != "validation" and "validation" in manifest["splits"]:
+        splits.append("validation")  # ensemble weights are fitted there, never on the reported split
+    months = {split: _predict_split(acc, trained, shards, manifest, split, opts) for split in splits}
+    if not acc.is_main_process:
+        return {}
+    out = Path(opts.out) if opts.out else Path(opts.runs) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    result = _score(months, opts.split, trained, missing, out)
+    from bonedist.eval.report import write_report
+
+    write_report(out, result, months[opts.split], trained, shards, opts)
+    _log_wandb(opts, out, result)
+    acc.print(f"report written to {out}")
+    return result
+
+
+def _predict_split(acc, trained, shards, manifest, split, opts) -> pd.DataFrame:
+    """One row per radiograph in manifest order: truth and every model's (and branch's) prediction in months."""
+    cfg = DataConfig(shards=shards, batch_size=opts.batch_size, mode=opts.data_mode, workers=opts.workers)
+    first = EvalBatches(cfg, split, acc.device, acc.process_index, acc.num_processes, manifest=manifest,
+                        progress=acc.is_local_main_process)
+    columns: dict[str, np.ndarray] = {}
+    for name, tm in trained.items():
+        batches = EvalBatches(cfg, split, acc.device, acc.process_index, acc.num_processes, mode=first.mode,
+                              manifest=manifest, cache=first.cache)
+        local = predict_batches(tm.model, tm.pipe, batches, acc.autocast, flip=opts.flip, aggregate=opts.aggregate)
+        preds = gather_predictions(local, len(first))
+        columns.setdefault("key", preds["key"])
+        columns.setdefault("male", preds["male"].astype(bool))
+        columns.setdefault("truth", preds["age"])
+        columns[name] = tm.mu + tm.sigma * preds["pred"]
+        if name == "agcnn":
+            for branch in BRANCH_KEYS:
+                columns[f"agcnn_{branch}"] = tm.mu + tm.sigma * preds[branch]
+    return pd.DataFrame(columns)
+
+
+def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: Path) -> dict:
+    table = months[split]
+    models = list(trained)
+    mu = float(np.mean([tm.mu for tm in trained.values()]))
+    sigma = float(np.mean([tm.sigma for tm in trained.values()]))
+    ensembles, notes = _ensembles(months, split, models)
+    for name, weights in ensembles.items():
+        table[f"ensemble_{name}"] = sum(w * table[m] for m, w in weights.items())
+    labeled = table["truth"].notna().all()
+    result = {"split": split, "n": len(table), "models": models, "missing": missing, "mu": mu, "sigma": sigma,
+              "ensembles": ensembles, "notes": notes, "labeled": bool(labeled), "metrics": {}}
+    if not labeled:
+        result["notes"].append(f"split {split!r} has no bone ages (Kaggle's test CSV): predictions only")
+    else:
+        baseline = np.full(len(table), trained[models[0]].mu)
+        result["metrics"]["predict_the_mean"] = regression_metrics(baseline, table["truth"], table["male"], mu,
+                                                                   sigma)
+        for column in [c for c in table.columns if c not in ("key", "male", "truth", "agcnn")]:  # = agcnn_fusion
+            result["metrics"][column] = regression_metrics(table[column], table["truth"], table["male"], mu, sigma)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    (out / "ensemble.json").write_text(json.dumps({"weights": ensembles, "split_fitted_on": "validation"}, indent=1))
+    return result
+
+
+def _ensembles(months: dict[str, pd.DataFrame], split: str, models: list[str]) -> tuple[dict, list[str]]:
+    ensembles, notes = {}, []
+    paper = paper_weights(models)
+    if paper:
+        ensembles["paper"] = paper
+    if len(models) > 1:
+        ensembles["equal"] = {m: 1.0 / len(models) for m in models}
+        val = months.get("validation")
+        if split == "validation" or val is None:
+            notes.append("no validation-fitted ensemble: it is never fitted on the split being reported")
+        elif val["truth"].isna().any():
+            notes.append("no validation-fitted ensemble: the validation split has no ages")
+        else:
+            weights = fit_ensemble_weights(val[models].to_numpy(), val["truth"].to_numpy())
+            ensembles["fitted"] = {m: float(w) for m, w in zip(models, weights)}
+    return ensembles, notes
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(type(value))
+
+
+def _log_wandb(opts: EvalOptions, out: Path, result: dict) -> None:
+    from bonedist.train.tracking import wandb_mode
+
+    mode = wandb_mode(opts.wandb)
+    if mode == "off":
+        return
+    import wandb
+
+    run = wandb.init(project="bonedist", group=Path(opts.runs).name, job_type="evaluate", name=f"evaluate-{opts.split}",
+                     dir=str(out), mode=mode, config={"split": opts.split, "flip": opts.flip})
+    rows = [[name, m.get("mae_months"), m.get("rmse_months"), m.get("mse_z"), m.get("rmse_z"), m.get("pearson_r")]
+            for name, m in result["metrics"].items()]
+    run.log({"metrics": wandb.Table(columns=["model", "mae_months", "rmse_months", "mse_z", "rmse_z", "pearson_r"],
+                                    data=rows),
+             **{f"figures/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}})
+    run.finish()

@@ -1,0 +1,175 @@
+"""The evaluation report: predictions.csv, report.md (laid out like the paper's Tables 6-7, the paper's numbers
+beside ours) and figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from bonedist.eval.metrics import AGE_BANDS_YEARS  # noqa: E402
+from bonedist.train.tracking import read_metrics  # noqa: E402
+
+# Tables 6 and 7 of the paper: MSE and RMSE on z, "P-value".
+PAPER = {"inception_v3": (0.19, 0.44, 0.89), "xception": (0.18, 0.42, 0.91), "resnet50_patch": (0.06, 0.24, 0.97),
+         "agcnn_global": (0.18, 0.43, 0.91), "agcnn_local": (0.79, 0.89, 0.57), "agcnn_fusion": (0.22, 0.47, 0.89)}
+
+
+def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, shards: str, opts) -> None:
+    frame = table.copy()
+    frame.insert(1, "sex", np.where(frame.pop("male"), "M", "F"))
+    frame.rename(columns={"key": "id"}).to_csv(out / "predictions.csv", index=False, float_format="%.3f")
+    figures = []
+    if result["labeled"]:
+        prediction_columns = [c for c in table.columns if c not in ("key", "male", "truth", "agcnn")]
+        figures += [_scatter(out, table, prediction_columns), _bland_altman(out, table, prediction_columns),
+                    _age_bands(out, result, prediction_columns)]
+    figures.append(_training_curves(out, trained))
+    if "agcnn" in trained:
+        figures.append(_attention_examples(out, trained["agcnn"], shards, opts.split))
+    (out / "report.md").write_text(_markdown(result, [f for f in figures if f], opts))
+
+
+def _fmt(value, digits=2) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _markdown(result: dict, figures: list[Path], opts) -> str:
+    lines = [f"# bonedist evaluation: {opts.runs}, split `{result['split']}` ({result['n']} radiographs)", ""]
+    if opts.flip:
+        lines.append("Test-time horizontal flip averaging: on.")
+    if "agcnn" in result["models"]:
+        lines.append("- agcnn's prediction is its Fusion branch (row agcnn_fusion).")
+    for note in result["notes"]:
+        lines.append(f"- {note}")
+    for name in result["missing"]:
+        lines.append(f"- {name}: no trained run found, left out of the table and the ensembles")
+    if result["labeled"]:
+        lines += ["", "## Models, AG-CNN branches and ensembles (paper's Tables 6-7 beside ours)", "",
+                  "| model | MAE (months) | 95% CI | RMSE (months) | MSE (z) | RMSE (z) | r | paired t p | "
+                  "within 12 m | paper MSE | paper RMSE | paper P |", "|" + "---|" * 12]
+        for name, m in result["metrics"].items():
+            paper = PAPER.get(name, (None, None, None))
+            ci = m.get("mae_ci95_months")
+            lines.append(f"| {name} | {_fmt(m['mae_months'])} | {_fmt(ci[0]) + '-' + _fmt(ci[1]) if ci else '-'} | "
+                         f"{_fmt(m['rmse_months'])} | {_fmt(m['mse_z'], 3)} | {_fmt(m['rmse_z'], 3)} | "
+                         f"{_fmt(m.get('pearson_r'), 3)} | {_fmt(m.get('paired_t_p'), 3)} | "
+                         f"{_fmt(100 * m['within_12_months'], 0)}% | {_fmt(paper[0])} | {_fmt(paper[1])} | "
+                         f"{_fmt(paper[2])} |")
+        lines += ["", "## MAE by sex and age band (months)", "",
+                  "| model | male | female | " + " | ".join(f"{lo}-{hi} y" for lo, hi in AGE_BANDS_YEARS) + " |",
+                  "|" + "---|" * (3 + len(AGE_BANDS_YEARS))]
+        for name, m in result["metrics"].items():
+            bands = " | ".join(_fmt(v) for v in m["mae_by_age_band"].values())
+            lines.append(f"| {name} | {_fmt(m['mae_male_months'])} | {_fmt(m['mae_female_months'])} | {bands} |")
+    lines += ["", "## Ensemble weights", ""]
+    for name, weights in result["ensembles"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{m} {w:.3f}" for m, w in weights.items()))
+    lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _grid(n: int):
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def _scatter(out: Path, table: pd.DataFrame, columns: list[str]) -> Path:
+    fig, axes = _grid(len(columns))
+    for ax, name in zip(axes, columns):
+        ax.scatter(table["truth"], table[name], s=8, alpha=0.6)
+        ax.plot([0, 228], [0, 228], "k--", lw=1)
+        ax.set(title=name, xlabel="true bone age (months)", ylabel="predicted (months)", xlim=(0, 235), ylim=(0, 235))
+    fig.tight_layout()
+    return _save(fig, out / "pred_vs_true.png")
+
+
+def _bland_altman(out: Path, table: pd.DataFrame, columns: list[str]) -> Path:
+    fig, axes = _grid(len(columns))
+    for ax, name in zip(axes, columns):
+        mean, diff = (table[name] + table["truth"]) / 2, table[name] - table["truth"]
+        bias, spread = diff.mean(), 1.96 * diff.std()
+        ax.scatter(mean, diff, s=8, alpha=0.6)
+        for y, style in ((bias, "-"), (bias + spread, "--"), (bias - spread, "--")):
+            ax.axhline(y, color="k", ls=style, lw=1)
+        ax.set(title=f"{name} (bias {bias:.1f}, LoA ±{spread:.1f})", xlabel="mean of predicted and true (months)",
+               ylabel="predicted - true (months)")
+    fig.tight_layout()
+    return _save(fig, out / "bland_altman.png")
+
+
+def _age_bands(out: Path, result: dict, columns: list[str]) -> Path:
+    fig, ax = plt.subplots(figsize=(10, 4))
+    bands = [f"{lo}-{hi}y" for lo, hi in AGE_BANDS_YEARS]
+    width = 0.8 / len(columns)
+    for i, name in enumerate(columns):
+        values = [result["metrics"][name]["mae_by_age_band"][b] or 0.0 for b in bands]
+        ax.bar(np.arange(len(bands)) + i * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(bands)) + 0.4 - width / 2, bands)
+    ax.set(ylabel="MAE (months)", title="MAE by age band")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, out / "mae_by_age_band.png")
+
+
+def _training_curves(out: Path, trained: dict) -> Path | None:
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = False
+    for name, tm in trained.items():
+        epochs = [r for r in read_metrics(tm.run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
+        if not epochs:
+            continue
+        x = [r["epoch"] for r in epochs]
+        ax[0].plot(x, [r["train_loss"] for r in epochs], marker="o", label=f"{name} train")
+        ax[0].plot(x, [r["val_loss"] for r in epochs], marker="x", ls="--", label=f"{name} val")
+        ax[1].plot(x, [r["val_mae_months"] for r in epochs], marker="o", label=name)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax[0].set(xlabel="epoch", ylabel="loss (z)", title="training and validation loss")
+    ax[1].set(xlabel="epoch", ylabel="MAE (months)", title="validation MAE")
+    for a in ax:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out / "training_curves.png")
+
+
+@torch.no_grad()
+def _attention_examples(out: Path, tm, shards: str, split: str, n: int = 8) -> Path:
+    from bonedist.data.source import DataConfig, EvalBatches
+
+    device = next(tm.model.parameters()).device
+    batch = next(iter(EvalBatches(DataConfig(shards=shards, batch_size=n, mode="stream", workers=0), split, device)))
+    x = tm.pipe.eval(batch["image"])
+    result = tm.model(x, batch["male"])
+    fig, axes = plt.subplots(2, len(x), figsize=(2.2 * len(x), 4.6), squeeze=False)
+    for i in range(len(x)):
+        image = x[i, 0].float().cpu().numpy()
+        x1, y1, x2, y2 = result["boxes"][i].tolist()
+        axes[0, i].imshow(image, cmap="gray")
+        axes[0, i].add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=1.5))
+        axes[0, i].set_title(batch["key"][i], fontsize=7)
+        axes[1, i].imshow(image, cmap="gray")
+        axes[1, i].imshow(result["masks"][i, 0].float().cpu().numpy(), cmap="autumn", alpha=0.35)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.suptitle("AG-CNN attention: crop box (top), chosen component (bottom)")
+    fig.tight_layout()
+    return _save(fig, out / "agcnn_attention.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

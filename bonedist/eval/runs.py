@@ -1,0 +1,79 @@
+"""Loading trained runs (``runs/EXPERIMENT/MODEL/best``) for evaluation and prediction."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from bonedist import BonedistError
+from bonedist.data.augment import InputPipeline
+from bonedist.models import create_model, list_models
+
+# The paper's ensemble (VI-D): 0.5 ResNet50-patch + 0.1 InceptionV3 + 0.1 Xception, normalised.
+PAPER_WEIGHTS = {"resnet50_patch": 0.5, "inception_v3": 0.1, "xception": 0.1}
+
+
+@dataclass
+class TrainedModel:
+    name: str
+    model: torch.nn.Module
+    meta: dict
+    pipe: InputPipeline
+    run_dir: Path
+
+    @property
+    def mu(self) -> float:
+        return float(self.meta["mu"])
+
+    @property
+    def sigma(self) -> float:
+        return float(self.meta["sigma"])
+
+
+def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
+    """The best checkpoint of each model under ``runs`` and the models that have none."""
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise BonedistError(f"--runs {runs}: no such folder (train first: bonedist train ... --experiment NAME)")
+    found, missing = {}, []
+    for name in list_models():
+        best = runs / name / "best"
+        if (best / "model.safetensors").is_file() and (best / "meta.json").is_file():
+            found[name] = runs / name
+        else:
+            missing.append(name)
+    if not found:
+        raise BonedistError(f"no trained model under {runs}: expected {runs}/MODEL/best/model.safetensors for "
+                            f"one of {', '.join(list_models())}")
+    return found, missing
+
+
+def load_trained(run_dir: Path, device: torch.device | str = "cpu") -> TrainedModel:
+    best = Path(run_dir) / "best"
+    try:
+        meta = json.loads((best / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BonedistError(f"cannot read {best / 'meta.json'}: {exc}") from exc
+    cfg = {k: v for k, v in meta["model_cfg"].items() if k != "pretrained"}
+    if meta["model"] != "agcnn":
+        cfg["pretrained"] = None  # the trained weights come from the checkpoint, never from the hub
+    model = create_model(meta["model"], **cfg)
+    try:
+        model.load_state_dict(load_file(str(best / "model.safetensors")))
+    except Exception as exc:
+        raise BonedistError(f"checkpoint {best / 'model.safetensors'} does not load into {meta['model']}: {exc}") \
+            from exc
+    model.to(device).eval()
+    return TrainedModel(meta["model"], model, meta, InputPipeline(model.spec), Path(run_dir))
+
+
+def paper_weights(available: list[str]) -> dict[str, float] | None:
+    names = [n for n in PAPER_WEIGHTS if n in available]
+    if not names:
+        return None
+    total = sum(PAPER_WEIGHTS[n] for n in names)
+    return {n: PAPER_WEIGHTS[n] / total for n in names}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The four models, then the ensemble evaluation, on one machine (all its GPUs, or 2 CPU processes without any).
+#
+#   launch/train_all.sh SHARDS [EXPERIMENT] [-- extra `bonedist train` flags]
+#   PRESET=tiny launch/train_all.sh shards/phantoms demo -- --epochs 2
+#
+# Environment: PRESET (default paper), RUNS_DIR (default runs), MODELS (default all four), SPLIT (default test),
+# BONEDIST_PYTHON (default .venv/bin/python if present, else python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARDS=${1:?usage: launch/train_all.sh SHARDS [EXPERIMENT] [-- train flags]}
+EXPERIMENT=${2:-default}
+shift $(( $# >= 2 ? 2 : 1 ))
+[ "${1:-}" = "--" ] && shift
+PRESET=${PRESET:-paper}
+RUNS_DIR=${RUNS_DIR:-runs}
+MODELS=${MODELS:-"inception_v3 xception resnet50_patch agcnn"}
+if [ -z "${BONEDIST_PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then BONEDIST_PYTHON=.venv/bin/python; else BONEDIST_PYTHON=python; fi
+fi
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+if [ "${GPUS:-0}" -ge 2 ]; then
+  LAUNCH=(--config_file launch/accelerate/single_node.yaml --num_processes "$GPUS")
+elif [ "${GPUS:-0}" -eq 1 ]; then
+  LAUNCH=(--config_file launch/accelerate/single_gpu.yaml)
+else
+  LAUNCH=(--config_file launch/accelerate/cpu_2proc.yaml)
+fi
+PORT=${MASTER_PORT:-$((29500 + RANDOM % 1000))}
+for model in $MODELS; do
+  echo "=== training ${model} (${PRESET}) on ${GPUS:-0} GPU(s)"
+  "$BONEDIST_PYTHON" -m accelerate.commands.launch "${LAUNCH[@]}" --main_process_port "$PORT" -m bonedist.train \
+    --model "$model" --shards "$SHARDS" --preset "$PRESET" --experiment "$EXPERIMENT" --runs-dir "$RUNS_DIR" "$@"
+done
+echo "=== evaluating the ensemble on ${SPLIT:-test}"
+"$BONEDIST_PYTHON" -m accelerate.commands.launch "${LAUNCH[@]}" --main_process_port "$PORT" -m bonedist evaluate \
+  --runs "${RUNS_DIR}/${EXPERIMENT}" --split "${SPLIT:-test}"

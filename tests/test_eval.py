@@ -1,0 +1,172 @@
+"""Evaluation: metrics against NumPy/SciPy, NNLS ensembles, the report, exact distributed evaluation, predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from bonedist.data.pack import PackOptions, pack_dataset
+from bonedist.data.synth import synth_dataset
+from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
+from bonedist.eval.predict import parse_age
+from tests.conftest import REPO, RSNA_SAMPLE, run_cli, run_train
+
+
+def test_metrics_match_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0, 228, 200)
+    pred = true + rng.normal(3, 10, 200)
+    male = rng.random(200) < 0.5
+    m = regression_metrics(pred, true, male, mu=120.0, sigma=40.0, n_boot=500)
+    err = pred - true
+    assert m["mae_months"] == pytest.approx(np.abs(err).mean())
+    assert m["rmse_months"] == pytest.approx(np.sqrt((err**2).mean()))
+    assert m["mse_z"] == pytest.approx(((err / 40.0) ** 2).mean())
+    assert m["rmse_z"] == pytest.approx(np.sqrt(m["mse_z"]))
+    assert m["median_ae_months"] == pytest.approx(np.median(np.abs(err)))
+    assert m["bias_months"] == pytest.approx(err.mean())
+    assert m["pearson_r"] == pytest.approx(stats.pearsonr(pred, true)[0])
+    assert m["paired_t_p"] == pytest.approx(stats.ttest_rel(pred, true).pvalue)
+    assert m["mae_male_months"] == pytest.approx(np.abs(err[male]).mean())
+    assert m["within_12_months"] == pytest.approx((np.abs(err) <= 12).mean())
+    band = (true >= 72) & (true < 120)
+    assert m["mae_by_age_band"]["6-10y"] == pytest.approx(np.abs(err[band]).mean())
+    lo, hi = m["mae_ci95_months"]
+    assert lo < m["mae_months"] < hi
+
+
+def test_nnls_recovers_known_mixture_weights():
+    rng = np.random.default_rng(1)
+    preds = rng.uniform(0, 228, (300, 3))
+    true = preds @ np.array([0.6, 0.0, 0.4])
+    weights = fit_ensemble_weights(preds, true)
+    assert np.allclose(weights, [0.6, 0.0, 0.4], atol=1e-6) and weights.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("text, months", [("10y3m", 123), ("10y", 120), ("123m", 123), ("123", 123),
+                                          ("10.5y", 126)])
+def test_chronological_age_forms(text, months):
+    assert parse_age(text) == months
+
+
+@pytest.fixture(scope="module")
+def trained_runs(train_shards, tmp_path_factory):
+    """Three of the four models briefly trained (inception_v3 left out on purpose)."""
+    runs = tmp_path_factory.mktemp("eval-runs")
+    for model in ("xception", "resnet50_patch", "agcnn"):
+        result = run_train("--model", model, "--shards", str(train_shards), "--preset", "tiny", "--epochs", "1",
+                           "--steps-per-epoch", "5", "--experiment", "exp", runs=runs)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return runs / "exp"
+
+
+@pytest.fixture(scope="module")
+def report(trained_runs):
+    result = run_cli("evaluate", "--runs", str(trained_runs), "--wandb", "off", "--flip")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no trained inception_v3" in result.stdout + result.stderr
+    return trained_runs / "report"
+
+
+def test_report_files_exist_and_parse(report):
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["missing"] == ["inception_v3"] and metrics["n"] == 60
+    for name in ("xception", "resnet50_patch", "agcnn_global", "agcnn_local", "agcnn_fusion", "ensemble_paper",
+                 "ensemble_equal", "ensemble_fitted", "predict_the_mean"):
+        assert {"mae_months", "rmse_z", "mae_ci95_months", "mae_by_age_band"} <= set(metrics["metrics"][name])
+    fitted = metrics["ensembles"]["fitted"]
+    assert set(fitted) == {"xception", "resnet50_patch", "agcnn"} and sum(fitted.values()) == pytest.approx(1.0)
+    assert metrics["ensembles"]["paper"] == pytest.approx({"resnet50_patch": 0.5 / 0.6, "xception": 0.1 / 0.6})
+    table = pd.read_csv(report / "predictions.csv")
+    assert len(table) == 60 and table["id"].is_unique
+    assert {"id", "sex", "truth", "xception", "agcnn_local", "ensemble_fitted"} <= set(table.columns)
+    text = (report / "report.md").read_text()
+    assert "paper MSE" in text and "| resnet50_patch |" in text and "inception_v3: no trained run found" in text
+    for figure in ("pred_vs_true", "bland_altman", "mae_by_age_band", "training_curves", "agcnn_attention"):
+        image = cv2.imread(str(report / f"{figure}.png"))
+        assert image is not None and image.shape[0] > 100, figure
+        assert f"({figure}.png)" in text
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one_process(trained_runs, report, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "launch/accelerate/cpu_2proc.yaml"), "--main_process_port", "29731", "-m", "bonedist",
+           "evaluate", "--runs", str(trained_runs), "--wandb", "off", "--flip", "--out", str(tmp_path / "two"),
+           "--data-mode", "stream"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = pd.read_csv(report / "predictions.csv"), pd.read_csv(tmp_path / "two" / "predictions.csv")
+    assert list(one["id"]) == list(two["id"])  # every sample once, same order, no padding
+    numeric = [c for c in one.columns if c not in ("id", "sex")]
+    assert np.allclose(one[numeric].to_numpy(), two[numeric].to_numpy(), atol=1e-2, equal_nan=True)
+
+
+def test_unlabeled_kaggle_test_split_gives_predictions_only(trained_runs, tmp_path):
+    root = tmp_path / "kaggle"
+    synth_dataset(root, n=4, n_val=2, n_test=6, seed=9, size=96, workers=1, progress=False)
+    xlsx = pd.read_excel(root / "Bone age ground truth.xlsx")
+    (root / "Bone age ground truth.xlsx").unlink()
+    xlsx[["Case ID", "Sex"]].to_csv(root / "boneage-test-dataset.csv", index=False)
+    pack_dataset(root, tmp_path / "shards", PackOptions(size=64, workers=1, progress=False))
+    result = run_cli("evaluate", "--runs", str(trained_runs), "--shards", str(tmp_path / "shards"), "--wandb", "off",
+                     "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "predictions only" in result.stdout
+    table = pd.read_csv(tmp_path / "report" / "predictions.csv")
+    assert len(table) == 6 and table["truth"].isna().all() and table["xception"].notna().all()
+
+
+def test_evaluate_errors(tmp_path, trained_runs):
+    result = run_cli("evaluate", "--runs", str(tmp_path / "none"))
+    assert result.returncode == 2 and "no such folder" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = run_cli("evaluate", "--runs", str(tmp_path / "empty"))
+    assert result.returncode == 2 and "no trained model" in result.stderr
+    result = run_cli("evaluate", "--runs", str(trained_runs), "--split", "holdout", "--wandb", "off")
+    assert result.returncode == 2 and "--split holdout" in result.stderr
+
+
+@pytest.mark.realdata
+def test_predict_on_real_radiographs_8_and_16_bit_and_jpeg(trained_runs, tmp_path):
+    images = sorted((RSNA_SAMPLE / "boneage-training-dataset").glob("*.png"))[:2]
+    gray = cv2.imread(str(images[0]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(tmp_path / "sixteen.png"), gray.astype(np.uint16) * 257)
+    cv2.imwrite(str(tmp_path / "photo.jpg"), gray)
+    files = [str(images[0]), str(images[1]), str(tmp_path / "sixteen.png"), str(tmp_path / "photo.jpg")]
+    result = run_cli("predict", *files, "--sex", "F", "--runs", str(trained_runs), "--json",
+                     "--chronological-age", "10y3m", "--heatmap", str(tmp_path / "heat.png"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout)
+    assert len(rows) == 4 and all(set(r["models"]) == {"xception", "resnet50_patch", "agcnn"} for r in rows)
+    assert rows[0]["difference_months"] == pytest.approx(rows[0]["bone_age_months"] - 123, abs=0.01)
+    # the 16-bit copy of an 8-bit image is stretched back to the same pixels: the same prediction
+    assert rows[2]["bone_age_months"] == pytest.approx(rows[0]["bone_age_months"], abs=0.5)
+    heat = cv2.imread(rows[0]["heatmap"])
+    assert heat is not None and heat.shape[:2] == gray.shape
+    text = run_cli("predict", files[0], "--sex", "M", "--runs", str(trained_runs))
+    assert text.returncode == 0 and "bone age" in text.stdout and "months" in text.stdout
+
+
+def test_predict_errors(trained_runs, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    cases = [(["missing.png", "--sex", "F"], "no such file"),
+             ([str(tmp_path / "bad.png"), "--sex", "F"], "cannot read the image"),
+             ([str(tmp_path / "bad.png"), "--sex", "X"], "expected F or M"),
+             ([str(tmp_path / "bad.png"), "--sex", "F", "--chronological-age", "ten"], "--chronological-age")]
+    for args, message in cases:
+        result = run_cli("predict", *args, "--runs", str(trained_runs))
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+    broken = tmp_path / "broken-runs"
+    shutil.copytree(trained_runs / "xception", broken / "xception")
+    (broken / "xception" / "best" / "model.safetensors").unlink()
+    result = run_cli("predict", str(tmp_path / "bad.png"), "--sex", "F", "--runs", str(broken))
+    assert result.returncode == 2 and "no trained model" in result.stderr
