@@ -78,7 +78,8 @@ def test_two_nodes_on_one_machine_rendezvous_and_train(train_shards, tmp_path):
     for rank in (0, 1):
         # the multi-node config of launch/slurm/train.sbatch: c10d rendezvous at main_process_ip:port
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch" / "accelerate" / "multi_node.yaml"), "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip",
+               str(REPO / "launch" / "accelerate" / "multi_node.yaml"), "--num_machines", "2",
+               "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip",
                "127.0.0.1", "--main_process_port", port, "-m", "bonedist.train", "--runs-dir", str(tmp_path),
                "--wandb", "off", "--model", "xception", "--shards", str(train_shards), "--preset", "tiny",
                "--epochs", "1", "--steps-per-epoch", "4"]
