@@ -13,9 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/bonedist synth runs/demo/phantoms --n 400 --seed 0
-	$(BIN)/bonedist pack runs/demo/phantoms --out shards/phantoms
-	$(BIN)/bonedist inspect shards/phantoms --grid runs/demo/phantoms-grid.png
+	$(BIN)/bonedist demo --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -173,6 +173,26 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="synthesise, pack, train the four models (tiny), evaluate: the whole pipeline")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--n", type=int, default=400, help="training phantoms (validation and test: n/5 each)")
+    p.add_argument("--epochs", type=int, default=None, help="override every model's demo epochs")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on batches per epoch (0: full epochs)")
+    p.add_argument("--models", default=",".join(["inception_v3", "xception", "resnet50_patch", "agcnn"]))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from bonedist.demo import run_demo
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    run_demo(args.out, n=args.n, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, models=models,
+             seed=args.seed)
+    return 0
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: bonedist vs a baseline measured in the same run")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -203,6 +223,12 @@ def _add_bench(sub) -> None:
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--device", default=None)
     b.set_defaults(func=_cmd_bench_augment)
+    b = bench.add_parser("all", help="every benchmark into one markdown table")
+    b.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
+                   help="small sizes (default on a CPU-only machine)")
+    b.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    b.add_argument("--verbose", action="store_true", help="show each benchmark's own output")
+    b.set_defaults(func=_cmd_bench_all)
     b = bench.add_parser("train-step", help="training images/s: fp32 eager vs the engine's defaults")
     b.add_argument("--model", required=True)
     b.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 8 on CPU")
@@ -210,6 +236,16 @@ def _add_bench(sub) -> None:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--device", default=None)
     b.set_defaults(func=_cmd_bench_train_step)
+
+
+def _cmd_bench_all(args) -> int:
+    from bonedist.bench.all import bench_all
+
+    table = bench_all(quick=args.quick, verbose=args.verbose)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+    return 0
 
 
 def _cmd_bench_train_step(args) -> int:
@@ -270,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_evaluate, _add_predict, _add_weights,
-                _add_bench):
+                _add_demo, _add_bench):
         add(sub)
     return parser
 

@@ -171,3 +171,10 @@ def test_weights_fetch_without_network_fails_clearly(tmp_path):
                      env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "cannot download 'resnet50.tv_in1k'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_agcnn_fusion_norm_adds_no_parameters():
+    model = create_model("agcnn", image_size=64, fusion_norm=True)
+    assert sum(p.numel() for p in model.fusion.parameters()) == 1_082_113
+    out = model(torch.randn(2, 1, 64, 64), torch.tensor([1.0, 0.0]))
+    assert torch.isfinite(out["pred"]).all()

@@ -110,3 +110,15 @@ def test_train_all_script_trains_then_evaluates(train_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "script" / "report" / "metrics.json").read_text())
     assert metrics["models"] == ["xception"] and metrics["n"] == 60
+
+
+def test_ema_weights_are_validated_kept_as_best_and_checkpointed(train_shards, tmp_path):
+    result = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "1", "--ema", "0.9",
+                       runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "default" / "xception"
+    state = torch.load(run / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
+    best = load_file(str(run / "best" / "model.safetensors"))
+    raw = load_file(str(run / "checkpoints" / "step-00000006" / "model.safetensors"))
+    key = "head.0.weight"
+    assert torch.equal(best[key], state["ema"][key]) and not torch.equal(best[key], raw[key])

@@ -12,6 +12,7 @@ from functools import partial
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bonedist.models.attention import attention_boxes, crop_boxes
@@ -54,13 +55,15 @@ class AGCNN(nn.Module):
     task = "agcnn"
 
     def __init__(self, image_size: int = 500, reduction: str = "sum", threshold: str | float = "otsu",
-                 fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE):
+                 fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE,
+                 fusion_norm: bool = False):
         super().__init__()
         if fusion_grad not in ("isolated", "joint"):
             raise ValueError(f"fusion_grad must be 'isolated' (paper) or 'joint' (Guan et al.), got {fusion_grad!r}")
         if reduction not in ("sum", "max"):
             raise ValueError(f"reduction must be 'sum' (paper) or 'max' (Guan et al.), got {reduction!r}")
         self.reduction, self.threshold, self.fusion_grad = reduction, threshold, fusion_grad
+        self.fusion_norm = fusion_norm
         self.global_branch = AGBranch(1, drop_rate, leaky_slope)
         self.local_branch = AGBranch(1, drop_rate, leaky_slope)
         act = partial(nn.LeakyReLU, negative_slope=leaky_slope)
@@ -77,6 +80,8 @@ class AGCNN(nn.Module):
         _, l_vec, l_pred = self.local_branch(crops)
         if self.fusion_grad == "isolated":
             g_vec, l_vec = g_vec.detach(), l_vec.detach()
+        if self.fusion_norm:  # parameter-free: each branch's pooled features to zero mean, unit variance
+            g_vec, l_vec = F.layer_norm(g_vec, g_vec.shape[1:]), F.layer_norm(l_vec, l_vec.shape[1:])
         fused = torch.cat([g_vec, l_vec, male.to(g_vec.dtype).view(-1, 1)], dim=1)  # (B, 4097)
         f_pred = self.fusion(fused).squeeze(1)
         return {"pred": f_pred, "global": g_pred, "local": l_pred, "fusion": f_pred, "boxes": boxes, "masks": masks}
@@ -92,8 +97,12 @@ class AGCNN(nn.Module):
 @register_model
 def agcnn(image_size: int = 500, reduction: str = "sum", threshold: str | float = "otsu",
           fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE,
-          pretrained: str | None = None, freeze_backbone: bool = False) -> AGCNN:
-    """The attention-guided three-branch CNN, trained from scratch (``pretrained`` must stay None)."""
+          fusion_norm: bool = False, pretrained: str | None = None, freeze_backbone: bool = False) -> AGCNN:
+    """The attention-guided three-branch CNN, trained from scratch (``pretrained`` must stay None).
+
+    ``fusion_norm`` (not in the paper; no parameters) layer-normalises each branch's pooled features before the
+    Fusion head, which otherwise starts from very large inputs and converges slowly in short runs.
+    """
     if pretrained not in (None, "", "none") or freeze_backbone:
         raise ValueError("agcnn is trained from scratch: it takes no pretrained weights and nothing is frozen")
-    return AGCNN(image_size, reduction, threshold, fusion_grad, drop_rate, leaky_slope)
+    return AGCNN(image_size, reduction, threshold, fusion_grad, drop_rate, leaky_slope, fusion_norm)

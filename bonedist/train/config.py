@@ -134,10 +134,10 @@ def _tiny(model: str) -> dict:
     if model == "resnet50_patch":
         cfg.update(patch_size=48, num_patches=3)
     if model == "agcnn":
-        cfg.update(drop_rate=0.1)
+        cfg.update(drop_rate=0.1, fusion_norm=True)
     return dict(epochs=3, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=1e-4, scheduler="cosine",
                 warmup_epochs=0.2, early_stopping=0, eval_batch_size=32, workers=1, data_mode="cache",
-                augment={"rotation": 5.0, "translate": (0.05, 0.05), "scale": (0.9, 1.1), "hflip": 0.0},
+                augment={"rotation": 5.0, "translate": (0.05, 0.05), "scale": (1.0, 1.0), "shear": 0.0, "hflip": 0.0},
                 model_cfg=cfg, log_every=5)
 
 

@@ -99,12 +99,22 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.loss_fn = task_loss(self.task)
+        self.ema = None
+        if cfg.ema:  # an exponential moving average of the weights, validated and kept as best/ instead
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.unwrapped, decay=cfg.ema)
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "micro_step": 0, "best": math.inf,
                       "best_epoch": -1, "bad_epochs": 0}
 
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """What validation, ``best/`` and evaluation use: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.unwrapped
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -201,6 +211,8 @@ class Trainer:
             self.optimizer.step()
             if acc.sync_gradients and self.scheduler.per_step:
                 self.scheduler.step()
+            if acc.sync_gradients and self.ema is not None:
+                self.ema.update(self.unwrapped, step=self.state["global_step"])
             self.optimizer.zero_grad(set_to_none=True)
         parts["abs_err"] = (out["pred"].detach().double() - target.double()).abs().sum()
         return loss, parts, target.numel()
@@ -259,7 +271,7 @@ class Trainer:
 
     def validate(self) -> dict:
         """Exact metrics over the whole validation split (every sample once, across all ranks)."""
-        local = predict_batches(self.unwrapped, self.pipe, self.val_data, self.accelerator.autocast,
+        local = predict_batches(self.evaluated_model, self.pipe, self.val_data, self.accelerator.autocast,
                                 channels_last=self.channels_last)
         preds = gather_predictions(local, len(self.val_data))
         z_true = (preds["age"] - self.mu) / self.sigma
@@ -289,14 +301,15 @@ class Trainer:
         all_rng = _gather_rng(rng, self.world)
         if acc.is_main_process:
             tensors = ckpt.model_state(self.unwrapped)
+            ema = ckpt.model_state(self.ema.module) if self.ema is not None else None
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "ema": None,
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "ema": ema,
                      "trainer": dict(self.state), "rng": all_rng, "mu": self.mu, "sigma": self.sigma,
                      "config": self.cfg.to_dict(), "git": ckpt.git_revision(), "world": self.world}
             meta = self._meta(best_metrics)
             ckpt.save_checkpoint(self.run_dir, self.state["global_step"], state, tensors, meta, self.cfg.keep_last)
             if best_metrics is not None:
-                ckpt.save_best(self.run_dir, tensors, meta)
+                ckpt.save_best(self.run_dir, ema if ema is not None else tensors, meta)
         acc.wait_for_everyone()
 
     def _maybe_resume(self) -> None:
@@ -314,6 +327,8 @@ class Trainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         if saved["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None and saved.get("ema") is not None:
+            self.ema.module.load_state_dict(saved["ema"])
         self.state.update(saved["trainer"])
         rng = saved["rng"][self.rank] if self.rank < len(saved["rng"]) else saved["rng"][0]
         torch.set_rng_state(rng["torch"])
