@@ -170,3 +170,16 @@ def test_predict_errors(trained_runs, tmp_path):
     (broken / "xception" / "best" / "model.safetensors").unlink()
     result = run_cli("predict", str(tmp_path / "bad.png"), "--sex", "F", "--runs", str(broken))
     assert result.returncode == 2 and "no trained model" in result.stderr
+
+
+def test_evaluation_tables_and_figures_go_to_wandb_offline(trained_runs, tmp_path):
+    from tests.wandb_reader import read_history
+
+    result = run_cli("evaluate", "--runs", str(trained_runs), "--out", str(tmp_path / "report"),
+                     env={"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "report" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    keys = set().union(*read_history(runs[0]))  # media and tables are logged as nested keys
+    for prefix in ("metrics", "figures/pred_vs_true", "figures/bland_altman", "figures/agcnn_attention"):
+        assert any(k == prefix or k.startswith(prefix + "/") for k in keys), (prefix, sorted(keys)[:20])
