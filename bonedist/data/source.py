@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from bonedist.data.manifest import load_manifest
 from bonedist.data.sampling import SplitIndex
 from bonedist.data.stream import EvalStream, TrainStream, make_loader
 
-log = logging.getLogger(__name__)
 DATA_MODES = ("auto", "stream", "cache")
 
 

@@ -9,7 +9,6 @@ Writes ``runs/EXPERIMENT/report/``: metrics.json, predictions.csv, ensemble.json
 from __future__ import annotations
 
 import json
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ from bonedist.data.source import DataConfig, EvalBatches
 from bonedist.eval.inference import BRANCH_KEYS, gather_predictions, predict_batches
 from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
