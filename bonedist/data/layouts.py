@@ -120,13 +120,20 @@ def sample_key(image_id: str) -> str:
     return "".join("_" if c in "./\\ " else c for c in image_id)
 
 
-def read_source(root: Path, source: str) -> bytes:
-    """The bytes of an image named by a ``source`` string (a file, or a member of a zip archive)."""
-    if ZIP_SEP in source:
-        archive, member = source.split(ZIP_SEP, 1)
+def read_source(root: Path, source: str, zips: dict[str, zipfile.ZipFile] | None = None) -> bytes:
+    """The bytes of an image named by a ``source`` string (a file, or a member of a zip archive).
+
+    ``zips`` keeps archives open between calls (a packing worker reads thousands of members of the same zip).
+    """
+    if ZIP_SEP not in source:
+        return (root / source).read_bytes()
+    archive, member = source.split(ZIP_SEP, 1)
+    if zips is None:
         with zipfile.ZipFile(root / archive) as zf:
             return zf.read(member)
-    return (root / source).read_bytes()
+    if archive not in zips:
+        zips[archive] = zipfile.ZipFile(root / archive)
+    return zips[archive].read(member)
 
 
 def read_table(root: str | Path, generic: GenericCSV | None = None, splits: tuple[str, ...] = SPLITS) -> Table:

@@ -37,6 +37,14 @@ def write_json_atomic(path: Path, obj) -> None:
         raise
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def age_stats(ages: list) -> dict:
     """Count, mean, std, range and a one-year histogram of the known ages (None = unlabeled)."""
     known = np.array([a for a in ages if a is not None], dtype=np.float64)
@@ -79,11 +87,7 @@ def verify_shards(shards: str | Path, manifest: dict) -> list[str]:
             if not path.is_file():
                 problems.append(f"{shard['name']}: missing")
                 continue
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != shard["sha256"]:
+            if sha256_file(path) != shard["sha256"]:
                 problems.append(f"{shard['name']}: sha256 mismatch (file changed or corrupt)")
                 continue
             try:

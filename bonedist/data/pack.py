@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from bonedist import BonedistError, __version__
 from bonedist.data.images import PNG_COMPRESSION, RESIZE_MODES, ImageError, decode_gray8, encode_png, resize_square
-from bonedist.data.layouts import SPLITS, ZIP_SEP, GenericCSV, read_table
-from bonedist.data.manifest import MANIFEST, age_stats, write_json_atomic
+from bonedist.data.layouts import SPLITS, ZIP_SEP, GenericCSV, read_source, read_table
+from bonedist.data.manifest import MANIFEST, age_stats, sha256_file, write_json_atomic
 
 STATE = ".pack-state.json"
 FORMAT = "bonedist-shards/1"
@@ -81,21 +81,10 @@ def _init_worker(root: str, size: int, resize: str, ignore_sigint: bool) -> None
     _worker.update(root=Path(root), size=size, resize=resize, zips={})
 
 
-def _read_bytes(source: str) -> bytes:
-    root = _worker["root"]
-    if ZIP_SEP in source:
-        archive, member = source.split(ZIP_SEP, 1)
-        zips = _worker["zips"]
-        if archive not in zips:
-            zips[archive] = zipfile.ZipFile(root / archive)
-        return zips[archive].read(member)
-    return (root / source).read_bytes()
-
-
 def prepare_sample(record: dict) -> tuple[dict | None, str | None]:
     """Return ``(sample, None)`` ready for the tar writer, or ``(None, reason)`` for a bad image."""
     try:
-        data = _read_bytes(record["source"])
+        data = read_source(_worker["root"], record["source"], _worker["zips"])
         image = decode_gray8(data)
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
         return None, f"unreadable file: {exc.__class__.__name__}: {exc}"
@@ -153,14 +142,6 @@ def _fingerprint(root: Path, records: list[dict], options: PackOptions) -> str:
         row = [record["split"], record["key"], record["id"], record["boneage_months"], record["male"],
                record["source"], stats[path]]
         digest.update(json.dumps(row).encode())
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
