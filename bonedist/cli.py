@@ -127,8 +127,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--runs", required=True, help="runs/EXPERIMENT, holding MODEL/best/ folders")
     p.add_argument("--split", default="test")
     p.add_argument("--shards", default=None, help="packed data (default: the one the models were trained on)")
-    p.add_argument("--flip", action="store_true", help="test-time horizontal flip averaging")
-    p.add_argument("--patch-aggregate", default="mean", choices=["mean", "median"])
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time horizontal flip averaging (default: each run's own setting; on in `improved`)")
+    p.add_argument("--patch-aggregate", default=None, choices=["mean", "median"],
+                   help="patch models: mean or median over the grid (default: each run's own)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data-mode", default="auto", choices=["auto", "stream", "cache"])
     p.add_argument("--workers", type=int, default=2)

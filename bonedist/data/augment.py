@@ -1,6 +1,7 @@
 """GPU augmentation with Kornia and conversion to each model's input spec, on the training device.
 
-uint8 (B, 1, H, W) → float [0, 1] → resize to ``spec.image_size`` → (train) the paper's Table 2 affine + flip with
+uint8 (B, 1, H, W) → float [0, 1] → resize to ``spec.image_size`` → (``spec.hand_mask``) zero all but the hand →
+(train) the paper's Table 2 affine + flip with
 per-sample parameters → whole images, or K random patches (rotation + flip) for patch models, or (eval) the
 deterministic overlapping patch grid → 1 or 3 channels → the backbone's mean/std. Reproducible from a seed: each
 call seeds Kornia's parameter sampling from (seed, rank, step).
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bonedist import BonedistError
+from bonedist.data.handmask import apply_hand_mask
 from bonedist.models.spec import InputSpec
 
 
@@ -119,6 +121,8 @@ class InputPipeline:
         size = self.spec.image_size
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if self.spec.hand_mask:
+            x = apply_hand_mask(x)
         return x
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:

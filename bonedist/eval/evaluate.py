@@ -31,8 +31,8 @@ class EvalOptions:
     runs: str
     split: str = "test"
     shards: str | None = None
-    flip: bool = False
-    aggregate: str = "mean"  # patch models: mean or median over the grid
+    flip: bool | None = None  # None: each run's own setting (tta_flip of its preset)
+    aggregate: str | None = None  # patch models: mean or median over the grid; None: the run's own
     batch_size: int = 16
     data_mode: str = "auto"
     workers: int = 2
@@ -40,7 +40,7 @@ class EvalOptions:
     wandb: str = "auto"
 
     def __post_init__(self):
-        if self.aggregate not in ("mean", "median"):
+        if self.aggregate not in (None, "mean", "median"):
             raise BonedistError(f"--patch-aggregate must be mean or median, got {self.aggregate!r}")
 
 
@@ -81,7 +81,8 @@ def _predict_split(acc, trained, shards, manifest, split, opts) -> pd.DataFrame:
     for name, tm in trained.items():
         batches = EvalBatches(cfg, split, acc.device, acc.process_index, acc.num_processes, mode=first.mode,
                               manifest=manifest, cache=first.cache)
-        local = predict_batches(tm.model, tm.pipe, batches, acc.autocast, flip=opts.flip, aggregate=opts.aggregate)
+        flip, aggregate = settings(tm, opts)
+        local = predict_batches(tm.model, tm.pipe, batches, acc.autocast, flip=flip, aggregate=aggregate)
         preds = gather_predictions(local, len(first))
         columns.setdefault("key", preds["key"])
         columns.setdefault("male", preds["male"].astype(bool))
@@ -91,6 +92,11 @@ def _predict_split(acc, trained, shards, manifest, split, opts) -> pd.DataFrame:
             for branch in BRANCH_KEYS:
                 columns[f"agcnn_{branch}"] = tm.mu + tm.sigma * preds[branch]
     return pd.DataFrame(columns)
+
+
+def settings(tm, opts: EvalOptions) -> tuple[bool, str]:
+    """Test-time flip and patch aggregation for one model: the command line's, else the run's own."""
+    return (tm.flip if opts.flip is None else opts.flip), (tm.aggregate if opts.aggregate is None else opts.aggregate)
 
 
 def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: Path) -> dict:
@@ -152,7 +158,8 @@ def _log_wandb(opts: EvalOptions, out: Path, result: dict) -> None:
     import wandb
 
     run = wandb.init(project="bonedist", group=Path(opts.runs).name, job_type="evaluate", name=f"evaluate-{opts.split}",
-                     dir=str(out), mode=mode, config={"split": opts.split, "flip": opts.flip})
+                     dir=str(out), mode=mode,
+                     config={"split": opts.split, "flip": opts.flip, "aggregate": opts.aggregate})
     rows = [[name, m.get("mae_months"), m.get("rmse_months"), m.get("mse_z"), m.get("rmse_z"), m.get("pearson_r")]
             for name, m in result["metrics"].items()]
     run.log({"metrics": wandb.Table(columns=["model", "mae_months", "rmse_months", "mse_z", "rmse_z", "pearson_r"],

@@ -26,11 +26,8 @@ def predict_batches(model: torch.nn.Module, pipe: InputPipeline, batches: EvalBa
     model.eval()
     rows: dict[str, list] = {"index": [], "age": [], "male": [], "key": []}
     for batch in batches:
-        outputs = _forward(model, pipe, batch["image"], batch["male"], autocast, aggregate, channels_last)
-        if flip:
-            flipped = _forward(model, pipe, batch["image"].flip(-1), batch["male"], autocast, aggregate,
-                               channels_last)
-            outputs = {k: (v + flipped[k]) / 2 for k, v in outputs.items()}
+        outputs = predict_radiographs(model, pipe, batch["image"], batch["male"], autocast, flip, aggregate,
+                                      channels_last)
         for name, value in outputs.items():
             rows.setdefault(name, []).append(value.float().cpu().numpy())
         rows["index"].append(batch["index"].cpu().numpy())
@@ -41,6 +38,16 @@ def predict_batches(model: torch.nn.Module, pipe: InputPipeline, batches: EvalBa
     if not rows["index"]:
         return {}
     return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def predict_radiographs(model, pipe, images, male, autocast=None, flip: bool = False, aggregate: str = "mean",
+                        channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """One z prediction per radiograph (and AG-CNN branch) for a uint8 batch; ``flip`` averages with the mirror."""
+    outputs = _forward(model, pipe, images, male, autocast, aggregate, channels_last)
+    if flip:
+        flipped = _forward(model, pipe, images.flip(-1), male, autocast, aggregate, channels_last)
+        outputs = {k: (v + flipped[k]) / 2 for k, v in outputs.items()}
+    return outputs
 
 
 def _forward(model, pipe, images, male, autocast, aggregate, channels_last) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 from bonedist import BonedistError
 from bonedist.data.images import ImageError, decode_gray8, resize_square
 from bonedist.data.layouts import parse_male
+from bonedist.eval.inference import predict_radiographs
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
 
 
@@ -84,12 +85,12 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
         original, resized, geometry = _load_image(image_path, pack["image_size"], pack["resize_mode"])
         batch = torch.from_numpy(resized).view(1, 1, *resized.shape)
         per_model, attention = {}, None
-        for name, tm in trained.items():
-            x = tm.pipe.eval(batch)
-            out = tm.model(x, torch.full((x.shape[0],), float(male)))
-            per_model[name] = float(tm.mu + tm.sigma * out["pred"].float().mean())
+        sex = torch.full((1,), float(male))
+        for name, tm in trained.items():  # each run's own test-time flip and patch aggregation
+            out = predict_radiographs(tm.model, tm.pipe, batch, sex, flip=tm.flip, aggregate=tm.aggregate)
+            per_model[name] = float(tm.mu + tm.sigma * out["pred"].float()[0])
             if name == "agcnn":
-                attention = out
+                attention = tm.model(tm.pipe.eval(batch), sex)
         bone_age = float(sum(w * per_model[m] for m, w in weights.items()))
         row = {"image": str(image_path), "sex": "M" if male else "F", "bone_age_months": round(bone_age, 2),
                "bone_age": years_months(bone_age), "models": {k: round(v, 2) for k, v in per_model.items()},

@@ -33,17 +33,22 @@ def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, sh
     figures.append(_training_curves(out, trained))
     if "agcnn" in trained:
         figures.append(_attention_examples(out, trained["agcnn"], shards, opts.split))
-    (out / "report.md").write_text(_markdown(result, [f for f in figures if f], opts))
+    (out / "report.md").write_text(_markdown(result, [f for f in figures if f], opts, trained))
 
 
 def _fmt(value, digits=2) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
-def _markdown(result: dict, figures: list[Path], opts) -> str:
+def _markdown(result: dict, figures: list[Path], opts, trained: dict) -> str:
     lines = [f"# bonedist evaluation: {opts.runs}, split `{result['split']}` ({result['n']} radiographs)", ""]
-    if opts.flip:
-        lines.append("Test-time horizontal flip averaging: on.")
+    from bonedist.eval.evaluate import settings
+
+    for name, tm in trained.items():
+        flip, aggregate = settings(tm, opts)
+        grid = f", {tm.pipe.grid}x{tm.pipe.grid} patch grid ({aggregate})" if tm.pipe.spec.is_patch else ""
+        lines.append(f"- {name}: preset {tm.meta['config'].get('preset', '?')}, test-time flip "
+                     f"{'on' if flip else 'off'}{grid}{', hand mask' if tm.pipe.spec.hand_mask else ''}")
     if "agcnn" in result["models"]:
         lines.append("- agcnn's prediction is its Fusion branch (row agcnn_fusion).")
     for note in result["notes"]:

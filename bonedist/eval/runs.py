@@ -33,6 +33,15 @@ class TrainedModel:
     def sigma(self) -> float:
         return float(self.meta["sigma"])
 
+    @property
+    def flip(self) -> bool:
+        """The run's own test-time flip setting (on in the improved presets)."""
+        return bool(self.meta.get("config", {}).get("tta_flip", False))
+
+    @property
+    def aggregate(self) -> str:
+        return self.meta.get("config", {}).get("patch_aggregate", "mean")
+
 
 def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
     """The best checkpoint of each model under ``runs`` and the models that have none."""

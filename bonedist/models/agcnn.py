@@ -4,6 +4,11 @@ The Local branch sees the Global branch's attention crop of the original radiogr
 (the paper) the Fusion head gets detached branch features, so with the task's loss
 0.8·L_global + 0.1·L_local + 0.1·L_fusion every branch is updated by its own term only; ``"joint"`` (Guan et al.)
 back-propagates the whole loss through everything.
+
+Staged training (Guan et al.): ``set_stage("global" | "local" | "fusion" | None)``. In training mode a stage runs
+only what it needs and trains only its branch: global alone; then local on the (fixed) global branch's crops; then
+the Fusion head on both fixed branches. Evaluation always runs every branch. With ``hand_mask`` the attention is
+confined to the hand (the non-background pixels of the masked input), so markers cannot attract the crop.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class AGCNN(nn.Module):
 
     def __init__(self, image_size: int = 500, reduction: str = "sum", threshold: str | float = "otsu",
                  fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE,
-                 fusion_norm: bool = False):
+                 fusion_norm: bool = False, hand_mask: bool = False):
         super().__init__()
         if fusion_grad not in ("isolated", "joint"):
             raise ValueError(f"fusion_grad must be 'isolated' (paper) or 'joint' (Guan et al.), got {fusion_grad!r}")
@@ -70,14 +75,47 @@ class AGCNN(nn.Module):
         self.fusion = nn.Sequential(nn.Linear(2048 + 2048 + 1, 256), act(), nn.Dropout(drop_rate),
                                     nn.Linear(256, 128), act(), nn.Dropout(drop_rate), nn.Linear(128, 1))
         he_uniform_(self.fusion)
-        self.spec = InputSpec(image_size=image_size, input_size=image_size, channels=1, mean=(0.5,), std=(0.5,))
+        self.spec = InputSpec(image_size=image_size, input_size=image_size, channels=1, mean=(0.5,), std=(0.5,),
+                              hand_mask=hand_mask)
+        self.stage: str | None = None
+
+    STAGES = ("global", "local", "fusion")
+
+    def set_stage(self, stage: str | None) -> None:
+        if stage not in (None, *self.STAGES):
+            raise ValueError(f"stage must be one of {', '.join(self.STAGES)} or None, got {stage!r}")
+        self.stage = stage
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.stage is not None:  # fixed branches keep their BatchNorm statistics
+            for name, part in (("global", self.global_branch), ("local", self.local_branch), ("fusion", self.fusion)):
+                if name != self.stage:
+                    part.eval()
+        return self
+
+    def _support(self, image: torch.Tensor) -> torch.Tensor | None:
+        """The hand: pixels above the per-image minimum, which the hand mask gave everything outside it."""
+        if not self.spec.hand_mask:
+            return None
+        floor = image.detach().float().amin(dim=(1, 2, 3), keepdim=True)
+        return image.detach().float() > floor + 1e-3
 
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> dict[str, torch.Tensor]:
         size = (image.shape[-2], image.shape[-1])
-        g_map, g_vec, g_pred = self.global_branch(image)
-        boxes, masks = attention_boxes(g_map, size, self.reduction, self.threshold)
+        stage = self.stage if self.training else None
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and stage in (None, "global")):
+            g_map, g_vec, g_pred = self.global_branch(image)
+        if stage == "global":
+            return {"pred": g_pred, "global": g_pred}
+        boxes, masks = attention_boxes(g_map, size, self.reduction, self.threshold, self._support(image))
         crops = crop_boxes(image.float(), boxes, size).to(image.dtype)  # (B, 1, H, W)
-        _, l_vec, l_pred = self.local_branch(crops)
+        with torch.set_grad_enabled(grad and stage in (None, "local")):
+            _, l_vec, l_pred = self.local_branch(crops)
+        if stage == "local":
+            return {"pred": l_pred, "local": l_pred, "boxes": boxes, "masks": masks}
         if self.fusion_grad == "isolated":
             g_vec, l_vec = g_vec.detach(), l_vec.detach()
         if self.fusion_norm:  # parameter-free: each branch's pooled features to zero mean, unit variance
@@ -97,7 +135,8 @@ class AGCNN(nn.Module):
 @register_model
 def agcnn(image_size: int = 500, reduction: str = "sum", threshold: str | float = "otsu",
           fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE,
-          fusion_norm: bool = False, pretrained: str | None = None, freeze_backbone: bool = False) -> AGCNN:
+          fusion_norm: bool = False, hand_mask: bool = False, pretrained: str | None = None,
+          freeze_backbone: bool = False) -> AGCNN:
     """The attention-guided three-branch CNN, trained from scratch (``pretrained`` must stay None).
 
     ``fusion_norm`` (not in the paper; no parameters) layer-normalises each branch's pooled features before the
@@ -105,4 +144,4 @@ def agcnn(image_size: int = 500, reduction: str = "sum", threshold: str | float 
     """
     if pretrained not in (None, "", "none") or freeze_backbone:
         raise ValueError("agcnn is trained from scratch: it takes no pretrained weights and nothing is frozen")
-    return AGCNN(image_size, reduction, threshold, fusion_grad, drop_rate, leaky_slope, fusion_norm)
+    return AGCNN(image_size, reduction, threshold, fusion_grad, drop_rate, leaky_slope, fusion_norm, hand_mask)

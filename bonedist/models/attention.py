@@ -82,11 +82,21 @@ def mask_boxes(mask: torch.Tensor) -> torch.Tensor:
 
 
 def attention_boxes(features: torch.Tensor, size: tuple[int, int], reduction: str = "sum",
-                    threshold: str | float = "otsu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes (B, 4) and chosen-component masks (B, 1, H, W) from a feature map, without gradients."""
+                    threshold: str | float = "otsu", support: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes (B, 4) and chosen-component masks (B, 1, H, W) from a feature map, without gradients.
+
+    ``support`` (B, 1, H, W) bool, e.g. the hand mask, confines the attention: heat outside it is zeroed before
+    the threshold and no component may leave it, so background markers can never be chosen.
+    """
     with torch.no_grad():
         heat = attention_heatmap(features.detach(), size, reduction)
-        component = largest_component(threshold_mask(heat, threshold), heat)
+        if support is not None:
+            heat = heat * support
+        mask = threshold_mask(heat, threshold)
+        if support is not None:
+            mask = mask & support
+        component = largest_component(mask, heat)
         return mask_boxes(component), component
 
 

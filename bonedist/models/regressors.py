@@ -88,32 +88,34 @@ def _mlp(sizes: list[int], act: type[nn.Module], dropout: float = 0.0) -> nn.Seq
 
 @register_model
 def inception_v3(pretrained: str | None = None, freeze_backbone: bool = True, image_size: int = 500,
-                 in_chans: int = 3, drop_rate: float = 0.5) -> SexImageRegressor:
+                 in_chans: int = 3, drop_rate: float = 0.5, hand_mask: bool = False) -> SexImageRegressor:
     """RSNA 2017 winner's layout: sex -> Dense(32, sigmoid); concat; Dense(1000, tanh) x2 with dropout; Dense(1)."""
     sex = nn.Sequential(nn.Linear(1, 32), nn.Sigmoid())
     head = _mlp([2048 + 32, 1000, 1000, 1], nn.Tanh, drop_rate)
-    return SexImageRegressor("inception_v3", head, sex, image_size, image_size, pretrained, freeze_backbone, in_chans)
+    return SexImageRegressor("inception_v3", head, sex, image_size, image_size, pretrained, freeze_backbone, in_chans,
+                             hand_mask=hand_mask)
 
 
 @register_model
 def xception(pretrained: str | None = None, freeze_backbone: bool = True, image_size: int = 500,
-             in_chans: int = 3) -> SexImageRegressor:
+             in_chans: int = 3, hand_mask: bool = False) -> SexImageRegressor:
     """The paper's Xception: sex -> Dense(32, sigmoid); concat; Dense(10, ReLU); Dense(1)."""
     sex = nn.Sequential(nn.Linear(1, 32), nn.Sigmoid())
     head = _mlp([2048 + 32, 10, 1], nn.ReLU)
     return SexImageRegressor("legacy_xception", head, sex, image_size, image_size, pretrained, freeze_backbone,
-                             in_chans)
+                             in_chans, hand_mask=hand_mask)
 
 
 @register_model
 def resnet50_patch(pretrained: str | None = None, freeze_backbone: bool = True, image_size: int = 500,
                    patch_size: int = 224, num_patches: int = 3, eval_grid: int | None = None,
-                   in_chans: int = 3) -> SexImageRegressor:
+                   in_chans: int = 3, hand_mask: bool = False) -> SexImageRegressor:
     """ResNet50 on P x P patches: concat raw sex; Dense(14, ReLU); Dense(1). One prediction per patch.
 
     Training draws ``num_patches`` random patches per radiograph; evaluation averages an overlapping
     ``eval_grid`` x ``eval_grid`` grid (default: just enough patches per side to overlap and cover the image).
+    With ``hand_mask`` the patches are cut from the masked radiograph (background patches are black).
     """
     head = _mlp([2048 + 1, 14, 1], nn.ReLU)
     return SexImageRegressor("resnet50", head, None, image_size, patch_size, pretrained, freeze_backbone, in_chans,
-                             num_patches=num_patches, eval_grid=eval_grid)
+                             num_patches=num_patches, eval_grid=eval_grid, hand_mask=hand_mask)

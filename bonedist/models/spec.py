@@ -17,6 +17,8 @@ class InputSpec:
         mean, std: per-channel normalisation of pixels scaled to [0, 1]; mean = std = 0.5 maps to [-1, 1].
         num_patches: patches drawn per radiograph in training (None: whole image).
         eval_grid: patches per side of the deterministic overlapping evaluation grid (patch models only).
+        hand_mask: zero everything outside the hand (``bonedist.data.handmask``) before augmentation and patches,
+            in training, evaluation and prediction alike.
     """
 
     image_size: int
@@ -26,6 +28,7 @@ class InputSpec:
     std: tuple[float, ...]
     num_patches: int | None = None
     eval_grid: int | None = None
+    hand_mask: bool = False
 
     def __post_init__(self):
         if self.channels not in (1, 3):

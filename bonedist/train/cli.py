@@ -12,7 +12,9 @@ from bonedist import BonedistError
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="inception_v3, xception, resnet50_patch or agcnn")
     p.add_argument("--shards", required=True, help="a folder written by `bonedist pack`")
-    p.add_argument("--preset", default="paper", help="paper (the study as written), tiny (CPU tests and demo)")
+    p.add_argument("--preset", default="paper",
+                   help="paper (the study as written), improved (fine-tuned, hand-masked, longer; see README), "
+                        "tiny (CPU tests and demo)")
     p.add_argument("--experiment", default="default", help="runs/EXPERIMENT/MODEL; also the W&B group")
     p.add_argument("--runs-dir", default="runs")
     g = p.add_argument_group("model")
@@ -22,16 +24,27 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--patch-size", type=int, default=None)
     g.add_argument("--num-patches", type=int, default=None)
+    g.add_argument("--eval-grid", type=int, default=None, help="patch models: G for the G x G evaluation grid")
+    g.add_argument("--hand-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="zero everything outside the hand (markers, letters) before the model sees it")
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any other model option, e.g. fusion_grad=joint, reduction=max, threshold=0.7")
     g = p.add_argument_group("optimisation")
     for flag, kind in (("--epochs", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
                        ("--backbone-lr", float), ("--weight-decay", float), ("--warmup-epochs", float),
-                       ("--early-stopping", int), ("--clip-grad", float), ("--ema", float)):
+                       ("--early-stopping", int), ("--clip-grad", float), ("--ema", float),
+                       ("--huber-delta", float)):
         g.add_argument(flag, type=kind, default=None)
     g.add_argument("--optimizer", default=None, choices=["adam", "adamw"])
     g.add_argument("--scheduler", default=None, choices=["plateau", "cosine", "constant"])
     g.add_argument("--loss", default=None, choices=["mse", "l1", "huber"])
+    g.add_argument("--stages", default=None, metavar="global:E,local:E,fusion:E",
+                   help="agcnn: staged training (Guan et al.), epochs per stage; their sum is the run's epochs")
+    g = p.add_argument_group("validation")
+    g.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each image with its mirror (also the default of evaluate/predict for this run)")
+    g.add_argument("--patch-aggregate", default=None, choices=["mean", "median"],
+                   help="patch models: how the evaluation grid's predictions become one")
     g = p.add_argument_group("data")
     g.add_argument("--data-mode", default=None, choices=["auto", "stream", "cache"])
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (stream mode)")
@@ -63,6 +76,17 @@ def _parse_value(text: str):
         return text
 
 
+def parse_stages(text: str) -> list[list]:
+    """'global:15,local:10,fusion:5' → [['global', 15], ['local', 10], ['fusion', 5]]."""
+    stages = []
+    for item in text.split(","):
+        name, _, epochs = item.partition(":")
+        if not epochs.strip().isdigit():
+            raise BonedistError(f"--stages {text!r}: expected NAME:EPOCHS pairs such as global:15,local:10,fusion:5")
+        stages.append([name.strip(), int(epochs)])
+    return stages
+
+
 def config_from_args(args: argparse.Namespace):
     from bonedist.train.config import resolve_config
 
@@ -73,14 +97,21 @@ def config_from_args(args: argparse.Namespace):
         key, value = item.split("=", 1)
         model_cfg[key.strip()] = _parse_value(value)
     for flag, key in (("pretrained", "pretrained"), ("freeze", "freeze_backbone"), ("image_size", "image_size"),
-                      ("patch_size", "patch_size"), ("num_patches", "num_patches")):
+                      ("patch_size", "patch_size"), ("num_patches", "num_patches"), ("eval_grid", "eval_grid"),
+                      ("hand_mask", "hand_mask")):
         if getattr(args, flag) is not None:
             model_cfg[key] = getattr(args, flag)
     overrides = {k: getattr(args, k) for k in (
         "experiment", "runs_dir", "epochs", "batch_size", "grad_accum", "lr", "backbone_lr", "weight_decay",
         "warmup_epochs", "early_stopping", "clip_grad", "ema", "optimizer", "scheduler", "loss", "data_mode",
         "workers", "cache_share", "steps_per_epoch", "eval_batch_size", "precision", "channels_last", "compile",
-        "sync_bn", "seed", "checkpoint_every", "keep_last", "resume", "wandb", "wandb_project", "log_every")}
+        "sync_bn", "seed", "checkpoint_every", "keep_last", "resume", "wandb", "wandb_project", "log_every",
+        "huber_delta", "tta_flip", "patch_aggregate")}
+    if args.stages:
+        overrides["stages"] = parse_stages(args.stages)
+        overrides.setdefault("epochs", None)
+        if overrides["epochs"] is None:
+            overrides["epochs"] = sum(e for _, e in overrides["stages"])
     if args.balance is not None:
         overrides["balanced"] = args.balance
     if args.augment is False:

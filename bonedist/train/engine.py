@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm import tqdm
 
 from bonedist import BonedistError, __version__
@@ -47,8 +47,10 @@ class Trainer:
         cuda = torch.cuda.is_available()
         precision = ("bf16" if cuda else "no") if cfg.precision == "auto" else cfg.precision.replace("fp32", "no")
         self.tracking = wandb_mode(cfg.wandb)
+        # staged AG-CNN training leaves the fixed branches without gradients: DDP must look for unused parameters
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.stages else []
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision=precision,
-                                       gradient_accumulation_steps=cfg.grad_accum,
+                                       gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers,
                                        log_with="wandb" if self.tracking != "off" else None,
                                        project_dir=str(self.run_dir))
         acc = self.accelerator
@@ -131,7 +133,7 @@ class Trainer:
                 if stop:
                     acc.print(f"early stopping: no improvement for {cfg.early_stopping} epochs")
                     break
-            acc.print(f"done: best validation {self._best_name()} {self.state['best']:.4f} "
+            acc.print(f"done: best validation {self._best_name(self.state['epoch'] - 1)} {self.state['best']:.4f} "
                       f"(epoch {self.state['best_epoch'] + 1}); model in {self.run_dir / 'best'}")
             return 0
         finally:
@@ -152,6 +154,7 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """One epoch from the saved position; False when stopped by a signal (after saving)."""
         acc, cfg, state = self.accelerator, self.cfg, self.state
+        self._enter_stage()
         self.model.train()
         self.train_data.set_epoch(state["epoch"])
         batches = iter(self.train_data)
@@ -187,6 +190,19 @@ class Trainer:
         self._epoch_train_stats = (acc.reduce(sums, reduction="sum"), wait, wait + compute)
         return True
 
+    def _enter_stage(self) -> None:
+        """Staged AG-CNN: set this epoch's stage; a stage's first epoch starts checkpoint selection afresh."""
+        stage = self.cfg.stage_at(self.state["epoch"])
+        if stage is None:
+            return
+        for model in (self.unwrapped, self.ema.module if self.ema is not None else None):
+            if model is not None:
+                model.set_stage(stage)
+        first = next(start for name, start, _ in self.cfg.stage_spans() if name == stage)
+        if self.state["epoch"] == first and self.state["batch_in_epoch"] == 0:
+            self.state.update(best=math.inf, best_epoch=-1, bad_epochs=0)
+            self.accelerator.print(f"stage {stage}: epochs {first + 1}-{first + dict(self.cfg.stages)[stage]}")
+
     def _step(self, batch: dict):
         acc, cfg = self.accelerator, self.cfg
         x = self.pipe.train(batch["image"], step=self.state["micro_step"])
@@ -198,7 +214,8 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 out = self.model(x, male)
-            loss, parts = self.loss_fn(out, target, cfg.loss)
+            stage = cfg.stage_at(self.state["epoch"])
+            loss, parts = self.loss_fn(out, target, cfg.loss, cfg.huber_delta, {stage: 1.0} if stage else None)
             stop, nonfinite = self._agree(not bool(torch.isfinite(loss)))
             self.stop_requested_everywhere = stop
             if nonfinite:
@@ -239,6 +256,8 @@ class Trainer:
                    "data_wait_share": wait / max(elapsed, 1e-9), "peak_memory_gb": _peak_memory_gb()}
         if self.task == "agcnn":
             metrics.update({f"train_loss_{k}": float(sums[3 + i]) / n for i, k in enumerate(BRANCH_KEYS)})
+        if cfg.stages:
+            metrics["stage"] = cfg.stage_at(state["epoch"])
         metrics.update(self.validate())
         metrics.update(self._weights_in_sync())
         key = self._best_name()
@@ -266,12 +285,17 @@ class Trainer:
         every = self.accelerator.gather(local.view(1, 2)).view(-1, 2)
         return {"weight_checksum": float(every[0, 0]), "ranks_in_sync": bool((every == every[0]).all())}
 
-    def _best_name(self) -> str:
-        return "val_loss_fusion" if self.task == "agcnn" else "val_mae_months"
+    def _best_name(self, epoch: int | None = None) -> str:
+        """Checkpoint selection: validation MAE; AG-CNN: the Fusion loss, or the training stage's branch loss."""
+        if self.task != "agcnn":
+            return "val_mae_months"
+        stage = self.cfg.stage_at(self.state["epoch"] if epoch is None else epoch)
+        return f"val_loss_{stage or 'fusion'}"
 
     def validate(self) -> dict:
         """Exact metrics over the whole validation split (every sample once, across all ranks)."""
         local = predict_batches(self.evaluated_model, self.pipe, self.val_data, self.accelerator.autocast,
+                                flip=self.cfg.tta_flip, aggregate=self.cfg.patch_aggregate,
                                 channels_last=self.channels_last)
         preds = gather_predictions(local, len(self.val_data))
         z_true = (preds["age"] - self.mu) / self.sigma

@@ -34,14 +34,17 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
     if cfg.scheduler == "plateau":
         return Schedule("plateau", torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience))
-    if cfg.scheduler == "cosine":
-        total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.scheduler == "cosine":  # one warmup + cosine cycle per training stage (the whole run without stages)
+        cycles = [(start * steps_per_epoch, max(1, epochs * steps_per_epoch)) for _, start, epochs in
+                  cfg.stage_spans()]
         warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
         def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
+            begin, total = next(((b, t) for b, t in reversed(cycles) if step >= b), cycles[0])
+            local, ramp = step - begin, min(warmup, total // 2)
+            if local < ramp:
+                return (local + 1) / ramp
+            progress = (local - ramp) / max(1, total - ramp)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
         return Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor))

@@ -9,18 +9,20 @@ AGCNN_WEIGHTS = {"global": 0.8, "local": 0.1, "fusion": 0.1}  # the paper's conv
 
 
 def regression_loss(output: dict[str, torch.Tensor], target: torch.Tensor, kind: str = "mse",
-                    huber_delta: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    huber_delta: float = 1.0, weights: dict | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss on z for single-output models; returns the loss and its parts (detached) for logging."""
     loss = _pointwise(output["pred"].float(), target.float(), kind, huber_delta)
     return loss, {"loss": loss.detach()}
 
 
 def agcnn_loss(output: dict[str, torch.Tensor], target: torch.Tensor, kind: str = "mse",
-               huber_delta: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               huber_delta: float = 1.0, weights: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """0.8·L_global + 0.1·L_local + 0.1·L_fusion. Whether the Fusion term reaches the branches is the model's
-    ``fusion_grad`` choice (isolated: paper, joint: Guan et al.)."""
-    parts = {name: _pointwise(output[name].float(), target.float(), kind, huber_delta) for name in AGCNN_WEIGHTS}
-    loss = sum(AGCNN_WEIGHTS[name] * parts[name] for name in AGCNN_WEIGHTS)
+    ``fusion_grad`` choice (isolated: paper, joint: Guan et al.). Staged training passes one branch's weight."""
+    weights = weights or AGCNN_WEIGHTS
+    parts = {name: _pointwise(output[name].float(), target.float(), kind, huber_delta) for name in weights}
+    loss = sum(weights[name] * parts[name] for name in weights)
     return loss, {"loss": loss.detach(), **{f"loss_{name}": value.detach() for name, value in parts.items()}}
 
 

@@ -1,0 +1,113 @@
+"""Hand masks computed from the radiograph itself, batched on the device with Kornia.
+
+Lead "L" markers, technician initials and cassette edges are bright, so they attract thresholds and attention crops.
+The mask keeps the hand and zeroes the rest before augmentation, training, evaluation and AG-CNN attention:
+
+    image (B, 1, H, W) → area-downsample to ``work_size`` → Gaussian blur → Otsu (``kornia.filters.otsu_threshold``)
+    → opening (drops letters' strokes and thin frame lines) → closing (bridges the growth-plate gaps between bones)
+    → the largest 8-connected component (``connected_components_union_find``)
+    → if that component is a plate (a cassette or a bright frame: nearly convex, or most of the picture),
+      Otsu again over the pixels inside it and repeat, up to ``max_levels``
+    → dilation by ``margin`` (the soft tissue around the bones) → upsample to (H, W).
+
+The Otsu threshold of a region is taken over a fixed-size sample of that region's pixels (drawn with a fixed
+seed), so every image in the batch gets its own threshold from its own pixels in one call. An image whose mask would
+be empty keeps everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d, otsu_threshold
+from kornia.morphology import closing, dilation, opening
+
+from bonedist.models.attention import largest_component
+
+
+@dataclass(frozen=True)
+class HandMaskConfig:
+    work_size: int = 128  # masks are computed at this resolution (cheap), then upsampled
+    blur_sigma: float = 1.0
+    open_size: int = 3  # removes strokes narrower than this (work pixels)
+    close_size: int = 5  # joins bones separated by growth plates
+    margin: int = 11  # dilation (work pixels) that adds the soft tissue around the bones
+    max_levels: int = 3  # cassette inside cassette inside the picture
+    plate_solidity: float = 0.93  # a component this convex is a plate, not a hand
+    plate_area: float = 0.45  # ... as is one that covers this share of the region and is fairly convex
+    plate_area_solidity: float = 0.8
+    plate_min_area: float = 0.2  # plates are large: a component under this share of the picture is the hand
+    samples: int = 4096  # pixels drawn per region for its Otsu threshold
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _region_threshold(small: torch.Tensor, region: torch.Tensor, samples: int) -> torch.Tensor:
+    """Otsu threshold (B, 1, 1, 1) of each image's pixels inside ``region``, from a seeded sample of them."""
+    batch = small.shape[0]
+    weights = region.flatten(1).float()
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
+    gen = torch.Generator(device=small.device).manual_seed(0)
+    idx = torch.multinomial(weights, samples, replacement=True, generator=gen)
+    side = int(samples ** 0.5)
+    values = torch.gather(small.flatten(1), 1, idx)[:, : side * side].view(batch, 1, side, side)
+    _, threshold = otsu_threshold(values)
+    return threshold.view(batch, 1, 1, 1)
+
+
+def _solidity(component: torch.Tensor, coarse: int = 32, close: int = 7) -> torch.Tensor:
+    """Area over the area after a large closing (B,): near 1 for plates, well below for spread fingers."""
+    small = F.interpolate(component.float(), size=(coarse, coarse), mode="area")
+    closed = closing(small, torch.ones(close, close, device=component.device))
+    return small.sum(dim=(1, 2, 3)) / closed.sum(dim=(1, 2, 3)).clamp_min(1e-6)
+
+
+@torch.no_grad()
+def hand_mask(images: torch.Tensor, cfg: HandMaskConfig | None = None) -> torch.Tensor:
+    """Boolean hand masks (B, 1, H, W) for grayscale images (B, 1, H, W), uint8 or float, on their device."""
+    cfg = cfg or HandMaskConfig()
+    batch, _, height, width = images.shape
+    device = images.device
+    x = images.float()
+    x = x / 255.0 if images.dtype == torch.uint8 else x
+    small = F.interpolate(x, size=(cfg.work_size, cfg.work_size), mode="area")
+    if cfg.blur_sigma:
+        k = 2 * round(2 * cfg.blur_sigma) + 1
+        small = gaussian_blur2d(small, (k, k), (cfg.blur_sigma, cfg.blur_sigma))
+    open_k = torch.ones(cfg.open_size, cfg.open_size, device=device)
+    close_k = torch.ones(cfg.close_size, cfg.close_size, device=device)
+    region = torch.ones_like(small, dtype=torch.bool)
+    chosen = torch.zeros_like(region)
+    settled = torch.zeros(batch, dtype=torch.bool, device=device)
+    ones = torch.ones_like(small)
+    for _ in range(cfg.max_levels):
+        foreground = (small > _region_threshold(small, region, cfg.samples)) & region
+        foreground = closing(opening(foreground.float(), open_k), close_k) > 0.5
+        component = largest_component(foreground, ones)  # by area
+        area = component.sum(dim=(1, 2, 3)).float()
+        found = area > 0.01 * region.sum(dim=(1, 2, 3)).float()
+        update = ~settled & found
+        chosen = torch.where(update.view(-1, 1, 1, 1), component, chosen)
+        solidity = _solidity(component)
+        share = area / region.sum(dim=(1, 2, 3)).float().clamp_min(1.0)
+        plate = (solidity > cfg.plate_solidity) | ((share > cfg.plate_area) & (solidity > cfg.plate_area_solidity))
+        plate &= area > cfg.plate_min_area * small.shape[-1] * small.shape[-2]
+        settled |= ~(plate & found)
+        if bool(settled.all()):
+            break
+        inner = ~settled
+        region = torch.where(inner.view(-1, 1, 1, 1), component, region)
+    if cfg.margin:
+        chosen = dilation(chosen.float(), torch.ones(cfg.margin, cfg.margin, device=device)) > 0.5
+    empty = ~chosen.flatten(1).any(dim=1)
+    chosen = chosen | empty.view(-1, 1, 1, 1)
+    full = F.interpolate(chosen.float(), size=(height, width), mode="bilinear", align_corners=False)
+    return full > 0.5
+
+
+def apply_hand_mask(x: torch.Tensor, cfg: HandMaskConfig | None = None) -> torch.Tensor:
+    """Float images in [0, 1] (B, 1, H, W) with everything outside the hand set to 0 (black)."""
+    return x * hand_mask(x, cfg).to(x.dtype)
