@@ -86,6 +86,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("--grid", type=Path, default=None, help="write a labelled contact sheet PNG")
     p.add_argument("--split", default=None, help="split for the contact sheet (default: all)")
     p.add_argument("--n", type=int, default=24, help="images in the contact sheet")
+    p.add_argument("--hand-mask", action="store_true", help="show the hand mask (what the improved presets keep)")
     p.set_defaults(func=_cmd_inspect)
 
 
@@ -100,7 +101,7 @@ def _cmd_inspect(args) -> int:
         print(f"FAIL {problem}", file=sys.stderr)
     print(f"verified {n_shards - len(problems)}/{n_shards} shards (sha256 and sample count)")
     if args.grid:
-        drawn = write_grid(args.shards, manifest, args.grid, split=args.split, n=args.n)
+        drawn = write_grid(args.shards, manifest, args.grid, split=args.split, n=args.n, hand_mask=args.hand_mask)
         print(f"wrote a contact sheet of {drawn} samples to {args.grid}")
     return 1 if problems else 0
 

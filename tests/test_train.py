@@ -122,3 +122,24 @@ def test_ema_weights_are_validated_kept_as_best_and_checkpointed(train_shards, t
     raw = load_file(str(run / "checkpoints" / "step-00000006" / "model.safetensors"))
     key = "head.0.weight"
     assert torch.equal(best[key], state["ema"][key]) and not torch.equal(best[key], raw[key])
+
+
+def test_improved_preset_trains_with_hand_mask_flip_and_patch_grid(train_shards, tmp_path):
+    """The improved preset end to end at CPU size: fine-tuned (no frozen backbone), hand mask, 7x7 median grid,
+    flipped validation; the run's settings travel to evaluation."""
+    result = run_train("--model", "resnet50_patch", "--shards", str(train_shards), "--preset", "improved",
+                       "--pretrained", "none", "--image-size", "64", "--patch-size", "24", "--num-patches", "8",
+                       "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "4", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "default" / "resnet50_patch"
+    config = json.loads((run / "config.json").read_text())
+    assert config["tta_flip"] and config["patch_aggregate"] == "median" and config["loss"] == "l1"
+    assert config["model_cfg"]["eval_grid"] == 7 and config["model_cfg"]["hand_mask"]
+    assert config["optimizer"] == "adamw" and config["scheduler"] == "cosine" and config["ema"] > 0
+    assert config["backbone_lr"] < config["lr"] and config["model_cfg"]["freeze_backbone"] is False
+    from bonedist.eval.runs import load_trained
+
+    trained = load_trained(run)
+    assert trained.flip and trained.aggregate == "median"
+    assert trained.pipe.spec.hand_mask and trained.pipe.grid == 7 and trained.pipe.eval_repeats == 49
+    assert epoch_records(run)[0]["val_count"] == load_manifest(train_shards)["splits"]["validation"]["count"]

@@ -131,3 +131,30 @@ def test_sigusr1_mid_epoch_then_resume_gives_the_uninterrupted_weights(train_sha
     assert expected.keys() == got.keys()
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+def test_staged_agcnn_trains_one_branch_per_stage_under_ddp(train_shards, tmp_path):
+    """Guan et al.'s stages under two real processes: each stage changes its own branch only (weights and
+    BatchNorm statistics), the other branches stay bit-identical, and the replicas stay in sync."""
+    result = run(launch_cmd(tmp_path, "--model", "agcnn", "--shards", str(train_shards), "--preset", "improved",
+                            "--image-size", "64", "--stages", "global:1,local:1,fusion:1", "--steps-per-epoch", "3",
+                            "--batch-size", "4", "--eval-batch-size", "32", "--keep-last", "5", "--ema", "0",
+                            "--data-mode", "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "default" / "agcnn"
+    records = epoch_records(run_dir)
+    assert [r["stage"] for r in records] == ["global", "local", "fusion"]
+    assert all(r["ranks_in_sync"] for r in records)
+    steps = [load_file(str(p / "model.safetensors")) for p in sorted((run_dir / "checkpoints").glob("step-*"))]
+    assert len(steps) == 3
+
+    def changed(a, b, prefix):
+        keys = [k for k in a if k.startswith(prefix) and a[k].is_floating_point()]
+        return any(not torch.equal(a[k], b[k]) for k in keys)
+
+    g1, l2, f3 = steps  # weights after each stage's epoch
+    assert changed(g1, l2, "local_branch.") and not changed(g1, l2, "global_branch.")
+    assert not changed(g1, l2, "fusion.")
+    assert changed(l2, f3, "fusion.") and not changed(l2, f3, "global_branch.") and not changed(l2, f3, "local_branch.")
+    meta = (run_dir / "best" / "meta.json").read_text()
+    assert '"stages"' in meta

@@ -10,9 +10,9 @@ The mask keeps the hand and zeroes the rest before augmentation, training, evalu
       Otsu again over the pixels inside it and repeat, up to ``max_levels``
     → dilation by ``margin`` (the soft tissue around the bones) → upsample to (H, W).
 
-The Otsu threshold of a region is taken over a fixed-size sample of that region's pixels (drawn with a fixed
-seed), so every image in the batch gets its own threshold from its own pixels in one call. An image whose mask would
-be empty keeps everything.
+The Otsu threshold of a region is taken over evenly spaced quantiles of that region's pixels, so every image in
+the batch gets its own threshold from its own pixels in one call, whatever else is in the batch. An image whose
+mask would be empty keeps everything.
 """
 
 from __future__ import annotations
@@ -39,22 +39,31 @@ class HandMaskConfig:
     plate_area: float = 0.45  # ... as is one that covers this share of the region and is fairly convex
     plate_area_solidity: float = 0.8
     plate_min_area: float = 0.2  # plates are large: a component under this share of the picture is the hand
-    samples: int = 4096  # pixels drawn per region for its Otsu threshold
+    samples: int = 4096  # quantiles of a region's pixels that its Otsu threshold is computed from
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _region_threshold(small: torch.Tensor, region: torch.Tensor, samples: int) -> torch.Tensor:
-    """Otsu threshold (B, 1, 1, 1) of each image's pixels inside ``region``, from a seeded sample of them."""
+    """Otsu threshold (B, 1, 1, 1) of each image's pixels inside ``region``.
+
+    Each region's pixel values are reduced to ``samples`` evenly spaced quantiles (a deterministic sample with the
+    region's distribution, independent of the other images in the batch), which Kornia thresholds per image.
+    """
     batch = small.shape[0]
-    weights = region.flatten(1).float()
-    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
-    gen = torch.Generator(device=small.device).manual_seed(0)
-    idx = torch.multinomial(weights, samples, replacement=True, generator=gen)
+    inside = region.flatten(1)
+    count = inside.sum(dim=1, keepdim=True)
+    values = torch.where(inside, small.flatten(1), torch.full_like(small.flatten(1), float("inf")))
+    whole = count == 0  # an empty region: the whole image
+    values = torch.where(whole, small.flatten(1), values)
+    count = torch.where(whole, torch.full_like(count, inside.shape[1]), count)
+    ordered = values.sort(dim=1).values
     side = int(samples ** 0.5)
-    values = torch.gather(small.flatten(1), 1, idx)[:, : side * side].view(batch, 1, side, side)
-    _, threshold = otsu_threshold(values)
+    steps = (torch.arange(side * side, device=small.device, dtype=torch.float64) + 0.5) / (side * side)
+    idx = (steps.view(1, -1) * count.double()).long().clamp_max(inside.shape[1] - 1)
+    sample = torch.gather(ordered, 1, idx).view(batch, 1, side, side)
+    _, threshold = otsu_threshold(sample)
     return threshold.view(batch, 1, 1, 1)
 
 

@@ -124,8 +124,11 @@ def summary_lines(shards: str | Path, manifest: dict) -> list[str]:
 
 
 def write_grid(shards: str | Path, manifest: dict, out_png: str | Path, split: str | None = None, n: int = 24,
-               cell: int = 192) -> int:
-    """A labelled contact sheet of the first ``n`` samples (id, age, sex under each); returns how many drawn."""
+               cell: int = 192, hand_mask: bool = False) -> int:
+    """A labelled contact sheet of the first ``n`` samples (id, age, sex under each); returns how many drawn.
+
+    With ``hand_mask`` what the hand mask removes is dimmed and the mask's outline drawn, to check it on your data.
+    """
     import cv2
 
     from bonedist.data.images import decode_png_gray8
@@ -144,7 +147,7 @@ def write_grid(shards: str | Path, manifest: dict, out_png: str | Path, split: s
                     key = member_name[: -len(".json")]
                     meta = json.loads(tar.extractfile(members[member_name]).read())
                     image = decode_png_gray8(tar.extractfile(members[key + ".png"]).read())
-                    tiles.append(_tile(image, meta, cell))
+                    tiles.append(_tile(_show_mask(image) if hand_mask else image, meta, cell))
             if len(tiles) >= n:
                 break
         if len(tiles) >= n:
@@ -160,6 +163,19 @@ def write_grid(shards: str | Path, manifest: dict, out_png: str | Path, split: s
     if not cv2.imwrite(str(out_png), sheet):
         raise BonedistError(f"cannot write {out_png}")
     return len(tiles)
+
+
+def _show_mask(image: np.ndarray) -> np.ndarray:
+    import cv2
+    import torch
+
+    from bonedist.data.handmask import hand_mask
+
+    mask = hand_mask(torch.from_numpy(image)[None, None])[0, 0].numpy()
+    shown = np.where(mask, image, (image * 0.3).astype(np.uint8))
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(shown, contours, -1, 255, max(1, image.shape[0] // 150))
+    return shown
 
 
 def _tile(image: np.ndarray, meta: dict, cell: int) -> np.ndarray:
