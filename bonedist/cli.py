@@ -176,6 +176,38 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="studies from the paper, as commands")
+    study = p.add_subparsers(dest="study", required=True)
+    s = study.add_parser("patches", help="Table 5 / Fig. 6: ResNet50-patch for each (patches, size), loss curves")
+    s.add_argument("--shards", required=True, help="a folder written by `bonedist pack`")
+    s.add_argument("--settings", default="1x500,3x224,9x128,36x64,150x32",
+                   help="PATCHESxSIZE list (default: the paper's Table 5)")
+    s.add_argument("--preset", default="paper")
+    s.add_argument("--experiment", default="patch-study", help="runs/EXPERIMENT/patches-KxP/ and study-patches/")
+    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--epochs", type=int, default=1, help="epochs per setting (the paper: one)")
+    s.add_argument("--steps-per-epoch", type=int, default=None, help="cap on batches per epoch")
+    s.add_argument("--batch-size", type=int, default=None, help="radiographs per step (default: the preset's)")
+    s.add_argument("--image-size", type=int, default=None, help="radiograph side (default: the preset's)")
+    s.add_argument("--pretrained", default=None, help="backbone weights (default: the preset's)")
+    s.add_argument("--data-mode", default=None, choices=["auto", "stream", "cache"])
+    s.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "off"])
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args) -> int:
+    from bonedist.study import StudyOptions, parse_settings, study_patches
+
+    model_cfg = {k: v for k, v in (("image_size", args.image_size), ("pretrained", args.pretrained)) if v is not None}
+    overrides = {k: v for k, v in (("steps_per_epoch", args.steps_per_epoch), ("batch_size", args.batch_size),
+                                   ("data_mode", args.data_mode)) if v is not None}
+    study_patches(StudyOptions(shards=args.shards, settings=parse_settings(args.settings), preset=args.preset,
+                               experiment=args.experiment, runs_dir=args.runs_dir, epochs=args.epochs,
+                               overrides=overrides, model_cfg=model_cfg, wandb=args.wandb))
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="synthesise, pack, train the four models (tiny), evaluate: the whole pipeline")
     p.add_argument("--out", default="runs/demo")
@@ -309,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_evaluate, _add_predict, _add_weights,
-                _add_demo, _add_bench):
+                _add_study, _add_demo, _add_bench):
         add(sub)
     return parser
 

@@ -53,6 +53,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-sample to uniform age bins x sex (the paper; default on)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--steps-per-epoch", type=int, default=None, help="cap on batches per epoch")
+    g.add_argument("--time-budget-min", type=float, default=None,
+                   help="wall-clock minutes for the run: training stops (and the cosine anneals) on time; staged "
+                        "agcnn gives each stage its share")
     g.add_argument("--eval-batch-size", type=int, default=None)
     g = p.add_argument_group("engine")
     g.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"])
@@ -106,7 +109,7 @@ def config_from_args(args: argparse.Namespace):
         "warmup_epochs", "early_stopping", "clip_grad", "ema", "optimizer", "scheduler", "loss", "data_mode",
         "workers", "cache_share", "steps_per_epoch", "eval_batch_size", "precision", "channels_last", "compile",
         "sync_bn", "seed", "checkpoint_every", "keep_last", "resume", "wandb", "wandb_project", "log_every",
-        "huber_delta", "tta_flip", "patch_aggregate")}
+        "huber_delta", "tta_flip", "patch_aggregate", "time_budget_min")}
     if args.stages:
         overrides["stages"] = parse_stages(args.stages)
         overrides.setdefault("epochs", None)

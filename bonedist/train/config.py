@@ -54,6 +54,7 @@ class TrainConfig:
     tta_flip: bool = False  # validation (and, by default, evaluation/prediction) averages with the mirrored image
     patch_aggregate: str = "mean"  # patch models: mean | median over the evaluation grid
     steps_per_epoch: int = 0  # cap on batches per epoch (0: a full epoch); for tiny budgets
+    time_budget_min: float = 0.0  # wall-clock minutes for the whole run (0: none); staged runs split it by epochs
     # engine
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool | None = None  # None: on for CUDA
@@ -81,7 +82,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise BonedistError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "clip_grad", "warmup_epochs", "steps_per_epoch", "checkpoint_every",
-                     "early_stopping", "workers"):
+                     "early_stopping", "workers", "time_budget_min"):
             if getattr(self, name) < 0:
                 raise BonedistError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema < 1.0:
@@ -193,7 +194,7 @@ def _improved(model: str) -> dict:
     - InceptionV3 / Xception / ResNet50-patch: ImageNet backbones fine-tuned end to end, backbone at a tenth of the
       head's learning rate, AdamW + cosine with one warmup epoch, EMA of the weights, L1 loss (the MAE the challenge
       scored), gradient clipping, 30 epochs, batch 16 at 500 px;
-    - ResNet50-patch at the second-place team's setting: 49 patches of 128 px per radiograph in training and the
+    - ResNet50-patch at the second-place team's setting: 49 patches of 224 px per radiograph in training and the
       7 x 7 overlapping grid in evaluation, aggregated by the median;
     - AG-CNN with the hand mask, ``max`` channel reduction and staged training after Guan et al.: global branch
       (15 epochs), then the local branch on the fixed global branch's crops (10), then the Fusion head (5);
@@ -209,7 +210,7 @@ def _improved(model: str) -> dict:
     cfg = {"pretrained": "default", "freeze_backbone": False, "image_size": 500, "hand_mask": True}
     values = dict(common, epochs=30, batch_size=16, lr=1e-3, backbone_lr=1e-4, model_cfg=cfg)
     if model == "resnet50_patch":
-        cfg.update(patch_size=128, num_patches=49, eval_grid=7)
+        cfg.update(patch_size=224, num_patches=49, eval_grid=7)
         values.update(batch_size=8, patch_aggregate="median")
     return values
 

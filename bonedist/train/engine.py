@@ -105,9 +105,10 @@ class Trainer:
         if cfg.ema:  # an exponential moving average of the weights, validated and kept as best/ instead
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(self.unwrapped, decay=cfg.ema)
+            self.ema = ModelEmaV3(self.unwrapped, decay=cfg.ema, use_warmup=True)  # short runs: decay ramps up
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "micro_step": 0, "best": math.inf,
-                      "best_epoch": -1, "bad_epochs": 0}
+                      "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0, "stage_began": 0.0}
+        self.out_of_time = False
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -124,6 +125,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self._start_tracking()
         self._maybe_resume()
+        self.clock_start, self.elapsed_before = time.perf_counter(), float(self.state.get("elapsed", 0.0))
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
         try:
             while self.state["epoch"] < cfg.epochs:
@@ -145,11 +147,39 @@ class Trainer:
         self.stop_requested = True
 
     def _agree(self, nonfinite: bool) -> tuple[bool, bool]:
-        """All ranks learn whether any rank was signalled or saw a non-finite loss (one tiny all-reduce)."""
-        flags = torch.tensor([float(self.stop_requested), float(nonfinite)], device=self.device)
+        """All ranks learn whether any rank was signalled, saw a non-finite loss or ran out of its time budget
+        (one tiny all-reduce)."""
+        fraction = self._budget_fraction()
+        flags = torch.tensor([float(self.stop_requested), float(nonfinite), fraction], device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        self.scheduler.clock["fraction"] = float(flags[2])
+        self.out_of_time = bool(flags[2] >= 1.0)
         return bool(flags[0]), bool(flags[1])
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.clock_start
+
+    def _budget_fraction(self) -> float:
+        """Share of the current stage's time budget used (0 without a budget). A staged run gives each stage the
+        budget's share of its epochs, counted from the stage's first step."""
+        if not self.cfg.time_budget_min:
+            return 0.0
+        _, _, epochs = self._span()
+        share = self.cfg.time_budget_min * 60.0 * epochs / self.cfg.epochs
+        return (self._elapsed() - self.state["stage_began"]) / share
+
+    def _agreed_fraction(self) -> float:
+        """The largest budget share used on any rank, so that every rank takes the same decision."""
+        fraction = torch.tensor([self._budget_fraction()], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(fraction, op=torch.distributed.ReduceOp.MAX)
+        return float(fraction)
+
+    def _span(self) -> tuple[str | None, int, int]:
+        epoch = self.state["epoch"]
+        return next(s for s in self.cfg.stage_spans() if s[1] <= epoch < s[1] + s[2]) if epoch < self.cfg.epochs \
+            else self.cfg.stage_spans()[-1]
 
     def _train_epoch(self) -> bool:
         """One epoch from the saved position; False when stopped by a signal (after saving)."""
@@ -158,7 +188,8 @@ class Trainer:
         self.model.train()
         self.train_data.set_epoch(state["epoch"])
         batches = iter(self.train_data)
-        for _ in range(state["batch_in_epoch"]):  # resuming mid-epoch: the same batches, skipped
+        skipped = state["batch_in_epoch"]
+        for _ in range(skipped):  # resuming mid-epoch: the same batches, skipped
             next(batches)
         sums = torch.zeros(3 + len(BRANCH_KEYS), dtype=torch.float64, device=self.device)
         bar = tqdm(total=self.steps_per_epoch, initial=state["batch_in_epoch"], disable=not acc.is_main_process,
@@ -184,21 +215,26 @@ class Trainer:
                     bar.close()
                     self.save_checkpoint()
                     return False
+                if self.out_of_time:
+                    break
             tick = time.perf_counter()
             compute += tick - got
         bar.close()
+        self._epoch_batches = state["batch_in_epoch"] - skipped
         self._epoch_train_stats = (acc.reduce(sums, reduction="sum"), wait, wait + compute)
         return True
 
     def _enter_stage(self) -> None:
-        """Staged AG-CNN: set this epoch's stage; a stage's first epoch starts checkpoint selection afresh."""
-        stage = self.cfg.stage_at(self.state["epoch"])
+        """Staged AG-CNN: set this epoch's stage; a stage's first epoch starts checkpoint selection (and its share of
+        a time budget) afresh."""
+        stage, first, _ = self._span()
+        if self.state["epoch"] == first and self.state["batch_in_epoch"] == 0:
+            self.state["stage_began"] = self._elapsed()
         if stage is None:
             return
         for model in (self.unwrapped, self.ema.module if self.ema is not None else None):
             if model is not None:
                 model.set_stage(stage)
-        first = next(start for name, start, _ in self.cfg.stage_spans() if name == stage)
         if self.state["epoch"] == first and self.state["batch_in_epoch"] == 0:
             self.state.update(best=math.inf, best_epoch=-1, bad_epochs=0)
             self.accelerator.print(f"stage {stage}: epochs {first + 1}-{first + dict(self.cfg.stages)[stage]}")
@@ -252,7 +288,7 @@ class Trainer:
         metrics = {"kind": "epoch", "epoch": state["epoch"] + 1, "step": state["global_step"],
                    "train_loss": float(sums[0]) / n, "train_mae_months": float(sums[1]) / n,
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   "images_per_s_per_device": self.steps_per_epoch * cfg.batch_size / max(elapsed, 1e-9),
+                   "images_per_s_per_device": self._epoch_batches * cfg.batch_size / max(elapsed, 1e-9),
                    "data_wait_share": wait / max(elapsed, 1e-9), "peak_memory_gb": _peak_memory_gb()}
         if self.task == "agcnn":
             metrics.update({f"train_loss_{k}": float(sums[3 + i]) / n for i, k in enumerate(BRANCH_KEYS)})
@@ -268,6 +304,13 @@ class Trainer:
             state["bad_epochs"] += 1
         if self.scheduler.per_epoch:
             self.scheduler.step(metrics[key])
+        metrics["elapsed_min"] = self._elapsed() / 60.0
+        if self.out_of_time or (cfg.time_budget_min and self._agreed_fraction() >= 1.0):
+            _, first, epochs = self._span()
+            self.accelerator.print(f"time budget used up at epoch {state['epoch'] + 1}, step {state['global_step']}"
+                                   + (f"; stage {self._span()[0]} ends" if cfg.stages else "; training ends"))
+            state["epoch"] = first + epochs - 1
+            self.out_of_time = False
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
         self.save_checkpoint(best_metrics=metrics if improved else None)
@@ -320,6 +363,7 @@ class Trainer:
 
     def save_checkpoint(self, best_metrics: dict | None = None) -> None:
         acc = self.accelerator
+        self.state["elapsed"] = self._elapsed() if hasattr(self, "clock_start") else self.state["elapsed"]
         rng = {"torch": torch.get_rng_state(), "python": _python_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         all_rng = _gather_rng(rng, self.world)

@@ -11,8 +11,9 @@ import torch
 class Schedule:
     """A scheduler with a uniform face: ``per_step``/``per_epoch`` say when the engine calls ``step``."""
 
-    def __init__(self, kind: str, inner=None):
+    def __init__(self, kind: str, inner=None, clock: dict | None = None):
         self.kind, self.inner = kind, inner
+        self.clock = clock if clock is not None else {"fraction": 0.0}  # a time budget's share used (engine sets)
         self.per_step = kind == "cosine"
         self.per_epoch = kind == "plateau"
 
@@ -38,14 +39,15 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
         cycles = [(start * steps_per_epoch, max(1, epochs * steps_per_epoch)) for _, start, epochs in
                   cfg.stage_spans()]
         warmup = int(cfg.warmup_epochs * steps_per_epoch)
+        clock = {"fraction": 0.0}  # under a time budget the cosine also follows the clock, whichever is further
 
         def factor(step: int) -> float:
             begin, total = next(((b, t) for b, t in reversed(cycles) if step >= b), cycles[0])
             local, ramp = step - begin, min(warmup, total // 2)
             if local < ramp:
                 return (local + 1) / ramp
-            progress = (local - ramp) / max(1, total - ramp)
+            progress = max((local - ramp) / max(1, total - ramp), clock["fraction"])
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-        return Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
+        return Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor), clock)
     return Schedule("constant")
