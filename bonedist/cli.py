@@ -264,6 +264,19 @@ def _add_bench(sub) -> None:
     b.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     b.add_argument("--verbose", action="store_true", help="show each benchmark's own output")
     b.set_defaults(func=_cmd_bench_all)
+    b = bench.add_parser("accuracy", help="pack a folder, train presets within a time budget, MAE per model/ensemble")
+    b.add_argument("--data", required=True, type=Path, help="radiographs in an official RSNA/Kaggle layout")
+    b.add_argument("--preset", default="improved", help="a preset, or several comma-separated (e.g. paper,improved)")
+    b.add_argument("--size", type=int, default=None, help="pack and train at this side (default: the preset's, 500)")
+    b.add_argument("--budget", type=float, default=60.0, help="training minutes for all runs together (default 60)")
+    b.add_argument("--models", default=",".join(["inception_v3", "xception", "resnet50_patch", "agcnn"]))
+    b.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
+    b.add_argument("--pretrained", default=None, help="backbone weights (none, a file or a weights folder)")
+    b.add_argument("--batch-size", type=int, default=None)
+    b.add_argument("--workers", type=int, default=0, help="packing processes (default: all cores)")
+    b.add_argument("--wandb", default="off", choices=["auto", "online", "offline", "off"])
+    b.set_defaults(func=_cmd_bench_accuracy)
+
     b = bench.add_parser("train-step", help="training images/s: fp32 eager vs the engine's defaults")
     b.add_argument("--model", required=True)
     b.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 8 on CPU")
@@ -280,6 +293,17 @@ def _cmd_bench_all(args) -> int:
     print(table)
     if args.out:
         args.out.write_text(table + "\n")
+    return 0
+
+
+def _cmd_bench_accuracy(args) -> int:
+    from bonedist.bench.accuracy import bench_accuracy
+
+    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
+    overrides = {"batch_size": args.batch_size} if args.batch_size else {}
+    bench_accuracy(args.data, presets, size=args.size, budget=args.budget, models=args.models.split(","),
+                   out=args.out, pretrained=args.pretrained, wandb=args.wandb, workers=args.workers,
+                   overrides=overrides)
     return 0
 
 

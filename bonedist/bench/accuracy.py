@@ -1,0 +1,129 @@
+"""``bonedist bench accuracy``: from a folder in an official layout to MAE per model and ensemble, within a budget.
+
+    bonedist bench accuracy --data /data/rsna --preset improved --budget 240
+    bonedist bench accuracy --data /data/rsna --preset paper,improved --size 384 --budget 120 --pretrained weights/
+
+Packs ``--data`` (resumable) into OUT/shards, trains every model of every preset (runs in OUT/runs/PRESET/MODEL)
+with an equal share of the time budget (what one model leaves unused goes to the next), evaluates each preset on
+the test split (the validation split when the test split has no ages) with `bonedist evaluate`, and prints the MAE
+of every model and ensemble beside the predict-the-mean baseline measured on the same images (and the presets side
+by side). Runs in one process, on one GPU or on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from bonedist import BonedistError
+
+MODELS = ("inception_v3", "xception", "resnet50_patch", "agcnn")
+PRESET_SIZE = {"paper": 500, "improved": 500, "tiny": 64}
+
+
+def _model_cfg(model: str, preset_cfg: dict, size: int, pretrained: str | None) -> dict:
+    """The preset's model options at ``size``: patches scaled with the image, Inception's stem kept >= 80 px."""
+    cfg = {"image_size": max(size, 80) if model == "inception_v3" else size}
+    base = preset_cfg.get("image_size", size)
+    if model == "resnet50_patch" and preset_cfg.get("patch_size"):
+        cfg["patch_size"] = min(cfg["image_size"], max(8, round(preset_cfg["patch_size"] * size / base)))
+    if pretrained is not None and model != "agcnn":
+        cfg["pretrained"] = pretrained
+    return cfg
+
+
+def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None, budget: float = 60.0,
+                   models: list[str] | None = None, out: str | Path = "runs/bench-accuracy",
+                   pretrained: str | None = None, wandb: str = "off", workers: int = 0,
+                   overrides: dict | None = None) -> dict:
+    from bonedist.data.manifest import load_manifest
+    from bonedist.data.pack import PackOptions, pack_dataset
+    from bonedist.eval.evaluate import EvalOptions, evaluate
+    from bonedist.train.config import PRESETS, resolve_config
+    from bonedist.train.engine import Trainer
+
+    models = list(models or MODELS)
+    for preset in presets:
+        if preset not in PRESETS:
+            raise BonedistError(f"--preset {preset!r}: presets are {', '.join(sorted(PRESETS))}")
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise BonedistError(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    if budget <= 0:
+        raise BonedistError(f"--budget must be positive minutes, got {budget}")
+    size = size or max(PRESET_SIZE.get(p, 500) for p in presets)
+    out = Path(out)
+    start = time.perf_counter()
+
+    print(f"[1/3] packing {data} at {size} px into {out / 'shards'} (resumes if interrupted)")
+    manifest, code = pack_dataset(data, out / "shards", PackOptions(size=size, workers=workers))
+    if code != 0:
+        raise BonedistError(f"packing {data} failed; see the messages above")
+    manifest = load_manifest(out / "shards")
+    splits = manifest["splits"]
+    for needed in ("train", "validation"):
+        if needed not in splits:
+            raise BonedistError(f"--data {data}: no {needed} split found; bench accuracy needs train and validation "
+                                f"(and ideally a labelled test split) in an official RSNA/Kaggle layout")
+    split = "test" if splits.get("test", {}).get("labeled") else "validation"
+    pack_seconds = time.perf_counter() - start
+
+    jobs = [(p, m) for p in presets for m in models]
+    print(f"[2/3] training {len(jobs)} run(s) in {budget:g} minutes: {', '.join(f'{p}/{m}' for p, m in jobs)}")
+    train_start, trained = time.perf_counter(), []
+    for i, (preset, model) in enumerate(jobs):
+        left = budget * 60.0 - (time.perf_counter() - train_start)
+        share = max(left, 0.0) / (len(jobs) - i) / 60.0
+        preset_cfg = PRESETS[preset](model).get("model_cfg", {})
+        cfg = resolve_config(model, str(out / "shards"), preset, experiment=preset, runs_dir=str(out / "runs"),
+                             model_cfg=_model_cfg(model, preset_cfg, size, pretrained),
+                             time_budget_min=max(share, 0.05), wandb=wandb, **(overrides or {}))
+        print(f"  {preset}/{model}: up to {cfg.epochs} epochs in {share:.1f} min")
+        t0 = time.perf_counter()
+        code = Trainer(cfg).fit()
+        if code != 0:
+            raise BonedistError(f"training {preset}/{model} stopped (exit {code}); run the same command to resume")
+        trained.append({"preset": preset, "model": model, "minutes": (time.perf_counter() - t0) / 60.0})
+    train_seconds = time.perf_counter() - train_start
+
+    print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
+    results = {}
+    for preset in presets:
+        result = evaluate(EvalOptions(runs=str(out / "runs" / preset), split=split, wandb=wandb, workers=workers or 2))
+        results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
+    summary = {"data": str(data), "size": size, "split": split, "n": splits[split]["count"], "presets": presets,
+               "models": models, "budget_min": budget, "pack_min": pack_seconds / 60.0,
+               "train_min": train_seconds / 60.0, "runs": trained, "mae_months": results}
+    (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
+    table = format_table(summary)
+    (out / "accuracy.md").write_text(table + "\n")
+    print(table)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    presets, results = summary["presets"], summary["mae_months"]
+    rows = []
+    for preset in presets:
+        rows += [r for r in results[preset] if r not in rows]
+    rows.sort(key=lambda r: (r != "predict_the_mean", r.startswith("ensemble"), r))
+    head = f"{'MAE (months)':<26}" + "".join(f"{p:>12}" for p in presets)
+    lines = [f"accuracy on {summary['n']} {summary['split']} radiographs at {summary['size']} px; packing "
+             f"{summary['pack_min']:.1f} min, training {summary['train_min']:.1f} of {summary['budget_min']:g} min",
+             head]
+    if len(presets) == 2:
+        lines[-1] += f"{presets[1] + '/' + presets[0]:>22}"
+    for row in rows:
+        values = [results[p].get(row) for p in presets]
+        line = f"{row:<26}" + "".join(f"{v:>12.2f}" if v is not None else f"{'-':>12}" for v in values)
+        if len(presets) == 2 and None not in values and values[0]:
+            line += f"{values[1] / values[0]:>21.2f}x"
+        lines.append(line)
+    for preset in presets:
+        base = results[preset].get("predict_the_mean")
+        best = min((v, k) for k, v in results[preset].items() if k != "predict_the_mean" and v is not None)
+        if base:
+            lines.append(f"{preset}: best {best[1]} {best[0]:.2f} months vs predict-the-mean baseline {base:.2f} "
+                         f"({base / best[0]:.2f}x lower error)")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""`bonedist study patches` and `bonedist bench accuracy` end to end, CI-sized, on phantoms (real processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from tests.conftest import run_cli
+from tests.wandb_reader import read_history
+
+
+def test_patch_study_trains_each_setting_and_writes_figure_table_and_wandb(train_shards, tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    result = run_cli("study", "patches", "--shards", str(train_shards), "--settings", "1x64,4x32,16x16",
+                     "--preset", "tiny", "--steps-per-epoch", "4", "--runs-dir", str(tmp_path), "--wandb", "auto",
+                     env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "patch-study" / "study-patches"
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["patches"], r["size"]) for r in results["settings"]] == [(1, 64), (4, 32), (16, 16)]
+    for row in results["settings"]:
+        assert len(row["curve"]) == 4  # one point per optimizer step: the figure's curve
+        assert math.isfinite(row["val_loss"]) and row["val_mae_months"] > 0
+        assert abs(row["patches_per_s"] - row["images_per_s"] * row["patches"]) < 1e-6
+        config = json.loads((tmp_path / "patch-study" / f"patches-{row['patches']}x{row['size']}" /
+                             "resnet50_patch" / "config.json").read_text())
+        assert config["model_cfg"]["num_patches"] == row["patches"] and config["epochs"] == 1
+    assert (out / "loss_curves.png").stat().st_size > 10_000
+    table = (out / "table.md").read_text()
+    assert "| 16 | 16x16 |" in table and "| 1 | 64x64 |" in table
+    assert "| 4 | 32x32 |" in result.stdout
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    keys = set().union(*read_history(runs[0]))  # media and tables are logged as nested keys
+    for prefix in ("patch_study", "loss_curves"):
+        assert any(k == prefix or k.startswith(prefix + "/") for k in keys), (prefix, sorted(keys)[:20])
+
+
+def test_patch_study_rejects_bad_settings(train_shards, tmp_path):
+    result = run_cli("study", "patches", "--shards", str(train_shards), "--settings", "3by224", "--runs-dir",
+                     str(tmp_path))
+    assert result.returncode == 2 and "--settings" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("study", "patches", "--shards", str(train_shards), "--settings", "2x128", "--preset", "tiny",
+                     "--runs-dir", str(tmp_path), "--wandb", "off")
+    assert result.returncode == 2 and "larger than the 64-px image" in result.stderr
+
+
+def test_bench_accuracy_packs_trains_within_budget_and_reports_mae(tmp_path):
+    from bonedist.data.synth import synth_dataset
+
+    synth_dataset(tmp_path / "raw", n=80, n_val=20, n_test=20, seed=4, size=128, workers=2, progress=False)
+    budget = 0.6
+    result = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny", "--size", "64",
+                     "--budget", str(budget), "--models", "xception,resnet50_patch", "--out", str(tmp_path / "out"),
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert summary["split"] == "test" and summary["n"] == 20  # the labelled test split, every radiograph
+    mae = summary["mae_months"]["tiny"]
+    assert {"predict_the_mean", "xception", "resnet50_patch", "ensemble_equal", "ensemble_fitted"} <= set(mae)
+    assert all(math.isfinite(v) and v > 0 for v in mae.values())
+    # each run stops on its share of the budget (plus at most one validation pass over)
+    assert summary["train_min"] < budget + 0.5, summary
+    assert "predict-the-mean baseline" in result.stdout and "ensemble_fitted" in result.stdout
+    assert (tmp_path / "out" / "runs" / "tiny" / "report" / "metrics.json").is_file()
+
+
+def test_bench_accuracy_needs_a_validation_split(tmp_path):
+    from bonedist.data.synth import synth_dataset
+
+    synth_dataset(tmp_path / "raw", n=12, n_val=4, n_test=4, seed=4, size=96, workers=1, progress=False)
+    for name in ("Validation Dataset.csv", "boneage-validation-dataset-1.zip", "boneage-validation-dataset-2.zip"):
+        (tmp_path / "raw" / name).unlink()
+    result = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny", "--size", "64",
+                     "--budget", "0.2", "--models", "xception", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "no validation split" in result.stderr and "Traceback" not in result.stderr
+    bad = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "nope", "--out",
+                  str(tmp_path / "o2"))
+    assert bad.returncode == 2 and "presets are" in bad.stderr and "Traceback" not in bad.stderr
