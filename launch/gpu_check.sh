@@ -26,10 +26,10 @@ section() {  # section NAME SECONDS COMMAND...
   timeout "${limit}" "$@" || { echo "!!! ${name} failed or timed out (exit $?)"; failed=1; }
   echo "=== ${name}: $((SECONDS - start)) s"
 }
-section "gpu tests" 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+section "gpu tests" 200 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 section "bench attention" 40 "$PY" -m bonedist bench attention --batch 32 --size 500
 section "bench augment" 30 "$PY" -m bonedist bench augment --batch 32 --size 500
-section "bench loader" 90 "$PY" -m bonedist bench loader --n 512 --batch 32 --batches 24 --workers 8
+section "bench loader" 90 "$PY" -m bonedist bench loader --n 384 --batch 32 --batches 16 --workers 8
 # torch.compile dominates these: on an H100 Inception compiled in ~110 s, Xception ~40-90 s, ResNet50 ~70 s.
 for spec in xception:120 inception_v3:150 resnet50_patch:110 agcnn:60; do
   model=${spec%%:*}

@@ -57,3 +57,27 @@ def test_engine_trains_every_model_on_cuda_in_bf16(train_shards, tmp_path, model
     record = epoch_records(tmp_path / "default" / model)[0]
     assert record["val_count"] == 60 and record["peak_memory_gb"] > 0
     assert record["train_loss"] == record["train_loss"]  # finite, not NaN
+
+
+def test_hand_mask_on_cuda_equals_cpu():
+    from bonedist.data.handmask import hand_mask
+    from bonedist.data.images import resize_square
+    from bonedist.data.synth import render_phantom
+
+    images = torch.stack([torch.from_numpy(resize_square(render_phantom(40.0 + 20 * i, bool(i % 2), 512, seed=i),
+                                                         500, "pad")[0]) for i in range(8)]).unsqueeze(1)
+    cpu = hand_mask(images)
+    gpu = hand_mask(images.to(CUDA))
+    assert gpu.is_cuda and (cpu != gpu.cpu()).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("args", [
+    ("--model", "agcnn", "--stages", "global:1,local:1,fusion:1"),
+    ("--model", "resnet50_patch", "--pretrained", "none", "--patch-size", "32", "--epochs", "1"),
+])
+def test_improved_preset_trains_on_cuda_in_bf16(train_shards, tmp_path, args):
+    result = run_train(*args, "--shards", str(train_shards), "--preset", "improved", "--image-size", "64",
+                       "--steps-per-epoch", "4", "--batch-size", "8", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = epoch_records(tmp_path / "default" / args[1])
+    assert all(r["val_count"] == 60 and r["train_loss"] == r["train_loss"] for r in records)

@@ -143,3 +143,38 @@ def test_improved_preset_trains_with_hand_mask_flip_and_patch_grid(train_shards,
     assert trained.flip and trained.aggregate == "median"
     assert trained.pipe.spec.hand_mask and trained.pipe.grid == 7 and trained.pipe.eval_repeats == 49
     assert epoch_records(run)[0]["val_count"] == load_manifest(train_shards)["splits"]["validation"]["count"]
+
+
+def test_stages_scale_validate_and_restart_the_cosine():
+    from bonedist import BonedistError
+    from bonedist.train.config import resolve_config, scale_stages
+    from bonedist.train.schedule import build_scheduler
+
+    assert scale_stages([["global", 15], ["local", 10], ["fusion", 5]], 6) == [["global", 3], ["local", 2],
+                                                                                ["fusion", 1]]
+    assert scale_stages([["global", 15], ["local", 10], ["fusion", 5]], 3) == [["global", 1], ["local", 1],
+                                                                                ["fusion", 1]]
+    cfg = resolve_config("agcnn", "x", "improved", epochs=6)
+    assert cfg.stages == [["global", 3], ["local", 2], ["fusion", 1]]
+    assert [cfg.stage_at(e) for e in range(6)] == ["global"] * 3 + ["local"] * 2 + ["fusion"]
+    for bad in ([["local", 2], ["global", 1]], [["global", 0]], [["fusion", 1], ["fusion", 1]], [["branch", 2]]):
+        with pytest.raises(BonedistError, match="stages"):
+            resolve_config("agcnn", "x", "paper", stages=bad, epochs=sum(e for _, e in bad) or 1)
+    with pytest.raises(BonedistError, match="agcnn"):
+        resolve_config("xception", "x", "paper", stages=[["global", 1]], epochs=1)
+    # one warmup + cosine cycle per stage: the learning rate is back up at each stage's start
+    cfg = resolve_config("agcnn", "x", "improved", epochs=4, stages=[["global", 2], ["local", 1], ["fusion", 1]],
+                         warmup_epochs=0.0)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = build_scheduler(cfg, opt, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 1.0 and lrs[19] < 0.01 and lrs[20] == 1.0 and lrs[29] < 0.05 and lrs[30] == 1.0
+    # under a time budget the cosine follows the clock when it runs ahead of the steps
+    sched.clock["fraction"] = 1.0
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
