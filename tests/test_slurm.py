@@ -83,6 +83,9 @@ def test_usr1_preempts_requeues_and_the_job_finishes(train_shards, tmp_path):
     # now to keep the test short. The job is still restarted by Slurm and still resumes by itself.
     pending = wait_state(job, ("PENDING",), timeout=300, predicate=lambda i: int(i.get("Restarts", "0")) >= 1)
     if pending.get("Reason") == "BeginTime":
+        # slurmd refuses a credential issued in the same second as the revocation of the job's previous one
+        # ("Job credential revoked"): let the clock move on before releasing the job.
+        time.sleep(3)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=20)
     info = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600,
                       predicate=lambda i: int(i.get("Restarts", "0")) >= 1)
