@@ -87,6 +87,29 @@ def test_pipeline_applies_the_mask_before_augmentation():
     assert augmented.shape == x.shape
 
 
+def test_training_patches_are_centred_on_the_hand():
+    from bonedist.data.augment import gather_patches
+
+    square = np.stack([resize_square(synth.render_phantom(60.0 + 40 * i, True, 256, seed=i), 128, "pad")[0]
+                       for i in range(4)])
+    batch = torch.from_numpy(square).unsqueeze(1)
+    mask = hand_mask(batch)
+    spec = InputSpec(image_size=128, input_size=32, channels=1, mean=(0.0,), std=(1.0,), num_patches=16,
+                     hand_mask=True)
+    pipe = InputPipeline(spec, AugmentConfig.off())
+    x = pipe.train(batch, step=0)
+    assert x.shape == (64, 1, 32, 32)
+    ys, xs = pipe._patch_corners(mask, 4, 16, 128, 32, torch.device("cpu"))
+    centres = mask[torch.arange(4).repeat_interleave(16), 0, ys.flatten() + 16, xs.flatten() + 16]
+    assert centres.all()  # every patch centre on the hand
+    # and the patches the pipeline drew are mostly hand, unlike uniform corners over the whole picture
+    torch.manual_seed(0)
+    hand_share = gather_patches(mask.float(), *pipe._patch_corners(mask, 4, 16, 128, 32, torch.device("cpu")),
+                                32).mean()
+    uniform = gather_patches(mask.float(), *pipe._patch_corners(None, 4, 16, 128, 32, torch.device("cpu")), 32).mean()
+    assert hand_share > uniform + 0.15, (float(hand_share), float(uniform))
+
+
 def test_attention_is_confined_to_the_support():
     """The hottest feature sits outside the hand: with the support the box moves onto the hand."""
     features = torch.zeros(2, 4, 16, 16)

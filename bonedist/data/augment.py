@@ -1,7 +1,7 @@
 """GPU augmentation with Kornia and conversion to each model's input spec, on the training device.
 
-uint8 (B, 1, H, W) → float [0, 1] → resize to ``spec.image_size`` → (``spec.hand_mask``) zero all but the hand →
-(train) the paper's Table 2 affine + flip with
+uint8 (B, 1, H, W) → float [0, 1] → resize to ``spec.image_size`` → (``spec.hand_mask``) zero all but the hand, and
+draw training patches centred on the hand → (train) the paper's Table 2 affine + flip with
 per-sample parameters → whole images, or K random patches (rotation + flip) for patch models, or (eval) the
 deterministic overlapping patch grid → 1 or 3 channels → the backbone's mean/std. Reproducible from a seed: each
 call seeds Kornia's parameter sampling from (seed, rank, step).
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bonedist import BonedistError
-from bonedist.data.handmask import apply_hand_mask
+from bonedist.data.handmask import hand_mask
 from bonedist.models.spec import InputSpec
 
 
@@ -116,14 +116,30 @@ class InputPipeline:
     def eval_repeats(self) -> int:
         return self.grid * self.grid if self.spec.is_patch else 1
 
-    def _to_unit(self, images: torch.Tensor) -> torch.Tensor:
+    def _to_unit(self, images: torch.Tensor, keep_mask: bool = False):
         x = images.float().div_(255.0)  # (B, 1, H, W) in [0, 1]
         size = self.spec.image_size
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        mask = None
         if self.spec.hand_mask:
-            x = apply_hand_mask(x)
-        return x
+            mask = hand_mask(x)
+            x = x * mask.to(x.dtype)
+        return (x, mask) if keep_mask else x
+
+    @staticmethod
+    def _patch_corners(mask: torch.Tensor | None, batch: int, k: int, size: int, p: int, device):
+        """Top-left corners (B, K) of training patches: uniform, or with the hand mask centred on the hand."""
+        span = size - p + 1
+        if mask is None:
+            return (torch.randint(0, span, (batch, k), device=device),
+                    torch.randint(0, span, (batch, k), device=device))
+        half = p // 2
+        centres = mask[:, 0, half: half + span, half: half + span].flatten(1).float()  # a corner's patch centre
+        empty = centres.sum(dim=1, keepdim=True) == 0
+        centres = torch.where(empty, torch.ones_like(centres), centres)
+        flat = torch.multinomial(centres, k, replacement=True)
+        return flat // span, flat % span
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.channels == 3:
@@ -137,15 +153,14 @@ class InputPipeline:
 
     def train(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """Augmented model inputs: (B, C, S, S), or (B*K, C, P, P) for patch models (patch k of image b at b*K+k)."""
-        x = self._to_unit(images)
+        x, mask = self._to_unit(images, keep_mask=True)
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # Kornia samples from the global RNG: seed it, then restore
             self._seed(step)
             if not self.spec.is_patch:
                 return self._finish(self.image_ops(x) if len(self.image_ops) else x)
             batch, size, p, k = x.shape[0], self.spec.image_size, self.spec.input_size, self.spec.num_patches
-            ys = torch.randint(0, size - p + 1, (batch, k), device=x.device)
-            xs = torch.randint(0, size - p + 1, (batch, k), device=x.device)
+            ys, xs = self._patch_corners(mask, batch, k, size, p, x.device)
             patches = gather_patches(x, ys, xs, p)  # (B*K, 1, P, P)
             return self._finish(self.patch_ops(patches) if len(self.patch_ops) else patches)
 

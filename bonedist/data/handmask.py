@@ -115,8 +115,3 @@ def hand_mask(images: torch.Tensor, cfg: HandMaskConfig | None = None) -> torch.
     chosen = chosen | empty.view(-1, 1, 1, 1)
     full = F.interpolate(chosen.float(), size=(height, width), mode="bilinear", align_corners=False)
     return full > 0.5
-
-
-def apply_hand_mask(x: torch.Tensor, cfg: HandMaskConfig | None = None) -> torch.Tensor:
-    """Float images in [0, 1] (B, 1, H, W) with everything outside the hand set to 0 (black)."""
-    return x * hand_mask(x, cfg).to(x.dtype)
