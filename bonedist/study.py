@@ -49,7 +49,7 @@ class StudyOptions:
 
 def study_patches(opts: StudyOptions) -> list[dict]:
     from bonedist.train.config import resolve_config
-    from bonedist.train.engine import Trainer
+    from bonedist.train.engine import train_in_process
 
     rows, main = [], True
     for patches, size in opts.settings:
@@ -61,17 +61,12 @@ def study_patches(opts: StudyOptions) -> list[dict]:
         if size > image_size:
             raise BonedistError(f"--settings {patches}x{size}: patches larger than the {image_size}-px image")
         start = time.perf_counter()
-        trainer = Trainer(cfg)
-        trainer.accelerator.print(f"patch study: {patches} patches of {size}x{size} ({len(rows) + 1}/"
-                                  f"{len(opts.settings)})")
-        code = trainer.fit()
+        code, run_dir, main = train_in_process(cfg, f"patch study: {patches} patches of {size}x{size} "
+                                                    f"({len(rows) + 1}/{len(opts.settings)})")
         if code != 0:
             raise BonedistError(f"the {patches}x{size} run stopped (exit {code}); run the study again to resume it")
-        if trainer.accelerator.is_main_process:
-            rows.append(_summarise(trainer.run_dir, patches, size, time.perf_counter() - start))
-        main = trainer.accelerator.is_main_process
-        del trainer
-        _release_memory()
+        if main:
+            rows.append(_summarise(run_dir, patches, size, time.perf_counter() - start))
     if not main:
         return []
     out = Path(opts.runs_dir) / opts.experiment / "study-patches"
@@ -84,16 +79,6 @@ def study_patches(opts: StudyOptions) -> list[dict]:
     print(_table(rows, opts))
     print(f"patch study written to {out}")
     return rows
-
-
-def _release_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _summarise(run_dir: Path, patches: int, size: int, seconds: float) -> dict:

@@ -41,7 +41,7 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     from bonedist.data.pack import PackOptions, pack_dataset
     from bonedist.eval.evaluate import EvalOptions, evaluate
     from bonedist.train.config import PRESETS, resolve_config
-    from bonedist.train.engine import Trainer
+    from bonedist.train.engine import train_in_process
 
     models = list(models or MODELS)
     for preset in presets:
@@ -81,7 +81,7 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
                              time_budget_min=max(share, 0.05), wandb=wandb, **(overrides or {}))
         print(f"  {preset}/{model}: up to {cfg.epochs} epochs in {share:.1f} min")
         t0 = time.perf_counter()
-        code = Trainer(cfg).fit()
+        code, _, _ = train_in_process(cfg)
         if code != 0:
             raise BonedistError(f"training {preset}/{model} stopped (exit {code}); run the same command to resume")
         trained.append({"preset": preset, "model": model, "minutes": (time.perf_counter() - t0) / 60.0})

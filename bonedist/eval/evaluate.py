@@ -81,7 +81,7 @@ def _predict_split(acc, trained, shards, manifest, split, opts) -> pd.DataFrame:
     for name, tm in trained.items():
         batches = EvalBatches(cfg, split, acc.device, acc.process_index, acc.num_processes, mode=first.mode,
                               manifest=manifest, cache=first.cache)
-        flip, aggregate = settings(tm, opts)
+        flip, aggregate = tm.settings(opts.flip, opts.aggregate)
         local = predict_batches(tm.model, tm.pipe, batches, acc.autocast, flip=flip, aggregate=aggregate)
         preds = gather_predictions(local, len(first))
         columns.setdefault("key", preds["key"])
@@ -92,11 +92,6 @@ def _predict_split(acc, trained, shards, manifest, split, opts) -> pd.DataFrame:
             for branch in BRANCH_KEYS:
                 columns[f"agcnn_{branch}"] = tm.mu + tm.sigma * preds[branch]
     return pd.DataFrame(columns)
-
-
-def settings(tm, opts: EvalOptions) -> tuple[bool, str]:
-    """Test-time flip and patch aggregation for one model: the command line's, else the run's own."""
-    return (tm.flip if opts.flip is None else opts.flip), (tm.aggregate if opts.aggregate is None else opts.aggregate)
 
 
 def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: Path) -> dict:

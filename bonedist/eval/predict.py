@@ -89,7 +89,7 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
         for name, tm in trained.items():  # each run's own test-time flip and patch aggregation
             out = predict_radiographs(tm.model, tm.pipe, batch, sex, flip=tm.flip, aggregate=tm.aggregate)
             per_model[name] = float(tm.mu + tm.sigma * out["pred"].float()[0])
-            if name == "agcnn":
+            if name == "agcnn" and heatmap:  # boxes and masks come from one plain forward pass
                 attention = tm.model(tm.pipe.eval(batch), sex)
         bone_age = float(sum(w * per_model[m] for m, w in weights.items()))
         row = {"image": str(image_path), "sex": "M" if male else "F", "bone_age_months": round(bone_age, 2),

@@ -42,10 +42,8 @@ def _fmt(value, digits=2) -> str:
 
 def _markdown(result: dict, figures: list[Path], opts, trained: dict) -> str:
     lines = [f"# bonedist evaluation: {opts.runs}, split `{result['split']}` ({result['n']} radiographs)", ""]
-    from bonedist.eval.evaluate import settings
-
     for name, tm in trained.items():
-        flip, aggregate = settings(tm, opts)
+        flip, aggregate = tm.settings(opts.flip, opts.aggregate)
         grid = f", {tm.pipe.grid}x{tm.pipe.grid} patch grid ({aggregate})" if tm.pipe.spec.is_patch else ""
         lines.append(f"- {name}: preset {tm.meta['config'].get('preset', '?')}, test-time flip "
                      f"{'on' if flip else 'off'}{grid}{', hand mask' if tm.pipe.spec.hand_mask else ''}")

@@ -42,6 +42,10 @@ class TrainedModel:
     def aggregate(self) -> str:
         return self.meta.get("config", {}).get("patch_aggregate", "mean")
 
+    def settings(self, flip: bool | None = None, aggregate: str | None = None) -> tuple[bool, str]:
+        """Test-time flip and patch aggregation: the given ones (command line), else the run's own."""
+        return (self.flip if flip is None else flip), (self.aggregate if aggregate is None else aggregate)
+
 
 def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
     """The best checkpoint of each model under ``runs`` and the models that have none."""

@@ -116,12 +116,12 @@ class TrainConfig:
 
     def stage_at(self, epoch: int) -> str | None:
         """The AG-CNN stage that trains in ``epoch`` (0-based), or None without staging."""
-        end = 0
-        for name, epochs in self.stages:
-            end += epochs
-            if epoch < end:
-                return name
-        return self.stages[-1][0] if self.stages else None
+        return self.span_at(epoch)[0]
+
+    def span_at(self, epoch: int) -> tuple[str | None, int, int]:
+        """The span of ``stage_spans`` holding ``epoch`` (the last one past the end)."""
+        spans = self.stage_spans()
+        return next((s for s in spans if s[1] <= epoch < s[1] + s[2]), spans[-1])
 
     def stage_spans(self) -> list[tuple[str | None, int, int]]:
         """(stage, first epoch, epochs) for each stage; one span over all epochs without staging."""

@@ -109,6 +109,7 @@ class Trainer:
         self.state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "micro_step": 0, "best": math.inf,
                       "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0, "stage_began": 0.0}
         self.out_of_time = False
+        self.clock_start, self.elapsed_before = time.perf_counter(), 0.0
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -125,7 +126,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self._start_tracking()
         self._maybe_resume()
-        self.clock_start, self.elapsed_before = time.perf_counter(), float(self.state.get("elapsed", 0.0))
+        self.clock_start, self.elapsed_before = time.perf_counter(), float(self.state.get("elapsed", 0.0))  # resumed
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM)}
         try:
             while self.state["epoch"] < cfg.epochs:
@@ -149,10 +150,7 @@ class Trainer:
     def _agree(self, nonfinite: bool) -> tuple[bool, bool]:
         """All ranks learn whether any rank was signalled, saw a non-finite loss or ran out of its time budget
         (one tiny all-reduce)."""
-        fraction = self._budget_fraction()
-        flags = torch.tensor([float(self.stop_requested), float(nonfinite), fraction], device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        flags = self._max_over_ranks([float(self.stop_requested), float(nonfinite), self._budget_fraction()])
         self.scheduler.clock["fraction"] = float(flags[2])
         self.out_of_time = bool(flags[2] >= 1.0)
         return bool(flags[0]), bool(flags[1])
@@ -169,17 +167,15 @@ class Trainer:
         share = self.cfg.time_budget_min * 60.0 * epochs / self.cfg.epochs
         return (self._elapsed() - self.state["stage_began"]) / share
 
-    def _agreed_fraction(self) -> float:
-        """The largest budget share used on any rank, so that every rank takes the same decision."""
-        fraction = torch.tensor([self._budget_fraction()], device=self.device)
+    def _max_over_ranks(self, values: list[float]) -> torch.Tensor:
+        """Each value's maximum over all ranks, so that every rank takes the same decision."""
+        values = torch.tensor(values, device=self.device)
         if self.world > 1:
-            torch.distributed.all_reduce(fraction, op=torch.distributed.ReduceOp.MAX)
-        return float(fraction)
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        return values
 
     def _span(self) -> tuple[str | None, int, int]:
-        epoch = self.state["epoch"]
-        return next(s for s in self.cfg.stage_spans() if s[1] <= epoch < s[1] + s[2]) if epoch < self.cfg.epochs \
-            else self.cfg.stage_spans()[-1]
+        return self.cfg.span_at(self.state["epoch"])
 
     def _train_epoch(self) -> bool:
         """One epoch from the saved position; False when stopped by a signal (after saving)."""
@@ -228,14 +224,15 @@ class Trainer:
         """Staged AG-CNN: set this epoch's stage; a stage's first epoch starts checkpoint selection (and its share of
         a time budget) afresh."""
         stage, first, _ = self._span()
-        if self.state["epoch"] == first and self.state["batch_in_epoch"] == 0:
+        starting = self.state["epoch"] == first and self.state["batch_in_epoch"] == 0
+        if starting:
             self.state["stage_began"] = self._elapsed()
         if stage is None:
             return
         for model in (self.unwrapped, self.ema.module if self.ema is not None else None):
             if model is not None:
                 model.set_stage(stage)
-        if self.state["epoch"] == first and self.state["batch_in_epoch"] == 0:
+        if starting:
             self.state.update(best=math.inf, best_epoch=-1, bad_epochs=0)
             self.accelerator.print(f"stage {stage}: epochs {first + 1}-{first + dict(self.cfg.stages)[stage]}")
 
@@ -305,7 +302,8 @@ class Trainer:
         if self.scheduler.per_epoch:
             self.scheduler.step(metrics[key])
         metrics["elapsed_min"] = self._elapsed() / 60.0
-        if self.out_of_time or (cfg.time_budget_min and self._agreed_fraction() >= 1.0):
+        spent = cfg.time_budget_min and float(self._max_over_ranks([self._budget_fraction()])[0]) >= 1.0
+        if self.out_of_time or spent:
             _, first, epochs = self._span()
             self.accelerator.print(f"time budget used up at epoch {state['epoch'] + 1}, step {state['global_step']}"
                                    + (f"; stage {self._span()[0]} ends" if cfg.stages else "; training ends"))
@@ -363,7 +361,7 @@ class Trainer:
 
     def save_checkpoint(self, best_metrics: dict | None = None) -> None:
         acc = self.accelerator
-        self.state["elapsed"] = self._elapsed() if hasattr(self, "clock_start") else self.state["elapsed"]
+        self.state["elapsed"] = self._elapsed()
         rng = {"torch": torch.get_rng_state(), "python": _python_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         all_rng = _gather_rng(rng, self.world)
@@ -445,6 +443,22 @@ class Trainer:
             images["attention_boxes"] = wandb.Image(image_grid(self.pipe.eval(batch["image"][:8]), out["boxes"]),
                                                     caption="AG-CNN attention crops (green)")
         self.accelerator.log(images, step=self.state["global_step"])
+
+
+def train_in_process(cfg: TrainConfig, announce: str = "") -> tuple[int, Path, bool]:
+    """One training run inside this process (studies and benchmarks run several in a row): exit code, run folder,
+    and whether this is the main process. The trainer is released afterwards, device memory included."""
+    import gc
+
+    trainer = Trainer(cfg)
+    if announce:
+        trainer.accelerator.print(announce)
+    code, run_dir, main = trainer.fit(), trainer.run_dir, trainer.accelerator.is_main_process
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return code, run_dir, main
 
 
 def _peak_memory_gb() -> float:
