@@ -75,13 +75,27 @@ def train_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def run_train(*args: str, runs: Path, timeout: float = 600, env: dict | None = None):
-    """`python -m bonedist.train` in a fresh process (W&B off unless the caller asks)."""
+def run_train(*args: str, runs: Path, timeout: float = 600, env: dict | None = None,
+              max_file_bytes: int | None = None):
+    """`python -m bonedist.train` in a fresh process (W&B off unless the caller asks).
+
+    ``max_file_bytes`` caps the size of any file the process writes (RLIMIT_FSIZE, SIGXFSZ ignored), so a write
+    beyond it fails with EFBIG the way a full disk fails a write.
+    """
     cmd = [sys.executable, "-m", "bonedist.train", "--runs-dir", str(runs), *args]
     if "--wandb" not in args:
         cmd += ["--wandb", "off"]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+    def limit_file_size():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO,
+                          preexec_fn=limit_file_size if max_file_bytes else None)
 
 
 def epoch_records(run_dir: Path) -> list[dict]:

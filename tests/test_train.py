@@ -50,10 +50,19 @@ def test_resume_auto_continues_where_it_stopped(train_shards, tmp_path):
     args = ["--model", "resnet50_patch", "--shards", str(train_shards), *TINY]
     first = run_train(*args, "--epochs", "1", runs=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "default" / "resnet50_patch"
+    # the next checkpoint cannot be written (files capped at 16 MB, as on a full disk): one clear line, exit 2,
+    # the step-6 checkpoint intact and no half-written folder left behind
+    full = run_train(*args, "--epochs", "2", runs=tmp_path, max_file_bytes=16 * 2**20)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "cannot write" in full.stderr and "GiB free" in full.stderr and "Traceback" not in full.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000006"]
+    assert torch.load(run / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)["trainer"][
+        "global_step"] == 6
     second = run_train(*args, "--epochs", "2", runs=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
-    epochs = epoch_records(tmp_path / "default" / "resnet50_patch")
+    epochs = epoch_records(run)
     assert [(r["epoch"], r["step"]) for r in epochs] == [(1, 6), (2, 12)]
 
 

@@ -35,16 +35,35 @@ def git_revision() -> str | None:
         return None
 
 
+def _free_gib(path: Path) -> float:
+    try:
+        return shutil.disk_usage(path).free / 2**30
+    except OSError:
+        return float("nan")
+
+
 def _write_folder_atomic(target: Path, files: dict[str, object]) -> None:
-    """Write ``files`` (name -> bytes-producing callable) into a temp folder beside ``target``, then rename."""
+    """Write ``files`` (name -> bytes-producing callable) into a temp folder beside ``target``, then rename.
+
+    A failed write (disk full, quota, file size limit) removes the temporary folder and raises a one-line
+    ``BonedistError`` naming the folder and the free space; the previous checkpoint is left as it was.
+    """
     tmp = target.parent / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, write in files.items():
-        write(tmp / name)
-    for name in files:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        for name in files:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:  # torch.save reports a short write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+        raise BonedistError(
+            f"cannot write {target}: {reason} ({_free_gib(target.parent):.1f} GiB free there). Free some space "
+            f"(or lower --keep-last) and re-run the same command: training resumes from the last complete "
+            f"checkpoint") from exc
     old = target.parent / f".old-{target.name}"
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
