@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bonedist import BonedistError, __version__
+from bonedist import BonedistError, __version__, storage_full
 
 
 def _add_synth(sub) -> None:
@@ -381,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bonedist {args.command}: interrupted; finished work is kept, re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except OSError as exc:
+        if (reason := storage_full(exc)) is None:
+            raise
+        print(f"bonedist {args.command}: error: {reason}; finished work is kept, free some space and re-run the "
+              f"same command to resume", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -53,12 +53,30 @@ def phantom_shards(phantom_root, tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+def _file_size_limit(max_file_bytes: int | None):
+    """A ``preexec_fn`` capping every file the child writes at ``max_file_bytes`` (RLIMIT_FSIZE, SIGXFSZ ignored):
+    a write beyond it fails with EFBIG, the way a write fails on a full disk."""
+    if not max_file_bytes:
+        return None
+
+    def limit():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return limit
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
+            max_file_bytes: int | None = None):
     """Run the installed ``bonedist`` console script for real; returns the CompletedProcess."""
     exe = Path(sys.executable).parent / "bonedist"  # the venv running pytest, whatever PATH says
     assert exe.exists(), f"bonedist is not installed next to {sys.executable} (pip install -e .)"
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          preexec_fn=_file_size_limit(max_file_bytes))
 
 
 @pytest.fixture(scope="session")
@@ -77,25 +95,13 @@ def train_shards(tmp_path_factory) -> Path:
 
 def run_train(*args: str, runs: Path, timeout: float = 600, env: dict | None = None,
               max_file_bytes: int | None = None):
-    """`python -m bonedist.train` in a fresh process (W&B off unless the caller asks).
-
-    ``max_file_bytes`` caps the size of any file the process writes (RLIMIT_FSIZE, SIGXFSZ ignored), so a write
-    beyond it fails with EFBIG the way a full disk fails a write.
-    """
+    """`python -m bonedist.train` in a fresh process (W&B off unless the caller asks)."""
     cmd = [sys.executable, "-m", "bonedist.train", "--runs-dir", str(runs), *args]
     if "--wandb" not in args:
         cmd += ["--wandb", "off"]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-
-    def limit_file_size():
-        import resource
-        import signal
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO,
-                          preexec_fn=limit_file_size if max_file_bytes else None)
+                          preexec_fn=_file_size_limit(max_file_bytes))
 
 
 def epoch_records(run_dir: Path) -> list[dict]:

@@ -191,6 +191,27 @@ def test_interrupted_pack_resumes_to_the_same_bytes(tmp_path, sig):
     assert not list(out.glob("*.tmp"))
 
 
+def test_a_full_disk_stops_the_pack_with_one_line_and_a_rerun_finishes_it(tmp_path):
+    from bonedist.data.synth import synth_dataset
+
+    root = tmp_path / "data"
+    synth_dataset(root, n=30, n_val=4, n_test=4, seed=3, size=256, workers=1, progress=False)
+    reference = tmp_path / "reference"
+    pack_dataset(root, reference, PackOptions(size=128, samples_per_shard=10, workers=1, progress=False))
+    smallest = min(p.stat().st_size for p in reference.glob("*.tar"))
+    out = tmp_path / "out"
+    args = ["pack", str(root), "--out", str(out), "--size", "128", "--samples-per-shard", "10", "--workers", "2",
+            "--quiet"]
+    full = run_cli(*args, max_file_bytes=smallest // 2)  # no shard fits: the write fails as on a full disk
+    assert full.returncode == 2, full.stderr
+    assert "cannot write" in full.stderr and "train-000000.tar.tmp" in full.stderr and "GiB free" in full.stderr
+    assert "re-run the same command" in full.stderr and "Traceback" not in full.stderr
+    assert not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert _tar_bytes(out) == _tar_bytes(reference)
+
+
 @pytest.mark.realdata
 def test_real_rsna_sample_packs_completely(tmp_path):
     manifest, code = pack_dataset(RSNA_SAMPLE, tmp_path / "rsna", PackOptions(size=256, workers=2, progress=False))

@@ -27,7 +27,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from bonedist import BonedistError, __version__
+from bonedist import BonedistError, __version__, free_gib, storage_full
 from bonedist.data.images import PNG_COMPRESSION, RESIZE_MODES, ImageError, decode_gray8, encode_png, resize_square
 from bonedist.data.layouts import SPLITS, ZIP_SEP, GenericCSV, read_source, read_table
 from bonedist.data.manifest import MANIFEST, age_stats, sha256_file, write_json_atomic
@@ -208,10 +208,16 @@ class _SplitWriter:
     def abort(self) -> None:
         """Drop the open shard: its temp file is deleted, nothing is flushed into it."""
         if self.writer is not None and self.writer.tarstream is not None:
-            self.writer.tarstream.tarstream.closed = True  # stop tarfile.__del__ from writing into a closed file
+            tar = self.writer.tarstream.tarstream
+            tar.closed = True  # stop tarfile (and its stream's __del__) from writing into a closed file
+            if hasattr(tar.fileobj, "closed"):
+                tar.fileobj.closed = True
             self.writer.tarstream = None
         if self.handle is not None and not self.handle.closed:
-            self.handle.close()
+            try:
+                self.handle.close()
+            except OSError:  # flushing the buffer fails again when the disk is full: the file goes anyway
+                pass
             Path(self.handle.name).unlink(missing_ok=True)
 
 
@@ -297,11 +303,17 @@ def _run_workers(root, by_split, state, save_state, options, workers, out) -> No
                 bar.update(1)
             writer.close(len(records))
             writer = None
-    except BaseException:
+    except BaseException as exc:
+        shard = writer.handle.name if writer is not None and writer.handle is not None else None
         if writer is not None:
             writer.abort()
         if pool is not None:
             pool.terminate()
+        if (reason := storage_full(exc)) is not None:
+            complete = sum(len(shards) for shards in state["splits"].values())
+            raise BonedistError(f"cannot write {shard or out}: {reason} ({free_gib(out):.1f} GiB free there); "
+                                f"{complete} complete shard{'' if complete == 1 else 's'} kept; free some space and "
+                                f"re-run the same command to resume") from exc
         raise
     finally:
         bar.close()

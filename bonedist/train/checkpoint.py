@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bonedist import BonedistError
+from bonedist import BonedistError, free_gib
 
 STEP_PREFIX = "step-"
 
@@ -33,13 +33,6 @@ def git_revision() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _free_gib(path: Path) -> float:
-    try:
-        return shutil.disk_usage(path).free / 2**30
-    except OSError:
-        return float("nan")
 
 
 def _write_folder_atomic(target: Path, files: dict[str, object]) -> None:
@@ -61,7 +54,7 @@ def _write_folder_atomic(target: Path, files: dict[str, object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
         raise BonedistError(
-            f"cannot write {target}: {reason} ({_free_gib(target.parent):.1f} GiB free there). Free some space "
+            f"cannot write {target}: {reason} ({free_gib(target.parent):.1f} GiB free there). Free some space "
             f"(or lower --keep-last) and re-run the same command: training resumes from the last complete "
             f"checkpoint") from exc
     old = target.parent / f".old-{target.name}"

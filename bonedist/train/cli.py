@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from bonedist import BonedistError
+from bonedist import BonedistError, storage_full
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,3 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bonedist train: interrupted; run again with --resume auto to continue from the last checkpoint",
               file=sys.stderr)
         return 130
+    except OSError as exc:
+        if (reason := storage_full(exc)) is None:
+            raise
+        print(f"bonedist train: error: {reason}; free some space and run again (--resume auto continues from the "
+              f"last checkpoint)", file=sys.stderr)
+        return 2
