@@ -2,6 +2,7 @@
 
 import errno as _errno
 import shutil as _shutil
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -26,3 +27,21 @@ def free_gib(path) -> float:
         return _shutil.disk_usage(path).free / 2**30
     except OSError:
         return float("nan")
+
+
+def run_command(command: str, run, resume: str = "re-run the same command to resume") -> int:
+    """Run a CLI command; a user error, Ctrl-C or a full disk ends in one line on stderr (exit 2, 130, 2)."""
+    try:
+        return run()
+    except BonedistError as exc:
+        print(f"bonedist {command}: error: {exc}", file=_sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bonedist {command}: interrupted; finished work is kept, {resume}", file=_sys.stderr)
+        return 130
+    except OSError as exc:
+        if (reason := storage_full(exc)) is None:
+            raise
+        print(f"bonedist {command}: error: {reason}; finished work is kept, free some space and {resume}",
+              file=_sys.stderr)
+        return 2

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bonedist import BonedistError, __version__, storage_full
+from bonedist import __version__, run_command
 
 
 def _add_synth(sub) -> None:
@@ -372,21 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except BonedistError as exc:
-        print(f"bonedist {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"bonedist {args.command}: interrupted; finished work is kept, re-run the same command to resume",
-              file=sys.stderr)
-        return 130
-    except OSError as exc:
-        if (reason := storage_full(exc)) is None:
-            raise
-        print(f"bonedist {args.command}: error: {reason}; finished work is kept, free some space and re-run the "
-              f"same command to resume", file=sys.stderr)
-        return 2
+    return run_command(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

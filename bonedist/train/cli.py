@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from bonedist import BonedistError, storage_full
+from bonedist import BonedistError, run_command
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -133,18 +132,5 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bonedist.train", description=__doc__)
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_train(args)
-    except BonedistError as exc:
-        print(f"bonedist train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bonedist train: interrupted; run again with --resume auto to continue from the last checkpoint",
-              file=sys.stderr)
-        return 130
-    except OSError as exc:
-        if (reason := storage_full(exc)) is None:
-            raise
-        print(f"bonedist train: error: {reason}; free some space and run again (--resume auto continues from the "
-              f"last checkpoint)", file=sys.stderr)
-        return 2
+    return run_command("train", lambda: run_train(args),
+                       resume="run again with --resume auto to continue from the last checkpoint")
