@@ -151,3 +151,70 @@ def test_generic_csv_bad_column_flag_names_the_flag(tmp_path):
     (tmp_path / "meta.csv").write_text("id,boneage,male\n1,2,M\n")
     with pytest.raises(BonedistError, match="--age-col"):
         read_table(tmp_path, generic=GenericCSV(csv=Path("meta.csv"), age_col="age"))
+
+
+def _xlsx(path: Path, ids, ages, sexes) -> None:
+    pd.DataFrame({"Case ID": ids, "Sex": sexes, "Ground truth bone age (months)": ages}).to_excel(path, index=False)
+
+
+def test_official_rsna_names_are_found_however_unpacked(tmp_path):
+    """RSNA's own downloads: `Bone Age Training Set`, `Bone Age Validation Set`, `Bone Age Test Set/Test Set
+    Images`, one of them still zipped, none named like Kaggle's folders."""
+    _images(tmp_path / "Bone Age Training Set" / "boneage-training-dataset", [10, 11])
+    (tmp_path / "Bone Age Training Set" / "train.csv").write_text("id,boneage,male\n10,100,True\n11,50,False\n")
+    with zipfile.ZipFile(tmp_path / "Bone Age Validation Set.zip", "w") as zf:
+        zf.writestr("Bone Age Validation Set/20.png", _png_bytes())
+    (tmp_path / "Validation Dataset.csv").write_text("Image ID,male,Bone Age (months)\n20,TRUE,30\n")
+    _images(tmp_path / "Bone Age Test Set" / "Test Set Images", [30, 31])
+    _xlsx(tmp_path / "Bone Age Test Set" / "Bone age ground truth.xlsx", [30, 31], [12.5, 180.0], ["M", "F"])
+    table = read_table(tmp_path)
+    rows = _by_id(table)
+    assert {k: r["split"] for k, r in rows.items()} == {"10": "train", "11": "train", "20": "validation",
+                                                        "30": "test", "31": "test"}
+    assert rows["30"]["source"] == "Bone Age Test Set/Test Set Images/30.png"
+    assert rows["20"]["source"] == "Bone Age Validation Set.zip!Bone Age Validation Set/20.png"
+    assert not table.skipped and not table.errors
+
+
+def test_an_id_in_several_places_goes_to_its_split_or_is_reported_ambiguous(tmp_path):
+    _images(tmp_path / "Bone Age Training Set", [1])
+    _images(tmp_path / "Test Set Images", [1])  # the same id in a test folder: the training table takes its own
+    (tmp_path / "train.csv").write_text("id,boneage,male\n1,100,True\n2,100,True\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "2.png").write_bytes(_png_bytes() + b"different")  # same score, other bytes
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "2.png").write_bytes(_png_bytes())
+    table = read_table(tmp_path)
+    rows = _by_id(table)
+    assert rows["1"]["source"] == "Bone Age Training Set/1.png"
+    assert "2" not in rows
+    assert "image 2 is ambiguous" in table.skipped[0]["reason"] and "other/2.png" in table.skipped[0]["reason"]
+
+
+def test_a_labelled_table_without_any_image_is_an_error(tmp_path):
+    _images(tmp_path / "boneage-training-dataset", [1])
+    (tmp_path / "boneage-training-dataset.csv").write_text("id,boneage,male\n1,100,True\n")
+    _xlsx(tmp_path / "Bone age ground truth.xlsx", [4360, 4361], [12.5, 180.0], ["M", "F"])
+    table = read_table(tmp_path)
+    assert len(table.errors) == 1 and "Bone age ground truth.xlsx: none of its 2 images was found" in table.errors[0]
+
+
+def test_links_and_image_dirs_outside_the_root_are_refused(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    _images(outside, [7, 8])
+    _images(root / "imgs", [1])
+    (root / "imgs" / "7.png").symlink_to(outside / "7.png")  # a file link out
+    (root / "imgs" / "sub").symlink_to(outside, target_is_directory=True)  # a folder link out
+    (root / "meta.csv").write_text("id,boneage,male\n1,10,M\n7,10,M\n8,10,M\n")
+    table = read_table(root, generic=GenericCSV(csv=Path("meta.csv"), image_dir="imgs"))
+    assert list(table.records["id"]) == ["1"]
+    assert any("outside the data root" in e["reason"] for e in table.skipped)
+    for image_dir in ("../outside", str(outside)):
+        with pytest.raises(BonedistError, match="--image-dir .* outside the data root"):
+            read_table(root, generic=GenericCSV(csv=Path("meta.csv"), image_dir=image_dir))
+    # the official layouts: a link out of the root is not followed either
+    (root / "boneage-training-dataset").mkdir()
+    (root / "boneage-training-dataset" / "8.png").symlink_to(outside / "8.png")
+    (root / "boneage-training-dataset.csv").write_text("id,boneage,male\n8,10,True\n")
+    table = read_table(root)
+    assert "link to outside the data root" in table.skipped[0]["reason"]

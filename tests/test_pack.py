@@ -223,3 +223,74 @@ def test_real_rsna_sample_packs_completely(tmp_path):
     sample = next(iter(wds.WebDataset(urls, shardshuffle=False, empty_check=False)))
     meta = json.loads(sample["json"])
     assert meta["orig_height"] > 300 and meta["size"] == 256
+
+
+def _rsna_official_layout(root: Path) -> dict[str, list[str]]:
+    """The real sample radiographs laid out as RSNA distributes them: 20 in `Bone Age Training Set` (train.csv),
+    6 in `Bone Age Test Set/Test Set Images` with `Bone age ground truth.xlsx`."""
+    import pandas as pd
+
+    table = pd.read_csv(RSNA_SAMPLE / "boneage-training-dataset.csv", dtype=str)
+    train, test = table.iloc[:20], table.iloc[20:]
+    folders = {"train": root / "Bone Age Training Set" / "boneage-training-dataset",
+               "test": root / "Bone Age Test Set" / "Test Set Images"}
+    for split, rows in (("train", train), ("test", test)):
+        folders[split].mkdir(parents=True)
+        for image_id in rows["id"]:
+            (folders[split] / f"{image_id}.png").write_bytes(
+                (RSNA_SAMPLE / "boneage-training-dataset" / f"{image_id}.png").read_bytes())
+    train.to_csv(root / "Bone Age Training Set" / "train.csv", index=False)
+    pd.DataFrame({"Case ID": test["id"].astype(int), "Sex": ["M" if m == "True" else "F" for m in test["male"]],
+                  "Ground truth bone age (months)": test["boneage"].astype(float) + 0.25}).to_excel(
+        root / "Bone Age Test Set" / "Bone age ground truth.xlsx", index=False)
+    return {"train": list(train["id"]), "test": list(test["id"])}
+
+
+@pytest.mark.realdata
+def test_the_official_rsna_test_layout_packs_its_labelled_test_split(tmp_path):
+    ids = _rsna_official_layout(tmp_path / "rsna")
+    manifest, code = pack_dataset(tmp_path / "rsna", tmp_path / "out", PackOptions(size=128, workers=2,
+                                                                                    progress=False))
+    assert code == 0 and manifest["skipped"] == []
+    test = manifest["splits"]["test"]
+    assert test["count"] == test["labeled"] == 6
+    assert sorted(s[0] for shard in test["shards"] for s in shard["samples"]) == sorted(ids["test"])
+    assert manifest["splits"]["train"]["count"] == 20
+    # the same table without its images: an error naming the table, not a silently missing split
+    for png in (tmp_path / "rsna" / "Bone Age Test Set" / "Test Set Images").glob("*.png"):
+        png.unlink()
+    result = run_cli("pack", str(tmp_path / "rsna"), "--out", str(tmp_path / "out2"), "--size", "64", "--quiet")
+    assert result.returncode == 1 and not (tmp_path / "out2" / "manifest.json").exists()
+    assert "Bone age ground truth.xlsx: none of its 6 images was found" in result.stderr
+
+
+def test_hostile_inputs_pack_exactly_the_valid_images(tmp_path):
+    """16-bit, palette, RGB and gray+alpha PNGs pack; a 1x1, a blank and an all-white image, a duplicate id and
+    a row of a BOM-prefixed CSV with extra columns are handled, every rejection listed with its reason."""
+    from PIL import Image
+
+    root = tmp_path / "root"
+    folder = root / "boneage-training-dataset"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    hand = (rng.random((120, 100)) * 200 + 20).astype(np.uint8)  # textured: anything but a flat tone
+    cv2.imwrite(str(folder / "1.png"), hand.astype(np.uint16) * 257)                    # 16-bit
+    Image.fromarray(hand).convert("P").save(folder / "2.png")                          # palette
+    cv2.imwrite(str(folder / "3.png"), np.dstack([hand, hand // 2, hand]))             # RGB
+    Image.fromarray(np.dstack([hand, np.full_like(hand, 255)]), "LA").save(folder / "4.png")  # gray + alpha
+    cv2.imwrite(str(folder / "5.png"), np.zeros((1, 1), np.uint8))                     # 1x1
+    cv2.imwrite(str(folder / "6.png"), np.zeros((500, 600), np.uint8))                 # blank
+    cv2.imwrite(str(folder / "7.png"), np.full((500, 600), 255, np.uint8))             # all white
+    rows = ["id,boneage,male,site,notes", "1,100,True,a,x", "2,110,False,b,", "3,120,True,c,y", "4,130,False,d,",
+            "5,140,True,e,", "6,150,False,f,", "7,160,True,g,", "2,111,True,h,dup"]
+    (root / "boneage-training-dataset.csv").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode() + b"\n")
+    manifest, code = pack_dataset(root, tmp_path / "out", PackOptions(**OPTS))
+    assert code == 0
+    samples = manifest["splits"]["train"]["shards"][0]["samples"]
+    assert sorted(s[0] for s in samples) == ["1", "2", "3", "4"]
+    reasons = {entry["source"]: entry["reason"] for entry in manifest["skipped"]}
+    assert len(reasons) == 4, reasons
+    assert "too small (1x1" in reasons[f"{folder.name}/5.png"]
+    assert "blank or near-constant" in reasons[f"{folder.name}/6.png"]
+    assert "blank or near-constant" in reasons[f"{folder.name}/7.png"]
+    assert "duplicate id 2" in reasons["boneage-training-dataset.csv row 9"]

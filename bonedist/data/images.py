@@ -113,3 +113,19 @@ def decode_png_gray8(data: bytes) -> np.ndarray:
     if image is None:
         raise ImageError("corrupt PNG in shard")
     return image
+
+
+MIN_CONTRAST = 8  # gray levels between the 1st and 99th percentile; real radiographs span well over a hundred
+
+
+def not_a_radiograph(image: np.ndarray) -> str | None:
+    """Why an 8-bit image cannot be a radiograph (too small; blank, all white, one flat tone), or None."""
+    height, width = image.shape
+    if min(height, width) < 16:
+        return f"image too small ({width}x{height} pixels)"
+    small = image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]  # percentiles on a sample
+    low, high = np.percentile(small, [1, 99])
+    if high - low < MIN_CONTRAST:
+        return (f"blank or near-constant image (98% of its pixels between {low:.0f} and {high:.0f} of 255): "
+                f"not a radiograph")
+    return None

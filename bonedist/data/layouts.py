@@ -9,6 +9,7 @@ row the record came from, for error messages. Rows that cannot be used are retur
 from __future__ import annotations
 
 import math
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -44,11 +45,10 @@ OFFICIAL_LAYOUTS = (
     Layout("rsna-test", "Bone age ground truth.xlsx", "test", "Case ID", "Sex", "Ground truth bone age (months)"),
     Layout("kaggle-test", "boneage-test-dataset.csv", "test", "Case ID", "Sex", None),
 )
-IMAGE_PREFIX = {
-    "train": "boneage-training-dataset",
-    "validation": "boneage-validation-dataset",
-    "test": "boneage-test-dataset",
-}
+# Words that tie a folder or zip to a split, however the download was unpacked: Kaggle's
+# ``boneage-training-dataset``, ``boneage-validation-dataset-1.zip``, ``boneage-test-dataset``; RSNA's
+# ``Bone Age Training Set``, ``Bone Age Validation Set``, ``Bone Age Test Set/Test Set Images``.
+SPLIT_WORDS = {"train": "train", "validation": "valid", "test": "test"}
 
 _TRUE = {"true", "t", "1", "1.0", "m", "male", "yes", "y"}
 _FALSE = {"false", "0", "0.0", "f", "female", "no", "n"}  # "f": False and Female both mean not male
@@ -76,6 +76,7 @@ class Table:
     records: pd.DataFrame
     skipped: list[dict] = field(default_factory=list)
     layouts: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # problems that must stop the pack (no manifest written)
 
 
 def parse_male(value) -> bool | None:
@@ -150,7 +151,8 @@ def read_table(root: str | Path, generic: GenericCSV | None = None, splits: tupl
     if generic is not None:
         rows = _read_generic(root, generic, table)
     else:
-        files = _walk(root)
+        files, outside = _walk(root)
+        images = ImageIndex(root, files, outside)
         found_splits = set()
         for layout in OFFICIAL_LAYOUTS:
             matches = [f for f in files if f.name.lower() == layout.filename.lower()]
@@ -161,7 +163,7 @@ def read_table(root: str | Path, generic: GenericCSV | None = None, splits: tupl
                 table.layouts.append({"split": layout.split, "layout": layout.name, "file": _rel(root, path),
                                       "used": False, "note": "another file of this split was read first"})
                 continue
-            split_rows = _read_official(root, path, layout, files, table)
+            split_rows = _read_official(root, path, layout, images, table)
             if split_rows is None:
                 continue
             found_splits.add(layout.split)
@@ -178,8 +180,10 @@ def read_table(root: str | Path, generic: GenericCSV | None = None, splits: tupl
     return table
 
 
-def _walk(root: Path) -> list[Path]:
-    out = []
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    """Files up to ``MAX_DEPTH`` folders below ``root``, and the links among them that point outside it."""
+    out, outside = [], []
+    resolved_root = root.resolve()
     stack = [(root, 0)]
     while stack:
         folder, depth = stack.pop()
@@ -188,11 +192,13 @@ def _walk(root: Path) -> list[Path]:
         except OSError:
             continue
         for entry in entries:
-            if entry.is_dir() and depth < MAX_DEPTH and not entry.name.startswith("."):
+            if entry.is_symlink() and not entry.resolve().is_relative_to(resolved_root):
+                outside.append(entry)
+            elif entry.is_dir() and depth < MAX_DEPTH and not entry.name.startswith("."):
                 stack.append((entry, depth + 1))
             elif entry.is_file():
                 out.append(entry)
-    return sorted(out)
+    return sorted(out), sorted(outside)
 
 
 def _rel(root: Path, path: Path) -> str:
@@ -202,7 +208,8 @@ def _rel(root: Path, path: Path) -> str:
 def _load_frame(path: Path) -> pd.DataFrame:
     if path.suffix.lower() in (".xlsx", ".xls"):
         return pd.read_excel(path, sheet_name=0, dtype=object)
-    return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    # utf-8-sig: a table saved by Excel starts with a byte-order mark that would otherwise stick to the first column
+    return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
 
 
 def _find_column(frame: pd.DataFrame, name: str) -> str | None:
@@ -213,7 +220,7 @@ def _find_column(frame: pd.DataFrame, name: str) -> str | None:
     return None
 
 
-def _read_official(root: Path, path: Path, layout: Layout, files: list[Path], table: Table) -> list[dict] | None:
+def _read_official(root: Path, path: Path, layout: Layout, images: ImageIndex, table: Table) -> list[dict] | None:
     rel = _rel(root, path)
     try:
         frame = _load_frame(path)
@@ -228,8 +235,7 @@ def _read_official(root: Path, path: Path, layout: Layout, files: list[Path], ta
                                                       f"a {layout.name} table needs {wanted}"})
         return None
     table.layouts.append({"split": layout.split, "layout": layout.name, "file": rel, "used": True})
-    images = index_images(root, files, IMAGE_PREFIX[layout.split])
-    rows = []
+    rows, missing = [], 0
     for i, raw in enumerate(frame.to_dict("records")):
         origin = f"{rel} row {i + 2}"
         image_id = normalise_id(raw[columns[layout.id_col]])
@@ -238,13 +244,16 @@ def _read_official(root: Path, path: Path, layout: Layout, files: list[Path], ta
                          labeled=layout.age_col is not None, table=table)
         if record is None:
             continue
-        source = images.get(image_id)
+        source, why = images.find(image_id, layout.split)
         if source is None:
-            table.skipped.append({"source": origin, "reason": f"image {image_id}.png not found under "
-                                                              f"{IMAGE_PREFIX[layout.split]}* folders or zips"})
+            table.skipped.append({"source": origin, "reason": why})
+            missing += 1
             continue
         record["source"] = source
         rows.append(record)
+    if layout.age_col and missing and not rows:  # a labelled split must not vanish in silence
+        table.errors.append(f"{rel}: none of its {missing} images was found under {root} (looked for <id>.png "
+                            f"or .jpg in every folder and zip up to {MAX_DEPTH} levels deep)")
     return rows
 
 
@@ -267,30 +276,57 @@ def _record(image_id, split, age_value, sex_value, origin, labeled, table) -> di
             "origin": origin}
 
 
-def index_images(root: Path, files: list[Path], prefix: str) -> dict[str, str]:
-    """Map image id (file stem) → source, over folders and zips named like the split's official image set.
+class ImageIndex:
+    """Every image file under the root, in folders or zips, by id (file stem); found once, matched per table.
 
-    Extracted folders win over zips holding the same image, so an extracted copy is read without unzipping.
+    An id found in several places is resolved by where it lies: a folder or zip named for the table's split
+    (``SPLIT_WORDS``) wins over one named for another split or none, and an extracted file over a zip member. Copies
+    of the same size are the same image; otherwise the id is ambiguous and reported with every place it was found.
     """
-    folder_hits: dict[str, str] = {}
-    zip_hits: dict[str, str] = {}
-    prefix = prefix.lower()
-    for path in files:
-        rel_parts = path.relative_to(root).parts
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES and any(part.lower().startswith(prefix) for part in rel_parts[:-1]):
-            folder_hits.setdefault(path.stem, _rel(root, path))
-        elif suffix == ".zip" and path.name.lower().startswith(prefix):
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    names = zf.namelist()
-            except (zipfile.BadZipFile, OSError):
-                continue
-            for name in names:
-                member = PurePosixPath(name)
-                if member.suffix.lower() in IMAGE_SUFFIXES and not member.name.startswith("."):
-                    zip_hits.setdefault(member.stem, f"{_rel(root, path)}{ZIP_SEP}{name}")
-    return {**zip_hits, **folder_hits}
+
+    def __init__(self, root: Path, files: list[Path], outside: list[Path] = ()):
+        self.candidates: dict[str, list[tuple[str, int]]] = {}  # id -> [(source, size)]
+        for path in files:
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES and not path.name.startswith("."):
+                self._add(path.stem, _rel(root, path), path.stat().st_size)
+            elif suffix == ".zip":
+                try:
+                    with zipfile.ZipFile(path) as zf:
+                        members = [(info.filename, info.file_size) for info in zf.infolist()]
+                except (zipfile.BadZipFile, OSError):
+                    continue
+                for name, size in members:
+                    member = PurePosixPath(name)
+                    if member.suffix.lower() in IMAGE_SUFFIXES and not member.name.startswith("."):
+                        self._add(member.stem, f"{_rel(root, path)}{ZIP_SEP}{name}", size)
+        self.outside = {p.stem: _rel(root, p) for p in outside if p.suffix.lower() in IMAGE_SUFFIXES}
+
+    def _add(self, image_id: str, source: str, size: int) -> None:
+        self.candidates.setdefault(image_id, []).append((source, size))
+
+    def find(self, image_id: str, split: str) -> tuple[str | None, str | None]:
+        """``(source, None)``, or ``(None, reason)`` when the image is missing or ambiguous."""
+        found = self.candidates.get(image_id, [])
+        if not found:
+            if image_id in self.outside:
+                return None, f"image {image_id}: {self.outside[image_id]} is a link to outside the data root"
+            return None, f"image {image_id}.png not found under the data root (folders and zips)"
+        scored = sorted(((_place_score(source, split), source, size) for source, size in found),
+                        key=lambda t: (-t[0], t[1]))
+        best = [t for t in scored if t[0] == scored[0][0]]
+        if len({size for _, _, size in best}) > 1:
+            places = ", ".join(source for _, source, _ in best)
+            return None, f"image {image_id} is ambiguous: different files at {places}"
+        return best[0][1], None
+
+
+def _place_score(source: str, split: str) -> int:
+    """How well a file's folders (or zip) fit ``split``: named for it 2, for another split -2; extracted +1."""
+    parts = [re.sub(r"[^a-z]", "", part.lower()) for part in PurePosixPath(source.replace(ZIP_SEP, "/")).parts[:-1]]
+    mine = any(SPLIT_WORDS[split] in part for part in parts)
+    other = any(word in part for name, word in SPLIT_WORDS.items() if name != split for part in parts)
+    return (2 if mine else -2 if other else 0) + (0 if ZIP_SEP in source else 1)
 
 
 def _read_generic(root: Path, spec: GenericCSV, table: Table) -> list[dict]:
@@ -317,14 +353,23 @@ def _read_generic(root: Path, spec: GenericCSV, table: Table) -> list[dict]:
     table.layouts.append({"split": spec.split_col or spec.split, "layout": "generic-csv", "file": str(csv),
                           "used": True})
     images = {}
+    resolved_root = root.resolve()
     if spec.path_col is None:
         image_dir = root / (spec.image_dir or ".")
+        if not image_dir.resolve().is_relative_to(resolved_root):
+            raise BonedistError(f"--image-dir {spec.image_dir}: outside the data root {root}; images are read "
+                                f"only from inside it (pass the folder that holds both as ROOT)")
         if not image_dir.is_dir():
             raise BonedistError(f"--image-dir {spec.image_dir}: not a folder under {root}")
-        files = [p for p in image_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-        images = {p.stem: _rel(root, p) for p in sorted(files)}
+        for path in sorted(image_dir.rglob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                continue
+            source = _safe_path(root, resolved_root, _rel(root, path))
+            if source is None:
+                table.skipped.append({"source": _rel(root, path), "reason": "a link to outside the data root"})
+            else:
+                images.setdefault(path.stem, source)
     rows = []
-    resolved_root = root.resolve()
     for i, raw in enumerate(frame.to_dict("records")):
         origin = f"{rel_csv} row {i + 2}"
         split = str(raw[columns["--split-col"]]).strip().lower() if spec.split_col else spec.split

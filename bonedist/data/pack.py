@@ -3,7 +3,7 @@
     bonedist pack /data/rsna --out shards/rsna --size 500 --resize pad
 
 Guarantees:
-- deterministic: the same inputs and flags give byte-identical shards (sorted ids, fixed tar metadata);
+- deterministic: the same inputs and flags give byte-identical shards (a fixed sample order, fixed tar metadata);
 - atomic: a shard is written as ``NAME.tar.tmp`` and renamed when complete; ``manifest.json`` is written last
   (and removed first), so an interrupted pack never looks finished;
 - resumable: ``.pack-state.json`` records each completed shard with its checksum; re-running the same command
@@ -19,18 +19,27 @@ import os
 import signal
 import sys
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
 from bonedist import BonedistError, __version__, free_gib, storage_full
-from bonedist.data.images import PNG_COMPRESSION, RESIZE_MODES, ImageError, decode_gray8, encode_png, resize_square
+from bonedist.data.holdout import carve_holdout
+from bonedist.data.images import (
+    PNG_COMPRESSION,
+    RESIZE_MODES,
+    ImageError,
+    decode_gray8,
+    encode_png,
+    not_a_radiograph,
+    resize_square,
+)
 from bonedist.data.layouts import SPLITS, ZIP_SEP, GenericCSV, read_source, read_table
 from bonedist.data.manifest import MANIFEST, age_stats, sha256_file, write_json_atomic
+from bonedist.progress import progress
 
 STATE = ".pack-state.json"
 FORMAT = "bonedist-shards/1"
@@ -47,6 +56,8 @@ class PackOptions:
     strict: bool = False
     splits: tuple[str, ...] = SPLITS
     progress: bool = True
+    holdout: dict = field(default_factory=dict)  # {"validation": 600, "test": 0.1}: carved from train (holdout.py)
+    holdout_seed: int = 0
 
     def __post_init__(self):
         if not 32 <= self.size <= 4096:
@@ -60,6 +71,8 @@ class PackOptions:
         unknown = set(self.splits) - set(SPLITS)
         if unknown:
             raise BonedistError(f"--splits: unknown {sorted(unknown)}; choose from {', '.join(SPLITS)}")
+        if self.holdout and "train" not in self.splits:
+            raise BonedistError("--holdout carves from the train split, which --splits leaves out")
 
 
 def default_workers() -> int:
@@ -91,8 +104,8 @@ def prepare_sample(record: dict) -> tuple[dict | None, str | None]:
     except ImageError as exc:
         return None, str(exc)
     height, width = image.shape
-    if min(height, width) < 16:
-        return None, f"image too small ({width}x{height} pixels)"
+    if (why := not_a_radiograph(image)) is not None:
+        return None, why
     resized, geometry = resize_square(image, _worker["size"], _worker["resize"])
     meta = {
         "id": record["id"],
@@ -122,6 +135,15 @@ def _prepare_indexed(item: tuple[int, dict]) -> tuple[int, dict | None, str | No
 
 def _natural_key(image_id: str):
     return (0, int(image_id), "") if image_id.isdigit() else (1, 0, image_id)
+
+
+def _order_key(split: str):
+    """Sample order in the shards. Validation and test: by id, as reports list them. Training: a fixed shuffle
+    (by a hash of the id), so that every shard is a sample of the whole split: ids cluster by hospital (RSNA ids
+    below ~4200 have half the contrast of the rest), and a stream reads a few shards at a time."""
+    if split == "train":
+        return lambda r: hashlib.sha256(r["key"].encode()).hexdigest()
+    return lambda r: _natural_key(r["id"])
 
 
 def _fingerprint(root: Path, records: list[dict], options: PackOptions) -> str:
@@ -256,8 +278,10 @@ def pack_dataset(root: str | Path, out: str | Path, options: PackOptions | None 
     for record in records:
         if record["boneage_months"] is not None and np.isnan(record["boneage_months"]):
             record["boneage_months"] = None
-    by_split = {split: sorted((r for r in records if r["split"] == split), key=lambda r: _natural_key(r["id"]))
-                for split in SPLITS}
+    for split, count in carve_holdout(records, options.holdout, options.holdout_seed).items():
+        table.layouts.append({"split": split, "layout": "holdout", "file": f"{count} training records, stratified "
+                              f"by sex and age (seed {options.holdout_seed})", "used": True})
+    by_split = {split: sorted((r for r in records if r["split"] == split), key=_order_key(split)) for split in SPLITS}
     ordered = [r for split in SPLITS for r in by_split[split]]
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder does not look finished
@@ -286,8 +310,7 @@ def _run_workers(root, by_split, state, save_state, options, workers, out) -> No
     pool = mp.get_context("fork").Pool(workers, _init_worker, init_args) if workers > 1 else None
     if pool is None:
         _init_worker(*init_args)
-    bar = tqdm(total=total + done_before, initial=done_before, desc="pack", unit="img", disable=not options.progress,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress(total + done_before, "pack", "img", enabled=options.progress, initial=done_before)
     writer = None
     try:
         for split, start, records in todo:
@@ -361,6 +384,8 @@ def _finish(root: Path, out: Path, table, state: dict, options: PackOptions, by_
         "totals": {"packed": packed, "skipped": len(skipped)},
         "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "progress")},
     }
+    if table.errors:
+        return manifest, _report(out, manifest, "; ".join(table.errors) + "; no manifest written", code=1)
     if packed == 0:
         return manifest, _report(out, manifest, "nothing valid to pack; no manifest written", code=1)
     if options.strict and skipped:
