@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import string
-import sys
 import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from bonedist import BonedistError
+from bonedist.progress import progress as progress_bar
 
 FEMALE_ADVANCE_MONTHS = 18.0
 MAX_AGE = 228.0
@@ -237,8 +236,11 @@ def synth_dataset(out: str | Path, n: int = 400, n_val: int | None = None, n_tes
     pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(jobs) > 8 else None
     try:
         results = pool.imap(_render_png, jobs, chunksize=4) if pool else map(_render_png, jobs)
-        pngs = dict(zip((j[0] for j in jobs), tqdm(results, total=len(jobs), desc="synth", unit="img",
-                                                     disable=not progress, file=sys.stderr)))
+        bar, pngs = progress_bar(len(jobs), "synth", "img", enabled=progress), {}
+        for job, png in zip(jobs, results):
+            pngs[job[0]] = png
+            bar.update(1)
+        bar.close()
     finally:
         if pool:
             pool.close()
