@@ -9,57 +9,68 @@ seeded draw per step, so nothing waits on DataLoader workers. Sampling matches t
 from __future__ import annotations
 
 import math
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from bonedist.data.images import decode_png_gray8
 from bonedist.data.sampling import SplitIndex, balance_weights
+from bonedist.data.stream import decode_sample, read_shard
+from bonedist.progress import progress as progress_bar
 
 
-def _read_shard(path: str) -> dict[str, bytes]:
-    with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+def _decode_shard(path: str, keys: list[str], wanted: dict[str, int], images: torch.Tensor, bar) -> None:
+    """Decode the members of one shard that are ``wanted`` (key → row of ``images``) into ``images``; the shard is
+    checked against its manifest ``keys`` as the stream checks it (``read_shard``)."""
+    for sample in read_shard(path, keys):
+        row = wanted.get(sample["__key__"])
+        if row is not None:
+            images[row, 0] = decode_sample(sample)["image"][0]
+            bar.update(1)
 
 
 class DeviceCache:
-    """All images of a split as one (N, 1, H, W) uint8 tensor on ``device``, in manifest order."""
+    """Images of a split (or of ``positions`` in it) as one (N, 1, H, W) uint8 tensor on ``device``.
 
-    def __init__(self, shard_dir: str | Path, index: SplitIndex, device: torch.device | str, threads: int = 8,
-                 progress: bool = True):
+    Rows follow manifest order (or the order of ``positions``); shards are decoded one per thread, so memory holds
+    the decoded images and a few shards' bytes, never the whole split's PNGs.
+    """
+
+    def __init__(self, shard_dir: str | Path, index: SplitIndex, device: torch.device | str, image_size: int,
+                 threads: int = 8, progress: bool = True, positions: list[int] | None = None):
         self.index = index
         self.device = torch.device(device)
-        members: dict[str, bytes] = {}
-        paths = [str(Path(shard_dir) / name) for name in index.shard_names]
+        rows = list(range(len(index))) if positions is None else [int(p) for p in positions]
+        starts = np.cumsum([0, *index.shard_counts])
+        per_shard: dict[int, dict[str, int]] = {}
+        for row, position in enumerate(rows):
+            shard = int(np.searchsorted(starts, position, side="right")) - 1
+            per_shard.setdefault(shard, {})[index.keys[position]] = row
+        images = torch.zeros((len(rows), 1, image_size, image_size), dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")
+        bar = progress_bar(len(rows), "cache", "img", enabled=progress)
         with ThreadPoolExecutor(max(1, threads)) as pool:  # tar reads and cv2 decodes release the GIL
-            for shard in pool.map(_read_shard, paths):
-                members.update(shard)
-            bar = tqdm(total=len(index), desc="cache", unit="img", disable=not progress, dynamic_ncols=True)
-            first = decode_png_gray8(members[f"{index.keys[0]}.png"]) if len(index) else np.zeros((1, 1), np.uint8)
-            images = torch.empty((len(index), 1, *first.shape), dtype=torch.uint8,
-                                 pin_memory=self.device.type == "cuda")
-
-            def decode(i: int) -> None:
-                images[i, 0] = torch.from_numpy(decode_png_gray8(members[f"{index.keys[i]}.png"]))
-                bar.update(1)
-
-            list(pool.map(decode, range(len(index))))
-            bar.close()
+            keys = index.shard_keys()
+            jobs = [pool.submit(_decode_shard, str(Path(shard_dir) / index.shard_names[shard]), keys[shard], wanted,
+                                images, bar) for shard, wanted in sorted(per_shard.items())]
+            for job in jobs:
+                job.result()
+        bar.close()
+        self.positions = torch.tensor(rows, dtype=torch.long)
         self.images = images.to(self.device, non_blocking=True)  # (N, 1, H, W) uint8
-        self.male = torch.from_numpy(index.male.astype(np.float32)).to(self.device)
-        self.age = torch.from_numpy(index.age).to(self.device)
+        self.male = torch.from_numpy(index.male[rows].astype(np.float32)).to(self.device)
+        self.age = torch.from_numpy(index.age[rows]).to(self.device)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def batch(self, positions: torch.Tensor) -> dict:
-        positions = positions.to(self.device)
-        return {"image": self.images[positions], "male": self.male[positions], "age": self.age[positions],
-                "index": positions, "key": [self.index.keys[i] for i in positions.tolist()]}
+    def batch(self, rows: torch.Tensor) -> dict:
+        """Rows of the cache (= manifest positions when the whole split is cached)."""
+        rows = rows.to(self.device)
+        index = self.positions.to(self.device)[rows]
+        return {"image": self.images[rows], "male": self.male[rows], "age": self.age[rows], "index": index,
+                "key": [self.index.keys[i] for i in index.tolist()]}
 
 
 def nbytes_of_split(index: SplitIndex, image_size: int) -> int:
@@ -82,6 +93,10 @@ class CacheTrainSampler:
         return max(1, math.ceil(self.n / (self.world * self.batch_size)))
 
     def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start: int = 0):
+        """This rank's positions for steps ``start`` onwards of the epoch's draw."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         per_step = self.world * self.batch_size
         steps = len(self)
@@ -91,7 +106,7 @@ class CacheTrainSampler:
             perm = torch.randperm(self.n, generator=g)
             draw = perm.repeat(math.ceil(steps * per_step / self.n))[: steps * per_step]
         draw = draw.view(steps, self.world, self.batch_size)  # (steps, ranks, B)
-        for step in range(steps):
+        for step in range(start, steps):
             yield draw[step, self.rank]
 
 

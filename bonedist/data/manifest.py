@@ -101,6 +101,50 @@ def verify_shards(shards: str | Path, manifest: dict) -> list[str]:
     return problems
 
 
+def _verified_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bonedist" / "verified-shards.json"
+
+
+def check_split_shards(shards: str | Path, manifest: dict, splits: list[str]) -> None:
+    """Every shard of ``splits`` is present and has the checksum the manifest promises, before a run reads it.
+
+    A shard's sha256 is computed once and remembered with its size and modification time (in
+    ``~/.cache/bonedist/verified-shards.json``), so later runs only stat the files.
+
+    Raises:
+        BonedistError: naming the first shard that is missing or changed.
+    """
+    cache_path = _verified_cache_path()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    changed = False
+    for split in splits:
+        for shard in manifest["splits"].get(split, {}).get("shards", []):
+            path = (Path(shards) / shard["name"]).resolve()
+            try:
+                st = path.stat()
+            except OSError:
+                raise BonedistError(f"shard {path} listed in {Path(shards) / MANIFEST} is missing; re-run "
+                                    f"`bonedist pack` to rebuild it") from None
+            stamp = [st.st_size, st.st_mtime_ns, shard["sha256"]]
+            if cache.get(str(path)) == stamp:
+                continue
+            if sha256_file(path) != shard["sha256"]:
+                raise BonedistError(f"shard {path} does not match {Path(shards) / MANIFEST} (sha256 differs: the "
+                                    f"file was changed, cut or corrupted); re-run `bonedist pack` to rebuild it")
+            cache[str(path)], changed = stamp, True
+    if changed:
+        cache = {k: v for k, v in cache.items() if os.path.exists(k)}  # forget shards that are gone
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cache_path, cache)
+        except OSError:
+            pass  # a read-only home: verify again next time
+
+
 def summary_lines(shards: str | Path, manifest: dict) -> list[str]:
     lines = [
         f"{shards}: bonedist {manifest['bonedist_version']} pack of {manifest['source_root']} "

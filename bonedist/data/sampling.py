@@ -27,6 +27,14 @@ class SplitIndex:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def shard_keys(self) -> list[list[str]]:
+        """The keys of each shard, in manifest order."""
+        out, start = [], 0
+        for count in self.shard_counts:
+            out.append(self.keys[start:start + count])
+            start += count
+        return out
+
     @classmethod
     def from_manifest(cls, manifest: dict, split: str) -> SplitIndex:
         if split not in manifest["splits"]:

@@ -10,13 +10,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bonedist import BonedistError
 from bonedist.data.cache import CacheTrainSampler, DeviceCache, cache_eval_positions, nbytes_of_split
-from bonedist.data.manifest import load_manifest
+from bonedist.data.manifest import check_split_shards, load_manifest
 from bonedist.data.sampling import SplitIndex
-from bonedist.data.stream import EvalStream, TrainStream, make_loader
+from bonedist.data.stream import EvalStream, TrainStream, make_loader, raise_shard_errors
 
 DATA_MODES = ("auto", "stream", "cache")
 
@@ -87,8 +88,8 @@ class TrainBatches:
         common = dict(batch_size=cfg.batch_size, rank=rank, world=world, seed=cfg.seed, balanced=cfg.balanced,
                       n_bins=cfg.n_bins, max_age=cfg.max_age)
         if self.mode == "cache":
-            self.cache = DeviceCache(cfg.shards, self.index, device, threads=max(cfg.workers, 2) * 2,
-                                     progress=progress)
+            self.cache = DeviceCache(cfg.shards, self.index, device, manifest["image_size"],
+                                     threads=max(cfg.workers, 2) * 2, progress=progress)
             self.sampler = CacheTrainSampler(self.index, **common)
         else:
             self.stream = TrainStream(cfg.shards, self.index, workers=cfg.workers,
@@ -101,12 +102,23 @@ class TrainBatches:
         return len(self.sampler) if self.mode == "cache" else len(self.stream)
 
     def __iter__(self) -> Iterator[dict]:
+        return self.iterate(0)
+
+    def iterate(self, start: int = 0) -> Iterator[dict]:
+        """This epoch's batches from batch ``start`` on: the same batches an unbroken epoch has there. The cache
+        starts its draw there; the stream reads the skipped samples' bytes but decodes none of them."""
         if self.mode == "cache":
-            for positions in self.sampler:
+            for positions in self.sampler.iterate(start):
                 yield self.cache.batch(positions)
             return
-        for batch in make_loader(self.stream, self.cfg.workers):
-            yield to_device(batch, self.device)
+        self.stream.skip = start
+        try:
+            loader = make_loader(self.stream, self.cfg.workers)
+        finally:
+            self.stream.skip = 0  # workers took their copy
+        for batch in raise_shard_errors(loader):
+            if "skipped" not in batch:
+                yield to_device(batch, self.device)
 
 
 class EvalBatches:
@@ -121,8 +133,8 @@ class EvalBatches:
         self.mode = mode or choose_mode(cfg, self.index, manifest["image_size"], device)[0]
         self.cache = cache
         if self.mode == "cache" and self.cache is None:
-            self.cache = DeviceCache(cfg.shards, self.index, device, threads=max(cfg.workers, 2) * 2,
-                                     progress=progress)
+            self.cache = DeviceCache(cfg.shards, self.index, device, manifest["image_size"],
+                                     threads=max(cfg.workers, 2) * 2, progress=progress)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -134,8 +146,57 @@ class EvalBatches:
             return
         stream = EvalStream(self.cfg.shards, self.index, self.cfg.batch_size, self.rank, self.world,
                             self.cfg.workers)
-        for batch in make_loader(stream, self.cfg.workers):
+        for batch in raise_shard_errors(make_loader(stream, self.cfg.workers)):
             yield to_device(batch, self.device)
+
+
+class SubsetBatches:
+    """A fixed, seeded random sample of a split, as equal full batches on every rank (e.g. for BatchNorm statistics).
+
+    Random rather than the first radiographs: shards follow manifest order, and RSNA ids cluster by hospital. In
+    cache mode the batches come from the split's cache; otherwise the sample is decoded once and kept on the device.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, device: torch.device, count: int, rank: int = 0, world: int = 1,
+                 manifest: dict | None = None, cache: DeviceCache | None = None, seed: int = 0):
+        manifest = manifest or load_manifest(cfg.shards)
+        index = SplitIndex.from_manifest(manifest, split)
+        total = min(count, len(index))
+        per_rank = (total // world) // cfg.batch_size * cfg.batch_size
+        if per_rank == 0:  # fewer radiographs than one batch per rank: one smaller batch each
+            per_rank = max(1, total // world)
+        chosen = np.random.default_rng(seed).choice(len(index), size=total, replace=False)  # whatever the world
+        mine = sorted(int(p) for p in chosen[rank::world][:per_rank])
+        self.batch_size = min(cfg.batch_size, per_rank)
+        if cache is not None:
+            self.cache, self.rows = cache, torch.tensor(mine)
+        else:
+            self.cache = DeviceCache(cfg.shards, index, device, manifest["image_size"],
+                                     threads=max(cfg.workers, 2) * 2, progress=False, positions=mine)
+            self.rows = torch.arange(len(mine))
+
+    def __len__(self) -> int:
+        return len(self.rows) // self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        for rows in self.rows.split(self.batch_size)[: len(self)]:
+            yield self.cache.batch(rows)
+
+
+def verify_pack(shards: str, manifest: dict, splits: list[str], rank: int = 0, world: int = 1) -> None:
+    """``check_split_shards`` on rank 0, its verdict shared with every rank (all stop with the same line)."""
+    problem = None
+    if rank == 0:
+        try:
+            check_split_shards(shards, manifest, splits)
+        except BonedistError as exc:
+            problem = str(exc)
+    if world > 1:
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise BonedistError(problem)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

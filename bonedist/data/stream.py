@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bonedist import BonedistError
 from bonedist.data.images import decode_png_gray8
 from bonedist.data.sampling import SplitIndex, balance_weights
 
@@ -60,10 +62,58 @@ def _slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+class ShardError(BonedistError):
+    """A shard that does not hold what manifest.json promises (missing, extra or undecodable members)."""
+
+
+MEMBERS = ("png", "json")
+
+
+def read_shard(url: str, expected: list[str], ordered: bool = False, notes: bool = True) -> Iterator[dict]:
+    """Raw samples of one shard, checked against the manifest's list of its keys.
+
+    Each sample must be listed (in that order when ``ordered``) and hold a .png and a .json; the shard must end
+    with the last listed sample. Other members (e.g. a stray .pickle) are dropped, never decoded, with a note.
+
+    Raises:
+        ShardError: naming the shard and the member, for anything else (a cut or corrupted tar included).
+    """
+    listed = set(expected)
+    seen = 0
+    try:
+        for sample in wds.tarfile_to_samples()([{"url": url}]):
+            key = sample["__key__"]
+            if key not in listed or (ordered and (seen >= len(expected) or expected[seen] != key)):
+                raise ShardError(f"shard {url}: member {key}.* is not where manifest.json lists it (the shard "
+                                 f"was changed after packing); re-run `bonedist pack`")
+            missing = [m for m in MEMBERS if m not in sample]
+            if missing:
+                raise ShardError(f"shard {url}: sample {key} has no .{missing[0]} member (cut or changed after "
+                                 f"packing); re-run `bonedist pack`")
+            extra = sorted(k for k in sample if not k.startswith("__") and k not in MEMBERS)
+            if extra and notes:
+                print(f"note: shard {url}: ignoring extra member {key}.{extra[0]} (only .png and .json are read)",
+                      file=sys.stderr)
+            seen += 1
+            yield {"__key__": key, "__url__": url, "png": sample["png"], "json": sample["json"]}
+    except ShardError:
+        raise
+    except Exception as exc:  # tarfile and webdataset errors of a cut or corrupted archive
+        raise ShardError(f"shard {url}: unreadable after {seen} samples ({exc.__class__.__name__}: {exc}); re-run "
+                         f"`bonedist pack`") from exc
+    if seen != len(expected):
+        raise ShardError(f"shard {url}: {seen} samples, manifest.json lists {len(expected)} (the shard was cut "
+                         f"short); re-run `bonedist pack`")
+
+
 def decode_sample(sample: dict) -> dict:
     """Raw webdataset sample → uint8 (1, H, W) tensor and labels; nothing but OpenCV decoding on the CPU."""
-    meta = json.loads(sample["json"])
-    image = torch.from_numpy(decode_png_gray8(sample["png"])).unsqueeze(0)  # (1, H, W) uint8
+    try:
+        meta = json.loads(sample["json"])
+        image = torch.from_numpy(decode_png_gray8(sample["png"])).unsqueeze(0)  # (1, H, W) uint8
+    except (ValueError, UnicodeDecodeError) as exc:  # ImageError is a ValueError, as is a JSON error
+        raise ShardError(f"shard {sample.get('__url__', '?')}: sample {sample['__key__']} cannot be decoded "
+                         f"({exc}); re-run `bonedist pack`") from exc
     age = meta["boneage_months"]
     return {"image": image, "male": float(meta["male"]), "age": math.nan if age is None else float(age),
             "key": sample["__key__"], "index": sample.get("__index__", -1)}
@@ -88,11 +138,13 @@ class TrainStream(IterableDataset):
         super().__init__()
         self.urls = [str(Path(shard_dir) / name) for name in index.shard_names]
         self.counts = index.shard_counts
+        self.keys = index.shard_keys()
         self.batch_size, self.rank, self.world, self.workers = batch_size, rank, world, workers
         self.seed, self.balanced, self.shuffle_buffer = seed, balanced, shuffle_buffer
         self.weights = dict(zip(index.keys, balance_weights(index.age, index.male, n_bins, max_age))) \
             if balanced else None
         self.epoch = 0
+        self.skip = 0  # batches of this epoch (all workers together) already trained: read, not decoded
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,12 +164,17 @@ class TrainStream(IterableDataset):
         rng = random.Random(hash((self.seed, self.epoch, slot)))
         np_rng = np.random.default_rng(rng.getrandbits(64))
         plan = self.plan()
-        pipeline = wds.DataPipeline(lambda: self._passes(plan, slot, rng, np_rng), wds.map(decode_sample),
-                                    wds.batched(self.batch_size, collation_fn=collate, partial=False))
-        for i, batch in enumerate(pipeline):
-            if i >= plan.batches_per_slot:
-                break
-            yield batch
+        # The DataLoader takes batch i from worker i % workers: the first `skip` batches hold this many of ours.
+        skip = self.skip // n_workers + (1 if worker < self.skip % n_workers else 0)
+        raw = wds.DataPipeline(lambda: self._passes(plan, slot, rng, np_rng),
+                               wds.batched(self.batch_size, collation_fn=list, partial=False))
+        with shard_errors_as_records() as records:
+            for i, samples in enumerate(raw):
+                if i >= plan.batches_per_slot:
+                    break
+                # skipped batches keep their place (and the shuffle's state) without decoding a PNG
+                yield {"skipped": True} if i < skip else collate([decode_sample(s) for s in samples])
+        yield from records
 
     def _passes(self, plan: StreamPlan, slot: int, rng: random.Random, np_rng: np.random.Generator):
         """Raw samples, one shuffled pass over the slot's shards after another, until the batch quota is met.
@@ -131,7 +188,8 @@ class TrainStream(IterableDataset):
             else:
                 mine = list(plan.slots[slot])
                 rng.shuffle(mine)
-            samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": self.urls[i]} for i in mine])
+            samples = (sample for i in mine for sample in read_shard(self.urls[i], self.keys[i],
+                                                                     notes=self.rank == 0))
             if self.balanced:
                 samples = self._repeat(samples, np_rng)
             yield from shuffle(samples)
@@ -150,8 +208,8 @@ class EvalStream(IterableDataset):
         super().__init__()
         self.urls = [str(Path(shard_dir) / name) for name in index.shard_names]
         self.counts = index.shard_counts
+        self.keys = index.shard_keys()
         self.batch_size, self.rank, self.world, self.workers = batch_size, rank, world, workers
-        self.total = len(index)
 
     def __iter__(self) -> Iterator[dict]:
         worker, n_workers = _slot()
@@ -163,7 +221,7 @@ class EvalStream(IterableDataset):
 
         def positioned():
             for shard in wanted:
-                stream = wds.tarfile_to_samples()([{"url": self.urls[shard]}])
+                stream = read_shard(self.urls[shard], self.keys[shard], ordered=True, notes=self.rank == 0)
                 for offset, sample in enumerate(stream):
                     position = int(starts[shard]) + offset
                     if position % n_slots == slot:
@@ -171,13 +229,37 @@ class EvalStream(IterableDataset):
                         yield decode_sample(sample)
 
         batch = []
-        for sample in positioned():
-            batch.append(sample)
-            if len(batch) == self.batch_size:
+        with shard_errors_as_records() as records:
+            for sample in positioned():
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield collate(batch)
+                    batch = []
+            if batch:
                 yield collate(batch)
-                batch = []
-        if batch:
-            yield collate(batch)
+        yield from records
+
+
+class shard_errors_as_records:
+    """Inside a DataLoader worker a ``ShardError`` would reach the main process wrapped in a traceback: it becomes
+    an ``{"error": message}`` record instead, which ``raise_shard_errors`` turns back into the exception."""
+
+    def __enter__(self) -> list[dict]:
+        self.records: list[dict] = []
+        return self.records
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, ShardError):
+            self.records.append({"error": str(exc)})
+            return True
+        return False
+
+
+def raise_shard_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    for batch in batches:
+        if "error" in batch:
+            raise ShardError(batch["error"])
+        yield batch
 
 
 def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool | None = None) -> DataLoader:
