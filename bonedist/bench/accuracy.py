@@ -19,24 +19,13 @@ from pathlib import Path
 from bonedist import BonedistError
 
 MODELS = ("inception_v3", "xception", "resnet50_patch", "agcnn")
-PRESET_SIZE = {"paper": 500, "improved": 500, "tiny": 64}
-
-
-def _model_cfg(model: str, preset_cfg: dict, size: int, pretrained: str | None) -> dict:
-    """The preset's model options at ``size``: patches scaled with the image, Inception's stem kept >= 80 px."""
-    cfg = {"image_size": max(size, 80) if model == "inception_v3" else size}
-    base = preset_cfg.get("image_size", size)
-    if model == "resnet50_patch" and preset_cfg.get("patch_size"):
-        cfg["patch_size"] = min(cfg["image_size"], max(8, round(preset_cfg["patch_size"] * size / base)))
-    if pretrained is not None and model != "agcnn":
-        cfg["pretrained"] = pretrained
-    return cfg
+PRESET_SIZE = {"paper": 500, "improved": 500, "scratch": 256, "tiny": 64}
 
 
 def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None, budget: float = 60.0,
                    models: list[str] | None = None, out: str | Path = "runs/bench-accuracy",
                    pretrained: str | None = None, wandb: str = "off", workers: int = 0,
-                   overrides: dict | None = None) -> dict:
+                   overrides: dict | None = None, holdout: dict | None = None, holdout_seed: int = 0) -> dict:
     from bonedist.data.manifest import load_manifest
     from bonedist.data.pack import PackOptions, pack_dataset
     from bonedist.eval.evaluate import EvalOptions, evaluate
@@ -57,7 +46,8 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     start = time.perf_counter()
 
     print(f"[1/3] packing {data} at {size} px into {out / 'shards'} (resumes if interrupted)")
-    manifest, code = pack_dataset(data, out / "shards", PackOptions(size=size, workers=workers))
+    options = PackOptions(size=size, workers=workers, holdout=holdout or {}, holdout_seed=holdout_seed)
+    manifest, code = pack_dataset(data, out / "shards", options)
     if code != 0:
         raise BonedistError(f"packing {data} failed; see the messages above")
     manifest = load_manifest(out / "shards")
@@ -65,7 +55,8 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     for needed in ("train", "validation"):
         if needed not in splits:
             raise BonedistError(f"--data {data}: no {needed} split found; bench accuracy needs train and validation "
-                                f"(and ideally a labelled test split) in an official RSNA/Kaggle layout")
+                                f"(and ideally a labelled test split) in an official RSNA/Kaggle layout, or "
+                                f"--holdout validation:N,test:M to carve them from the training table")
     split = "test" if splits.get("test", {}).get("labeled") else "validation"
     pack_seconds = time.perf_counter() - start
 
@@ -75,10 +66,12 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     for i, (preset, model) in enumerate(jobs):
         left = budget * 60.0 - (time.perf_counter() - train_start)
         share = max(left, 0.0) / (len(jobs) - i) / 60.0
-        preset_cfg = PRESETS[preset](model).get("model_cfg", {})
+        model_cfg = {"image_size": size}  # patches scale with it (resolve_config); Inception keeps its minimum
+        if pretrained is not None and model != "agcnn":
+            model_cfg["pretrained"] = pretrained
         cfg = resolve_config(model, str(out / "shards"), preset, experiment=preset, runs_dir=str(out / "runs"),
-                             model_cfg=_model_cfg(model, preset_cfg, size, pretrained),
-                             time_budget_min=max(share, 0.05), wandb=wandb, **(overrides or {}))
+                             model_cfg=model_cfg, time_budget_min=max(share, 0.05), wandb=wandb,
+                             **(overrides or {}))
         print(f"  {preset}/{model}: up to {cfg.epochs} epochs in {share:.1f} min")
         t0 = time.perf_counter()
         code, _, _ = train_in_process(cfg)
@@ -88,13 +81,14 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     train_seconds = time.perf_counter() - train_start
 
     print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
-    results = {}
+    results, bias = {}, {}
     for preset in presets:
         result = evaluate(EvalOptions(runs=str(out / "runs" / preset), split=split, wandb=wandb, workers=workers or 2))
         results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
+        bias[preset] = {name: m["bias_months"] for name, m in result["metrics"].items()}
     summary = {"data": str(data), "size": size, "split": split, "n": splits[split]["count"], "presets": presets,
                "models": models, "budget_min": budget, "pack_min": pack_seconds / 60.0,
-               "train_min": train_seconds / 60.0, "runs": trained, "mae_months": results}
+               "train_min": train_seconds / 60.0, "runs": trained, "mae_months": results, "bias_months": bias}
     (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
     table = format_table(summary)
     (out / "accuracy.md").write_text(table + "\n")
@@ -103,27 +97,30 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
 
 
 def format_table(summary: dict) -> str:
-    presets, results = summary["presets"], summary["mae_months"]
+    """MAE and bias per model and ensemble, each MAE also as a share of the predict-the-mean baseline's."""
+    presets, results, bias = summary["presets"], summary["mae_months"], summary.get("bias_months", {})
     rows = []
     for preset in presets:
         rows += [r for r in results[preset] if r not in rows]
     rows.sort(key=lambda r: (r != "predict_the_mean", r.startswith("ensemble"), r))
-    head = f"{'MAE (months)':<26}" + "".join(f"{p:>12}" for p in presets)
     lines = [f"accuracy on {summary['n']} {summary['split']} radiographs at {summary['size']} px; packing "
              f"{summary['pack_min']:.1f} min, training {summary['train_min']:.1f} of {summary['budget_min']:g} min",
-             head]
-    if len(presets) == 2:
-        lines[-1] += f"{presets[1] + '/' + presets[0]:>22}"
+             f"{'(months)':<26}" + "".join(f"{p + ' MAE':>16}{'bias':>8}{'/mean':>7}" for p in presets)]
     for row in rows:
-        values = [results[p].get(row) for p in presets]
-        line = f"{row:<26}" + "".join(f"{v:>12.2f}" if v is not None else f"{'-':>12}" for v in values)
-        if len(presets) == 2 and None not in values and values[0]:
-            line += f"{values[1] / values[0]:>21.2f}x"
+        line = f"{row:<26}"
+        for preset in presets:
+            value, base = results[preset].get(row), results[preset].get("predict_the_mean")
+            if value is None:
+                line += f"{'-':>16}{'-':>8}{'-':>7}"
+                continue
+            shift = bias.get(preset, {}).get(row)
+            line += f"{value:>16.2f}" + (f"{shift:>+8.2f}" if shift is not None else f"{'-':>8}")
+            line += f"{value / base:>7.2f}" if base else f"{'-':>7}"
         lines.append(line)
     for preset in presets:
         base = results[preset].get("predict_the_mean")
         best = min((v, k) for k, v in results[preset].items() if k != "predict_the_mean" and v is not None)
         if base:
-            lines.append(f"{preset}: best {best[1]} {best[0]:.2f} months vs predict-the-mean baseline {base:.2f} "
-                         f"({base / best[0]:.2f}x lower error)")
+            lines.append(f"{preset}: best {best[1]} {best[0]:.2f} months = {best[0] / base:.2f}x the "
+                         f"predict-the-mean baseline ({base:.2f}: the training split's mean age for everyone)")
     return "\n".join(lines)

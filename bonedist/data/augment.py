@@ -1,6 +1,7 @@
 """GPU augmentation with Kornia and conversion to each model's input spec, on the training device.
 
-uint8 (B, 1, H, W) → float [0, 1] → resize to ``spec.image_size`` → (``spec.hand_mask``) zero all but the hand, and
+uint8 (B, 1, H, W) → float [0, 1] → resize to ``spec.image_size`` → (``spec.contrast``) stretch each radiograph's
+own contrast → (``spec.hand_mask``) zero all but the hand, and
 draw training patches centred on the hand → (train) the paper's Table 2 affine + flip with
 per-sample parameters → whole images, or K random patches (rotation + flip) for patch models, or (eval) the
 deterministic overlapping patch grid → 1 or 3 channels → the backbone's mean/std. Reproducible from a seed: each
@@ -85,6 +86,17 @@ def eval_grid_size(spec: InputSpec) -> int:
     return max(per_side, math.ceil(math.sqrt(spec.num_patches or 1)))
 
 
+def stretch_contrast(x: torch.Tensor, low: float = 0.01, high: float = 0.99, work_size: int = 64) -> torch.Tensor:
+    """Each image (B, 1, H, W) in [0, 1] mapped so its ``low``-``high`` quantile range fills [0, 1] (clipped).
+
+    The quantiles come from an area-downsampled copy (cheap, and independent of the rest of the batch).
+    """
+    small = F.interpolate(x, size=(work_size, work_size), mode="area").flatten(1)  # (B, work_size**2)
+    bounds = torch.quantile(small, torch.tensor([low, high], device=x.device, dtype=x.dtype), dim=1)  # (2, B)
+    lo, hi = bounds[0].view(-1, 1, 1, 1), bounds[1].view(-1, 1, 1, 1)
+    return ((x - lo) / (hi - lo).clamp_min(1.0 / 255.0)).clamp_(0.0, 1.0)
+
+
 def gather_patches(images: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
     """Patches (B*K, C, P, P) with top-left corners ``ys``, ``xs`` of shape (B, K), without copying whole images."""
     batch, channels, _, _ = images.shape
@@ -121,6 +133,8 @@ class InputPipeline:
         size = self.spec.image_size
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if self.spec.contrast == "stretch":
+            x = stretch_contrast(x)
         mask = None
         if self.spec.hand_mask:
             mask = hand_mask(x)

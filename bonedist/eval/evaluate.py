@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from bonedist import BonedistError
 from bonedist.data.manifest import load_manifest
-from bonedist.data.source import DataConfig, EvalBatches
+from bonedist.data.source import DataConfig, EvalBatches, verify_pack
 from bonedist.eval.inference import BRANCH_KEYS, gather_predictions, predict_batches
 from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
@@ -58,6 +58,7 @@ def evaluate(opts: EvalOptions) -> dict:
     splits = [opts.split]
     if opts.split != "validation" and "validation" in manifest["splits"]:
         splits.append("validation")  # ensemble weights are fitted there, never on the reported split
+    verify_pack(shards, manifest, splits, acc.process_index, acc.num_processes)
     months = {split: _predict_split(acc, trained, shards, manifest, split, opts) for split in splits}
     if not acc.is_main_process:
         return {}
@@ -108,7 +109,7 @@ def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: P
     if not labeled:
         result["notes"].append(f"split {split!r} has no bone ages (Kaggle's test CSV): predictions only")
     else:
-        baseline = np.full(len(table), trained[models[0]].mu)
+        baseline = np.full(len(table), trained[models[0]].train_mean)
         result["metrics"]["predict_the_mean"] = regression_metrics(baseline, table["truth"], table["male"], mu,
                                                                    sigma)
         for column in [c for c in table.columns if c not in ("key", "male", "truth", "agcnn")]:  # = agcnn_fusion

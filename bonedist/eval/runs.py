@@ -34,6 +34,11 @@ class TrainedModel:
         return float(self.meta["sigma"])
 
     @property
+    def train_mean(self) -> float:
+        """The training split's own mean age: what predict-the-mean predicts (runs before it was saved: mu)."""
+        return float(self.meta.get("train_mean_months", self.meta["mu"]))
+
+    @property
     def flip(self) -> bool:
         """The run's own test-time flip setting (on in the improved presets)."""
         return bool(self.meta.get("config", {}).get("tta_flip", False))

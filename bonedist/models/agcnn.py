@@ -61,7 +61,7 @@ class AGCNN(nn.Module):
 
     def __init__(self, image_size: int = 500, reduction: str = "sum", threshold: str | float = "otsu",
                  fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE,
-                 fusion_norm: bool = False, hand_mask: bool = False):
+                 fusion_norm: bool = False, hand_mask: bool = False, contrast: str = "none"):
         super().__init__()
         if fusion_grad not in ("isolated", "joint"):
             raise ValueError(f"fusion_grad must be 'isolated' (paper) or 'joint' (Guan et al.), got {fusion_grad!r}")
@@ -76,7 +76,7 @@ class AGCNN(nn.Module):
                                     nn.Linear(256, 128), act(), nn.Dropout(drop_rate), nn.Linear(128, 1))
         he_uniform_(self.fusion)
         self.spec = InputSpec(image_size=image_size, input_size=image_size, channels=1, mean=(0.5,), std=(0.5,),
-                              hand_mask=hand_mask)
+                              hand_mask=hand_mask, contrast=contrast)
         self.stage: str | None = None
 
     STAGES = ("global", "local", "fusion")
@@ -135,7 +135,7 @@ class AGCNN(nn.Module):
 @register_model
 def agcnn(image_size: int = 500, reduction: str = "sum", threshold: str | float = "otsu",
           fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE,
-          fusion_norm: bool = False, hand_mask: bool = False, pretrained: str | None = None,
+          fusion_norm: bool = False, hand_mask: bool = False, contrast: str = "none", pretrained: str | None = None,
           freeze_backbone: bool = False) -> AGCNN:
     """The attention-guided three-branch CNN, trained from scratch (``pretrained`` must stay None).
 
@@ -144,4 +144,5 @@ def agcnn(image_size: int = 500, reduction: str = "sum", threshold: str | float 
     """
     if pretrained not in (None, "", "none") or freeze_backbone:
         raise ValueError("agcnn is trained from scratch: it takes no pretrained weights and nothing is frozen")
-    return AGCNN(image_size, reduction, threshold, fusion_grad, drop_rate, leaky_slope, fusion_norm, hand_mask)
+    return AGCNN(image_size, reduction, threshold, fusion_grad, drop_rate, leaky_slope, fusion_norm, hand_mask,
+                 contrast)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+CONTRAST_MODES = ("none", "stretch")
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -19,6 +21,9 @@ class InputSpec:
         eval_grid: patches per side of the deterministic overlapping evaluation grid (patch models only).
         hand_mask: zero everything outside the hand (``bonedist.data.handmask``) before augmentation and patches,
             in training, evaluation and prediction alike.
+        contrast: ``"none"``, or ``"stretch"``: each radiograph's own 1st-99th percentile range is stretched to the
+            full range first, so that exposure and processing differences between hospitals (RSNA ids below ~4200
+            have half the contrast of the rest) are not something the model must learn to ignore.
     """
 
     image_size: int
@@ -29,8 +34,11 @@ class InputSpec:
     num_patches: int | None = None
     eval_grid: int | None = None
     hand_mask: bool = False
+    contrast: str = "none"
 
     def __post_init__(self):
+        if self.contrast not in CONTRAST_MODES:
+            raise ValueError(f"contrast must be one of {', '.join(CONTRAST_MODES)}, got {self.contrast!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

@@ -44,6 +44,8 @@ class TrainConfig:
     stages: list = field(default_factory=list)  # AG-CNN staged training: [["global", E1], ["local", E2], ...]
     clip_grad: float = 0.0  # max gradient norm (0: off)
     ema: float = 0.0  # EMA decay of the weights (0: off)
+    recalibrate_bn: int = 0  # training radiographs over which BatchNorm statistics are recomputed before each
+    #   validation, as evaluation sees them (0: off; see bonedist.train.batchnorm)
     # data
     data_mode: str = "auto"  # auto | stream | cache
     workers: int = 2
@@ -61,6 +63,8 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False
     seed: int = 0
+    sync_every: int = 10  # optimizer steps between the ranks' agreement on a stop signal, the time budget and a
+    #   non-finite loss (one small all-reduce and host sync; never per step, which would drain the GPU's queue)
     # checkpoints and tracking
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
     keep_last: int = 2
@@ -78,11 +82,11 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise BonedistError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                     f"got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "keep_last", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "keep_last", "log_every", "sync_every"):
             if getattr(self, name) < 1:
                 raise BonedistError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "clip_grad", "warmup_epochs", "steps_per_epoch", "checkpoint_every",
-                     "early_stopping", "workers", "time_budget_min"):
+                     "early_stopping", "workers", "time_budget_min", "recalibrate_bn"):
             if getattr(self, name) < 0:
                 raise BonedistError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema < 1.0:
@@ -174,7 +178,7 @@ def _tiny(model: str) -> dict:
     """CPU tests and the demo: small images, random init, fine-tuned end to end, a few hundred steps."""
     cfg: dict = {"image_size": 64}
     if model in MODELS_PRETRAINED:
-        cfg.update(pretrained=None, freeze_backbone=False)
+        cfg.update(pretrained=None, freeze_backbone=False, feature_norm=True)
     if model == "inception_v3":
         cfg["image_size"] = 96  # Inception's stem needs at least 75 px
     if model == "resnet50_patch":
@@ -183,6 +187,7 @@ def _tiny(model: str) -> dict:
         cfg.update(drop_rate=0.1, fusion_norm=True)
     return dict(epochs=3, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=1e-4, scheduler="cosine",
                 warmup_epochs=0.2, early_stopping=0, eval_batch_size=32, workers=1, data_mode="cache",
+                recalibrate_bn=1024,
                 augment={"rotation": 5.0, "translate": (0.05, 0.05), "scale": (1.0, 1.0), "shear": 0.0, "hflip": 0.0},
                 model_cfg=cfg, log_every=5)
 
@@ -202,12 +207,13 @@ def _improved(model: str) -> dict:
       ensemble weights on the validation split.
     """
     common = dict(optimizer="adamw", weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0, early_stopping=0,
-                  ema=0.999, loss="l1", clip_grad=1.0, tta_flip=True, eval_batch_size=32)
+                  ema=0.999, loss="l1", clip_grad=1.0, tta_flip=True, eval_batch_size=32, recalibrate_bn=1024)
     if model == "agcnn":
         return dict(common, epochs=30, batch_size=16, lr=3e-4, stages=[["global", 15], ["local", 10], ["fusion", 5]],
                     model_cfg={"image_size": 500, "hand_mask": True, "reduction": "max", "threshold": "otsu",
                                "fusion_grad": "isolated", "fusion_norm": True})
-    cfg = {"pretrained": "default", "freeze_backbone": False, "image_size": 500, "hand_mask": True}
+    cfg = {"pretrained": "default", "freeze_backbone": False, "image_size": 500, "hand_mask": True,
+           "feature_norm": True}
     values = dict(common, epochs=30, batch_size=16, lr=1e-3, backbone_lr=1e-4, model_cfg=cfg)
     if model == "resnet50_patch":
         cfg.update(patch_size=224, num_patches=49, eval_grid=7)
@@ -215,7 +221,25 @@ def _improved(model: str) -> dict:
     return values
 
 
-PRESETS = {"paper": _paper, "improved": _improved, "tiny": _tiny}
+def _scratch(model: str) -> dict:
+    """No ImageNet weights (offline clusters, small images): every model from random initialisation."""
+    cfg: dict = {"image_size": 256, "contrast": "stretch"}
+    if model in MODELS_PRETRAINED:
+        cfg.update(pretrained=None, freeze_backbone=False, feature_norm=True)
+    values = dict(epochs=12, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=1e-4, scheduler="cosine",
+                  warmup_epochs=3.6, early_stopping=0, loss="l1", clip_grad=0.0, tta_flip=True, balanced=False,
+                  recalibrate_bn=1024, eval_batch_size=64, model_cfg=cfg,
+                  augment={"rotation": 10.0, "translate": (0.06, 0.06), "scale": (0.9, 1.1), "shear": 0.0,
+                           "hflip": 0.5})
+    if model == "resnet50_patch":
+        cfg.update(patch_size=128, num_patches=4, eval_grid=3)
+    if model == "agcnn":
+        cfg.update(reduction="max", fusion_norm=True, drop_rate=0.1)
+        values.update(stages=[["global", 6], ["local", 4], ["fusion", 2]])
+    return values
+
+
+PRESETS = {"paper": _paper, "improved": _improved, "scratch": _scratch, "tiny": _tiny}
 
 
 def list_presets() -> list[str]:
@@ -237,6 +261,11 @@ def scale_stages(stages: list, epochs: int) -> list:
     return scaled
 
 
+def scale_patch(patch_size: int, image_size: int, new_image_size: int) -> int:
+    """A preset's patch side at another image size: the same share of the radiograph (at least 8 px)."""
+    return min(new_image_size, max(8, round(patch_size * new_image_size / image_size)))
+
+
 def resolve_config(model: str, shards: str, preset: str = "paper", **overrides) -> TrainConfig:
     """Preset values for ``model``, then ``overrides`` (``model_cfg`` and ``augment`` are merged key by key)."""
     from bonedist.models import list_models
@@ -248,7 +277,13 @@ def resolve_config(model: str, shards: str, preset: str = "paper", **overrides) 
     values = PRESETS[preset](model)
     if values.get("stages") and overrides.get("epochs") and not overrides.get("stages"):
         values["stages"] = scale_stages(values["stages"], overrides["epochs"])
+    preset_model = values.get("model_cfg", {})
     for key in ("model_cfg", "augment"):
         values[key] = {**values.get(key, {}), **(overrides.pop(key, None) or {})}
+    model_cfg = values["model_cfg"]
+    if model_cfg.get("patch_size") and model_cfg.get("image_size") != preset_model.get("image_size") and \
+            model_cfg["patch_size"] == preset_model.get("patch_size"):
+        model_cfg["patch_size"] = scale_patch(model_cfg["patch_size"], preset_model["image_size"],
+                                              model_cfg["image_size"])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict({"model": model, "shards": shards, "preset": preset, **values})

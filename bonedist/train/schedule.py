@@ -43,10 +43,13 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
 
         def factor(step: int) -> float:
             begin, total = next(((b, t) for b, t in reversed(cycles) if step >= b), cycles[0])
-            local, ramp = step - begin, min(warmup, total // 2)
-            if local < ramp:
-                return (local + 1) / ramp
-            progress = max((local - ramp) / max(1, total - ramp), clock["fraction"])
+            ramp = min(warmup, total // 2)
+            # how far into the cycle, in steps: by the step count, or by the clock when it is further (a time
+            # budget that ends the stage before its epochs do), so warmup and cosine both follow the clock
+            done = max(step - begin, clock["fraction"] * total)
+            if done < ramp:
+                return min(1.0, (done + 1) / ramp)
+            progress = (done - ramp) / max(1, total - ramp)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
         return Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor), clock)
