@@ -91,6 +91,22 @@ def save_best(run_dir: Path, model_tensors: dict[str, torch.Tensor], meta: dict)
     return folder
 
 
+def recover_run_folder(run_dir: Path) -> None:
+    """After a kill: put back a ``best/`` that was being replaced, and remove half-written temporary folders."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for old in folder.glob(".old-*"):
+            target = folder / old.name.removeprefix(".old-")
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # killed between the two renames: the previous complete folder goes back
+                os.replace(old, target)
+        for tmp in folder.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of an interrupted write are not listed)."""
     folder = Path(run_dir) / "checkpoints"

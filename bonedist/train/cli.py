@@ -12,8 +12,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="inception_v3, xception, resnet50_patch or agcnn")
     p.add_argument("--shards", required=True, help="a folder written by `bonedist pack`")
     p.add_argument("--preset", default="paper",
-                   help="paper (the study as written), improved (fine-tuned, hand-masked, longer; see README), "
-                        "tiny (CPU tests and demo)")
+                   help="paper (the study as written), improved (ImageNet backbones fine-tuned, hand-masked, longer; "
+                        "see README), scratch (no ImageNet weights, any image size), tiny (CPU tests and demo)")
     p.add_argument("--experiment", default="default", help="runs/EXPERIMENT/MODEL; also the W&B group")
     p.add_argument("--runs-dir", default="runs")
     g = p.add_argument_group("model")
@@ -26,13 +26,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-grid", type=int, default=None, help="patch models: G for the G x G evaluation grid")
     g.add_argument("--hand-mask", action=argparse.BooleanOptionalAction, default=None,
                    help="zero everything outside the hand (markers, letters) before the model sees it")
+    g.add_argument("--contrast", default=None, choices=["none", "stretch"],
+                   help="stretch: each radiograph's 1st-99th percentile range to the full range first")
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="any other model option, e.g. fusion_grad=joint, reduction=max, threshold=0.7")
     g = p.add_argument_group("optimisation")
     for flag, kind in (("--epochs", int), ("--batch-size", int), ("--grad-accum", int), ("--lr", float),
                        ("--backbone-lr", float), ("--weight-decay", float), ("--warmup-epochs", float),
                        ("--early-stopping", int), ("--clip-grad", float), ("--ema", float),
-                       ("--huber-delta", float)):
+                       ("--huber-delta", float), ("--recalibrate-bn", int)):
         g.add_argument(flag, type=kind, default=None)
     g.add_argument("--optimizer", default=None, choices=["adam", "adamw"])
     g.add_argument("--scheduler", default=None, choices=["plateau", "cosine", "constant"])
@@ -68,6 +70,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb", default=None, choices=["auto", "online", "offline", "off"])
     g.add_argument("--wandb-project", default=None)
     g.add_argument("--log-every", type=int, default=None, help="optimizer steps between step-level log records")
+    g.add_argument("--sync-every", type=int, default=None,
+                   help="optimizer steps between the ranks' agreement on signals, time budget and a non-finite loss")
 
 
 def _parse_value(text: str):
@@ -100,7 +104,7 @@ def config_from_args(args: argparse.Namespace):
         model_cfg[key.strip()] = _parse_value(value)
     for flag, key in (("pretrained", "pretrained"), ("freeze", "freeze_backbone"), ("image_size", "image_size"),
                       ("patch_size", "patch_size"), ("num_patches", "num_patches"), ("eval_grid", "eval_grid"),
-                      ("hand_mask", "hand_mask")):
+                      ("hand_mask", "hand_mask"), ("contrast", "contrast")):
         if getattr(args, flag) is not None:
             model_cfg[key] = getattr(args, flag)
     overrides = {k: getattr(args, k) for k in (
@@ -108,7 +112,7 @@ def config_from_args(args: argparse.Namespace):
         "warmup_epochs", "early_stopping", "clip_grad", "ema", "optimizer", "scheduler", "loss", "data_mode",
         "workers", "cache_share", "steps_per_epoch", "eval_batch_size", "precision", "channels_last", "compile",
         "sync_bn", "seed", "checkpoint_every", "keep_last", "resume", "wandb", "wandb_project", "log_every",
-        "huber_delta", "tta_flip", "patch_aggregate", "time_budget_min")}
+        "huber_delta", "tta_flip", "patch_aggregate", "time_budget_min", "recalibrate_bn", "sync_every")}
     if args.stages:
         overrides["stages"] = parse_stages(args.stages)
         overrides.setdefault("epochs", None)

@@ -17,21 +17,24 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from tqdm import tqdm
 
 from bonedist import BonedistError, __version__
 from bonedist.data.augment import InputPipeline
 from bonedist.data.manifest import load_manifest
 from bonedist.data.sampling import balance_weights, target_stats
-from bonedist.data.source import DataConfig, EvalBatches, TrainBatches
+from bonedist.data.source import DataConfig, EvalBatches, SubsetBatches, TrainBatches, verify_pack
 from bonedist.eval.inference import BRANCH_KEYS, gather_predictions, predict_batches
 from bonedist.models import create_model
+from bonedist.progress import progress
 from bonedist.train import checkpoint as ckpt
+from bonedist.train.batchnorm import recalibrate_batchnorm, training_norm_names
 from bonedist.train.config import TrainConfig
 from bonedist.train.schedule import build_scheduler
 from bonedist.train.tasks import task_loss
+from bonedist.train.timing import NullTimer
 from bonedist.train.tracking import MetricsLog, image_grid, wandb_mode
 
+THROUGHPUT_WARMUP = 3  # steps of an epoch left out of its images/s (autotuning, lazy init, compilation)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved and stopped on a signal; run again (or requeue) to continue
 REQUEUE_MARKER = "REQUEUE"
 
@@ -71,6 +74,7 @@ class Trainer:
         self.manifest = load_manifest(cfg.shards)
         if "validation" not in self.manifest["splits"]:
             raise BonedistError(f"{cfg.shards} has no validation split: training selects checkpoints on it")
+        verify_pack(cfg.shards, self.manifest, ["train", "validation"], self.rank, self.world)
         model = create_model(cfg.model, **cfg.model_cfg)
         self.task = model.task
         if cfg.sync_bn and self.world > 1 and torch.cuda.is_available():
@@ -90,6 +94,10 @@ class Trainer:
         index = self.train_data.index
         weights = balance_weights(index.age, index.male) if cfg.balanced else None
         self.mu, self.sigma = target_stats(index.age, weights)
+        self.train_mean = float(np.mean(index.age))  # the natural mean: what predict-the-mean predicts
+        self.recal_data = SubsetBatches(eval_cfg, "train", self.device, cfg.recalibrate_bn, self.rank, self.world,
+                                        self.manifest, getattr(self.train_data, "cache", None), seed=cfg.seed) \
+            if cfg.recalibrate_bn else None
         self.pipe = InputPipeline(self.spec, cfg.augment_config(), seed=cfg.seed, rank=self.rank)
         self.steps_per_epoch = min(len(self.train_data), cfg.steps_per_epoch or len(self.train_data))
         self.optim_steps_per_epoch = max(1, self.steps_per_epoch // cfg.grad_accum)
@@ -110,6 +118,7 @@ class Trainer:
                       "best_epoch": -1, "bad_epochs": 0, "elapsed": 0.0, "stage_began": 0.0}
         self.out_of_time = False
         self.clock_start, self.elapsed_before = time.perf_counter(), 0.0
+        self.timer = NullTimer()  # bench train-loop puts a PhaseTimer here
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -147,13 +156,22 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def _agree(self, nonfinite: bool) -> tuple[bool, bool]:
-        """All ranks learn whether any rank was signalled, saw a non-finite loss or ran out of its time budget
-        (one tiny all-reduce)."""
-        flags = self._max_over_ranks([float(self.stop_requested), float(nonfinite), self._budget_fraction()])
-        self.scheduler.clock["fraction"] = float(flags[2])
-        self.out_of_time = bool(flags[2] >= 1.0)
-        return bool(flags[0]), bool(flags[1])
+    def _agree(self, nonfinite: torch.Tensor) -> None:
+        """All ranks learn whether any rank was signalled, saw a non-finite loss or ran out of its time budget: one
+        tiny all-reduce and one host sync, every ``sync_every`` optimizer steps (never per step: it would drain the
+        GPU's queue), before any checkpoint and at the end of each epoch."""
+        flags = torch.stack([torch.tensor(float(self.stop_requested), device=self.device), nonfinite.float(),
+                             torch.tensor(self._budget_fraction(), device=self.device)]).float()
+        if self.world > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop, bad, fraction = flags.tolist()
+        self.scheduler.clock["fraction"] = fraction
+        self.out_of_time = fraction >= 1.0
+        self.stop_requested_everywhere = bool(stop)
+        if bad:
+            raise NonFiniteLoss(f"non-finite training loss at epoch {self.state['epoch'] + 1}, by step "
+                                f"{self.state['global_step']}; stopped without saving. The last good checkpoint is "
+                                f"{self._last_checkpoint()}; try a lower --lr or --clip-grad 1.0")
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.clock_start
@@ -167,6 +185,13 @@ class Trainer:
         share = self.cfg.time_budget_min * 60.0 * epochs / self.cfg.epochs
         return (self._elapsed() - self.state["stage_began"]) / share
 
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return float(total[0])
+
     def _max_over_ranks(self, values: list[float]) -> torch.Tensor:
         """Each value's maximum over all ranks, so that every rank takes the same decision."""
         values = torch.tensor(values, device=self.device)
@@ -179,33 +204,39 @@ class Trainer:
 
     def _train_epoch(self) -> bool:
         """One epoch from the saved position; False when stopped by a signal (after saving)."""
-        acc, cfg, state = self.accelerator, self.cfg, self.state
+        acc, cfg, state, timer = self.accelerator, self.cfg, self.state, self.timer
         self._enter_stage()
         self.model.train()
         self.train_data.set_epoch(state["epoch"])
-        batches = iter(self.train_data)
-        skipped = state["batch_in_epoch"]
-        for _ in range(skipped):  # resuming mid-epoch: the same batches, skipped
-            next(batches)
-        sums = torch.zeros(3 + len(BRANCH_KEYS), dtype=torch.float64, device=self.device)
-        bar = tqdm(total=self.steps_per_epoch, initial=state["batch_in_epoch"], disable=not acc.is_main_process,
-                   desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
-        wait = compute = 0.0
-        tick = time.perf_counter()
+        start_batch = state["batch_in_epoch"]
+        batches = iter(self.train_data.iterate(start_batch))  # a resumed epoch continues at its batch, unreplayed
+        sums = torch.zeros(2 + len(BRANCH_KEYS), dtype=torch.float64, device=self.device)  # summed on the device
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        samples = 0
+        bar = progress(self.steps_per_epoch, f"epoch {state['epoch'] + 1}/{cfg.epochs}", "step",
+                       enabled=acc.is_main_process, initial=start_batch, leave=False)
+        wait, began, warm = 0.0, time.perf_counter(), None
         while state["batch_in_epoch"] < self.steps_per_epoch:
-            batch = next(batches)
-            got = time.perf_counter()
-            wait += got - tick
-            loss, parts, n = self._step(batch)
+            tick = time.perf_counter()
+            with timer.phase("data"):
+                batch = next(batches)
+            wait += time.perf_counter() - tick
+            loss, parts, n = self._step(batch, nonfinite)
             state["batch_in_epoch"] += 1
             state["micro_step"] += 1
-            sums += torch.stack([loss.detach().double() * n, parts["abs_err"] * self.sigma, torch.tensor(
-                n, dtype=torch.float64, device=self.device), *[parts.get(f"loss_{k}", loss).detach().double() * n
-                                                              for k in BRANCH_KEYS]])
+            samples += n
+            with timer.phase("logging"):
+                sums += torch.stack([loss.detach().double() * n, parts["abs_err"] * self.sigma,
+                                     *[parts.get(f"loss_{k}", loss).detach().double() * n for k in BRANCH_KEYS]])
             if acc.sync_gradients:
                 state["global_step"] += 1
-                self._log_step(loss, bar)
-                if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
+                with timer.phase("logging"):
+                    self._log_step(loss, bar)
+                save = bool(cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0)
+                if save or state["global_step"] % cfg.sync_every == 0:
+                    with timer.phase("sync"):
+                        self._agree(nonfinite)
+                if save:
                     self.save_checkpoint()
                 if self.stop_requested_everywhere:
                     bar.close()
@@ -213,11 +244,16 @@ class Trainer:
                     return False
                 if self.out_of_time:
                     break
-            tick = time.perf_counter()
-            compute += tick - got
+            if state["batch_in_epoch"] - start_batch == THROUGHPUT_WARMUP:
+                warm = (time.perf_counter(), samples)
+            if timer.enabled:
+                timer.next_step()
         bar.close()
-        self._epoch_batches = state["batch_in_epoch"] - skipped
-        self._epoch_train_stats = (acc.reduce(sums, reduction="sum"), wait, wait + compute)
+        self._agree(nonfinite)  # the epoch's last steps are checked before anything is saved
+        elapsed = time.perf_counter() - began
+        self._epoch_batches = state["batch_in_epoch"] - start_batch
+        self._epoch_train_stats = (acc.reduce(sums, reduction="sum"), self._sum_over_ranks(samples), wait, elapsed,
+                                   (time.perf_counter() - warm[0], samples - warm[1]) if warm else None)
         return True
 
     def _enter_stage(self) -> None:
@@ -236,34 +272,35 @@ class Trainer:
             self.state.update(best=math.inf, best_epoch=-1, bad_epochs=0)
             self.accelerator.print(f"stage {stage}: epochs {first + 1}-{first + dict(self.cfg.stages)[stage]}")
 
-    def _step(self, batch: dict):
-        acc, cfg = self.accelerator, self.cfg
-        x = self.pipe.train(batch["image"], step=self.state["micro_step"])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        reps = self.pipe.train_repeats
-        male = batch["male"].repeat_interleave(reps)
-        target = ((batch["age"] - self.mu) / self.sigma).float().repeat_interleave(reps)
+    def _step(self, batch: dict, nonfinite: torch.Tensor):
+        """One micro-step; a non-finite loss only sets ``nonfinite`` (on the device), which ``_agree`` checks."""
+        acc, cfg, timer = self.accelerator, self.cfg, self.timer
+        with timer.phase("input"):
+            x = self.pipe.train(batch["image"], step=self.state["micro_step"])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            reps = self.pipe.train_repeats
+            male = batch["male"].repeat_interleave(reps)
+            target = ((batch["age"] - self.mu) / self.sigma).float().repeat_interleave(reps)
         with acc.accumulate(self.model):
-            with acc.autocast():
-                out = self.model(x, male)
-            stage = cfg.stage_at(self.state["epoch"])
-            loss, parts = self.loss_fn(out, target, cfg.loss, cfg.huber_delta, {stage: 1.0} if stage else None)
-            stop, nonfinite = self._agree(not bool(torch.isfinite(loss)))
-            self.stop_requested_everywhere = stop
-            if nonfinite:
-                raise NonFiniteLoss(f"non-finite training loss at epoch {self.state['epoch'] + 1}, step "
-                                    f"{self.state['global_step']}; stopped without saving. The last good checkpoint "
-                                    f"is {self._last_checkpoint()}; try a lower --lr or --clip-grad 1.0")
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.clip_grad:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.optimizer.step()
-            if acc.sync_gradients and self.scheduler.per_step:
-                self.scheduler.step()
+            with timer.phase("forward"):
+                with acc.autocast():
+                    out = self.model(x, male)
+                stage = cfg.stage_at(self.state["epoch"])
+                loss, parts = self.loss_fn(out, target, cfg.loss, cfg.huber_delta, {stage: 1.0} if stage else None)
+                nonfinite |= ~torch.isfinite(loss.detach())
+            with timer.phase("backward"):
+                acc.backward(loss)
+            with timer.phase("optimizer"):
+                if acc.sync_gradients and cfg.clip_grad:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.optimizer.step()
+                if acc.sync_gradients and self.scheduler.per_step:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients and self.ema is not None:
-                self.ema.update(self.unwrapped, step=self.state["global_step"])
-            self.optimizer.zero_grad(set_to_none=True)
+                with timer.phase("ema"):
+                    self.ema.update(self.unwrapped, step=self.state["global_step"])
         parts["abs_err"] = (out["pred"].detach().double() - target.double()).abs().sum()
         return loss, parts, target.numel()
 
@@ -280,15 +317,20 @@ class Trainer:
     def _end_epoch(self) -> bool:
         """Validate, schedule, checkpoint, log; True when early stopping says stop."""
         cfg, state = self.cfg, self.state
-        sums, wait, elapsed = self._epoch_train_stats
-        n = max(float(sums[2]), 1.0)
+        sums, count, wait, elapsed, steady = self._epoch_train_stats
+        sums, n = sums.tolist(), max(count, 1.0)
+        radiographs = self._epoch_batches * cfg.batch_size
         metrics = {"kind": "epoch", "epoch": state["epoch"] + 1, "step": state["global_step"],
-                   "train_loss": float(sums[0]) / n, "train_mae_months": float(sums[1]) / n,
+                   "train_loss": sums[0] / n, "train_mae_months": sums[1] / n,
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   "images_per_s_per_device": self._epoch_batches * cfg.batch_size / max(elapsed, 1e-9),
+                   # radiographs/s per device after the epoch's first steps (cuDNN autotuning, lazy init,
+                   # compilation); _with_warmup over the whole epoch
+                   "images_per_s_per_device": (steady[1] / self.pipe.train_repeats / max(steady[0], 1e-9)
+                                               if steady else radiographs / max(elapsed, 1e-9)),
+                   "images_per_s_per_device_with_warmup": radiographs / max(elapsed, 1e-9),
                    "data_wait_share": wait / max(elapsed, 1e-9), "peak_memory_gb": _peak_memory_gb()}
         if self.task == "agcnn":
-            metrics.update({f"train_loss_{k}": float(sums[3 + i]) / n for i, k in enumerate(BRANCH_KEYS)})
+            metrics.update({f"train_loss_{k}": sums[2 + i] / n for i, k in enumerate(BRANCH_KEYS)})
         if cfg.stages:
             metrics["stage"] = cfg.stage_at(state["epoch"])
         metrics.update(self.validate())
@@ -311,9 +353,11 @@ class Trainer:
             self.out_of_time = False
         state["epoch"] += 1
         state["batch_in_epoch"] = 0
-        self.save_checkpoint(best_metrics=metrics if improved else None)
+        # the epoch's line first: a checkpoint never records an epoch whose line is missing (a kill in between
+        # repeats the epoch, and resuming drops lines logged after the checkpoint it resumes from)
         self.log.write(metrics)
         self.accelerator.log({k: v for k, v in metrics.items() if k != "kind"}, step=state["global_step"])
+        self.save_checkpoint(best_metrics=metrics if improved else None)
         self._log_images()
         self.accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in metrics.items() if k != "kind"))
@@ -333,8 +377,25 @@ class Trainer:
         stage = self.cfg.stage_at(self.state["epoch"] if epoch is None else epoch)
         return f"val_loss_{stage or 'fusion'}"
 
+    def recalibrate_bn(self) -> int:
+        """Recompute the evaluated model's BatchNorm statistics over ``recalibrate_bn`` clean training radiographs
+        (the same ones every time, as many full batches on every rank), as evaluation will see them."""
+        if not self.cfg.recalibrate_bn:
+            return 0
+        names = training_norm_names(self.unwrapped)
+        return recalibrate_batchnorm(self.evaluated_model, names, self._recal_inputs(), self.world,
+                                     self.accelerator.autocast)
+
+    def _recal_inputs(self):
+        for batch in self.recal_data:
+            x = self.pipe.eval(batch["image"])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, batch["male"].repeat_interleave(self.pipe.eval_repeats)
+
     def validate(self) -> dict:
         """Exact metrics over the whole validation split (every sample once, across all ranks)."""
+        self.recalibrate_bn()
         local = predict_batches(self.evaluated_model, self.pipe, self.val_data, self.accelerator.autocast,
                                 flip=self.cfg.tta_flip, aggregate=self.cfg.patch_aggregate,
                                 channels_last=self.channels_last)
@@ -347,14 +408,16 @@ class Trainer:
             suffix = "" if name == "pred" else f"_{name}"
             out[f"val_loss{suffix}"] = float(np.mean((preds[name] - z_true) ** 2))
             out[f"val_mae_months{suffix}"] = float(np.mean(np.abs(preds[name] - z_true)) * self.sigma)
-        out["val_baseline_mae_months"] = float(np.mean(np.abs(preds["age"] - self.mu)))  # predict-the-mean
+        out["val_bias_months"] = float(np.mean(preds["pred"] - z_true) * self.sigma)
+        out["val_baseline_mae_months"] = float(np.mean(np.abs(preds["age"] - self.train_mean)))  # predict-the-mean
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _meta(self, metrics: dict | None = None) -> dict:
         model_cfg = {k: v for k, v in self.cfg.model_cfg.items() if k != "pretrained"}  # weights are in the file
         return {"model": self.cfg.model, "model_cfg": model_cfg, "spec": self.spec.to_dict(), "mu": self.mu,
-                "sigma": self.sigma, "epoch": self.state["epoch"], "global_step": self.state["global_step"],
+                "sigma": self.sigma, "train_mean_months": self.train_mean, "epoch": self.state["epoch"],
+                "global_step": self.state["global_step"],
                 "metrics": metrics, "config": self.cfg.to_dict(), "bonedist_version": __version__,
                 "git": ckpt.git_revision(), "pack": {"image_size": self.manifest["image_size"],
                                                      "resize_mode": self.manifest["resize_mode"]}}
@@ -373,12 +436,15 @@ class Trainer:
                      "trainer": dict(self.state), "rng": all_rng, "mu": self.mu, "sigma": self.sigma,
                      "config": self.cfg.to_dict(), "git": ckpt.git_revision(), "world": self.world}
             meta = self._meta(best_metrics)
-            ckpt.save_checkpoint(self.run_dir, self.state["global_step"], state, tensors, meta, self.cfg.keep_last)
-            if best_metrics is not None:
+            if best_metrics is not None:  # best/ is complete before any checkpoint says it exists
                 ckpt.save_best(self.run_dir, ema if ema is not None else tensors, meta)
+            ckpt.save_checkpoint(self.run_dir, self.state["global_step"], state, tensors, meta, self.cfg.keep_last)
         acc.wait_for_everyone()
 
     def _maybe_resume(self) -> None:
+        if self.accelerator.is_main_process:
+            ckpt.recover_run_folder(self.run_dir)
+        self.accelerator.wait_for_everyone()
         folder = ckpt.find_resume(self.run_dir, self.cfg.resume)
         if folder is None:
             return
@@ -401,6 +467,12 @@ class Trainer:
         _set_python_rng_state(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+        if self.accelerator.is_main_process:
+            self.log.truncate_after(self.state["global_step"])  # lines of the interrupted continuation
+        if self.state["best_epoch"] >= 0 and not (self.run_dir / "best" / "model.safetensors").is_file():
+            self.accelerator.print(f"warning: {self.run_dir / 'best'} is missing; it is written again at the next "
+                                   f"validation")
+            self.state.update(best=math.inf)
         self.accelerator.print(f"resumed from {folder} (epoch {self.state['epoch'] + 1}, batch "
                                f"{self.state['batch_in_epoch']}, step {self.state['global_step']})")
 

@@ -57,7 +57,18 @@ class MetricsLog:
             return
         clean = {k: _plain(v) for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write(json.dumps(clean) + "\n")  # closed at once: in the OS's hands, a killed process loses none
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the lines logged after optimizer step ``step`` (a resumed run logs them again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.path)
 
 
 def read_metrics(path: Path) -> list[dict]:
