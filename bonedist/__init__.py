@@ -7,6 +7,10 @@ import sys as _sys
 __version__ = "0.1.0"
 
 _STORAGE_FULL = {_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG}
+_NOT_WRITABLE = "; choose a folder you can write to (--out, --runs-dir) or fix its permissions"
+_PATH_HINTS = {_errno.EACCES: _NOT_WRITABLE, _errno.EPERM: _NOT_WRITABLE,
+               _errno.EROFS: "; the file system is read-only: choose another folder (--out, --runs-dir)",
+               _errno.ENOTDIR: "; a file stands where a folder is needed", _errno.ENOENT: ""}
 
 
 class BonedistError(Exception):
@@ -19,6 +23,25 @@ def storage_full(exc: BaseException) -> str | None:
         where = f" writing {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}"
     return None
+
+
+_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL", "gloo",
+               "ProcessGroup", "collective operation timeout")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """A one-line account when a collective failed because another process of a distributed job died."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    text = str(exc)
+    if world < 2 or not (type(exc).__name__ in ("DistBackendError", "DistNetworkError")
+                         or any(sign in text for sign in _PEER_SIGNS)):
+        return None
+    detail = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    detail = detail.split("] ", 1)[-1][:140]  # drop the source-file prefix of gloo/NCCL messages
+    return (f"rank {os.environ.get('RANK', '?')} of {world} lost contact with another process of the job (it died, "
+            f"was killed or stopped answering: {detail}); see that process's own error above")
 
 
 def free_gib(path) -> float:
@@ -39,9 +62,19 @@ def run_command(command: str, run, resume: str = "re-run the same command to res
     except KeyboardInterrupt:
         print(f"bonedist {command}: interrupted; finished work is kept, {resume}", file=_sys.stderr)
         return 130
-    except OSError as exc:
-        if (reason := storage_full(exc)) is None:
+    except RuntimeError as exc:
+        if (reason := lost_peer(exc)) is None:
             raise
-        print(f"bonedist {command}: error: {reason}; finished work is kept, free some space and {resume}",
-              file=_sys.stderr)
+        print(f"bonedist {command}: error: {reason}; {resume}", file=_sys.stderr)
+        return 1
+    except OSError as exc:
+        if (reason := storage_full(exc)) is not None:
+            print(f"bonedist {command}: error: {reason}; finished work is kept, free some space and {resume}",
+                  file=_sys.stderr)
+            return 2
+        if exc.filename is None:
+            raise
+        # a folder that cannot be created or written (permissions, a read-only file system, a file in the way)
+        print(f"bonedist {command}: error: cannot use {exc.filename}: {exc.strerror}"
+              f"{_PATH_HINTS.get(exc.errno, '')}", file=_sys.stderr)
         return 2

@@ -50,6 +50,10 @@ def _add_pack(sub) -> None:
     p.add_argument("--splits", default="train,validation,test", help="comma-separated splits to pack")
     p.add_argument("--strict", action="store_true", help="fail (and write no manifest) if anything is skipped")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--holdout", default=None, metavar="validation:N[,test:M]",
+                   help="carve held-out splits from the training table, stratified by sex and age (N a count or a "
+                        "fraction below 1), for data that comes without them (Kaggle's training set)")
+    p.add_argument("--holdout-seed", type=int, default=0, help="which radiographs --holdout picks (default 0)")
     g = p.add_argument_group("generic CSV (collections outside the official layouts)")
     g.add_argument("--csv", type=Path, default=None, help="table of images (path relative to ROOT or absolute)")
     g.add_argument("--id-col", default="id")
@@ -64,12 +68,14 @@ def _add_pack(sub) -> None:
 
 
 def _cmd_pack(args) -> int:
+    from bonedist.data.holdout import parse_holdout
     from bonedist.data.layouts import GenericCSV
     from bonedist.data.pack import PackOptions, pack_dataset
 
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     options = PackOptions(size=args.size, resize=args.resize, samples_per_shard=args.samples_per_shard,
-                          workers=args.workers, strict=args.strict, splits=splits, progress=not args.quiet)
+                          workers=args.workers, strict=args.strict, splits=splits, progress=not args.quiet,
+                          holdout=parse_holdout(args.holdout), holdout_seed=args.holdout_seed)
     generic = None
     if args.csv is not None:
         generic = GenericCSV(csv=args.csv, id_col=args.id_col, age_col=args.age_col or None, sex_col=args.sex_col,
@@ -172,8 +178,18 @@ def _cmd_predict(args) -> int:
     from bonedist.eval.predict import format_result, predict_images
 
     rows = predict_images(args.images, args.sex, args.runs, args.chronological_age, args.heatmap)
-    print(json.dumps(rows, indent=1) if args.json else "\n".join(format_result(r) for r in rows))
-    return 0
+    failed = [r for r in rows if "error" in r]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        good = [format_result(r) for r in rows if "error" not in r]
+        if good:
+            print("\n".join(good))
+    for row in failed:
+        print(f"bonedist predict: error: {row['error']}", file=sys.stderr)
+    if failed:
+        print(f"bonedist predict: {len(failed)} of {len(rows)} image(s) failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _add_study(sub) -> None:
@@ -275,7 +291,19 @@ def _add_bench(sub) -> None:
     b.add_argument("--batch-size", type=int, default=None)
     b.add_argument("--workers", type=int, default=0, help="packing processes (default: all cores)")
     b.add_argument("--wandb", default="off", choices=["auto", "online", "offline", "off"])
+    b.add_argument("--holdout", default=None, metavar="validation:N[,test:M]",
+                   help="carve the splits the data lacks from its training table (as `pack --holdout`)")
+    b.add_argument("--holdout-seed", type=int, default=0)
     b.set_defaults(func=_cmd_bench_accuracy)
+
+    b = bench.add_parser("train-loop", help="the engine's training loop beside the bare model step, by phase")
+    b.add_argument("--model", required=True)
+    b.add_argument("--preset", default="improved")
+    b.add_argument("--size", type=int, default=None, help="default 500 on CUDA, 96 on CPU")
+    b.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 8 on CPU")
+    b.add_argument("--steps", type=int, default=30, help="timed steps (after 3 warm-up steps)")
+    b.add_argument("--device", default=None, help="cpu to force the CPU")
+    b.set_defaults(func=_cmd_bench_train_loop)
 
     b = bench.add_parser("train-step", help="training images/s: fp32 eager vs the engine's defaults")
     b.add_argument("--model", required=True)
@@ -298,12 +326,21 @@ def _cmd_bench_all(args) -> int:
 
 def _cmd_bench_accuracy(args) -> int:
     from bonedist.bench.accuracy import bench_accuracy
+    from bonedist.data.holdout import parse_holdout
 
     presets = [p.strip() for p in args.preset.split(",") if p.strip()]
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
     bench_accuracy(args.data, presets, size=args.size, budget=args.budget, models=args.models.split(","),
                    out=args.out, pretrained=args.pretrained, wandb=args.wandb, workers=args.workers,
-                   overrides=overrides)
+                   overrides=overrides, holdout=parse_holdout(args.holdout), holdout_seed=args.holdout_seed)
+    return 0
+
+
+def _cmd_bench_train_loop(args) -> int:
+    from bonedist.bench.train_loop import bench_train_loop
+
+    bench_train_loop(args.model, preset=args.preset, size=args.size, batch=args.batch, steps=args.steps,
+                     device=args.device)
     return 0
 
 

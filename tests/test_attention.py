@@ -102,3 +102,21 @@ def test_batched_pipeline_agrees_with_the_opencv_loop():
     _, boxes_cv = opencv_attention_crops(features.numpy(), images[:, 0].numpy())
     assert crops.shape == images.shape
     assert np.abs(boxes.numpy() - boxes_cv).max() <= 2  # uint8 vs float heat moves an edge by a pixel at most
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_cpu_path_picks_the_same_components_as_the_batched_path(seed):
+    """On a CPU components are labelled by OpenCV per image; on a GPU by Kornia's union-find for the whole batch:
+    the same component (ties included: equal areas go to the first in raster order) and the same boxes."""
+    from bonedist.models.attention import _largest_component_batched, _largest_component_opencv, mask_boxes
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(6, 1, 40, 52, generator=g) > 0.7  # many small components
+    mask[0] = False  # an empty image
+    mask[1] = False
+    mask[1, 0, 2:5, 2:5] = mask[1, 0, 20:23, 30:33] = True  # two of equal area: a tie
+    for heat in (torch.rand(6, 1, 40, 52, generator=g) * 255, torch.ones(6, 1, 40, 52)):
+        ours, reference = _largest_component_opencv(mask, heat), _largest_component_batched(mask, heat)
+        assert torch.equal(ours, reference)
+        assert torch.equal(mask_boxes(ours), mask_boxes(reference))
+    assert ours[1, 0, 3, 3] and not ours[1, 0, 21, 31]

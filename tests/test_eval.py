@@ -183,3 +183,19 @@ def test_evaluation_tables_and_figures_go_to_wandb_offline(trained_runs, tmp_pat
     keys = set().union(*read_history(runs[0]))  # media and tables are logged as nested keys
     for prefix in ("metrics", "figures/pred_vs_true", "figures/bland_altman", "figures/agcnn_attention"):
         assert any(k == prefix or k.startswith(prefix + "/") for k in keys), (prefix, sorted(keys)[:20])
+
+
+def test_predict_reports_each_image_and_fails_only_the_bad_ones(trained_runs, tmp_path):
+    good = sorted((RSNA_SAMPLE / "boneage-training-dataset").glob("*.png"))[0]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    cv2.imwrite(str(tmp_path / "blank.png"), np.zeros((300, 200), np.uint8))
+    files = [str(good), str(tmp_path / "bad.png"), str(tmp_path / "blank.png"), str(good)]
+    result = run_cli("predict", *files, "--sex", "F", "--runs", str(trained_runs), "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    rows = json.loads(result.stdout)
+    assert [("error" in r) for r in rows] == [False, True, True, False]
+    assert rows[0]["bone_age_months"] == rows[3]["bone_age_months"]
+    assert "cannot read the image" in rows[1]["error"] and "not a radiograph" in rows[2]["error"]
+    assert "2 of 4 image(s) failed" in result.stderr
+    text = run_cli("predict", *files, "--sex", "F", "--runs", str(trained_runs))
+    assert text.returncode == 1 and text.stdout.count("bone age") == 2 and "bad.png" in text.stderr

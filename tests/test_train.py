@@ -187,3 +187,17 @@ def test_stages_scale_validate_and_restart_the_cosine():
     sched.clock["fraction"] = 1.0
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.0
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(train_shards, tmp_path, phantom_root):
+    """/sys refuses new folders even to root (EPERM/EACCES/EROFS): every command names the path in one line."""
+    (tmp_path / "file").write_text("x")
+    for runs in ("/sys/bonedist-test-runs", str(tmp_path / "file" / "runs")):
+        result = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "1", runs=runs)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "cannot use" in result.stderr and runs.split("/runs")[0] in result.stderr
+    from tests.conftest import run_cli
+
+    packed = run_cli("pack", str(phantom_root), "--out", "/sys/bonedist-test-shards", "--quiet")
+    assert packed.returncode == 2 and "/sys/bonedist-test-shards" in packed.stderr
+    assert "Traceback" not in packed.stderr

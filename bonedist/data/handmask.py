@@ -105,8 +105,8 @@ def hand_mask(images: torch.Tensor, cfg: HandMaskConfig | None = None) -> torch.
         plate = (solidity > cfg.plate_solidity) | ((share > cfg.plate_area) & (solidity > cfg.plate_area_solidity))
         plate &= area > cfg.plate_min_area * small.shape[-1] * small.shape[-2]
         settled |= ~(plate & found)
-        if bool(settled.all()):
-            break
+        if images.device.type == "cpu" and bool(settled.all()):
+            break  # on a GPU every level runs: checking would stop its queue for a host sync
         inner = ~settled
         region = torch.where(inner.view(-1, 1, 1, 1), component, region)
     if cfg.margin:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bonedist import BonedistError
-from bonedist.data.images import ImageError, decode_gray8, resize_square
+from bonedist.data.images import ImageError, decode_gray8, not_a_radiograph, resize_square
 from bonedist.data.layouts import parse_male
 from bonedist.eval.inference import predict_radiographs
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
@@ -65,8 +65,10 @@ def _load_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, np.ndarra
         raise BonedistError(f"{path}: no such file")
     try:
         original = decode_gray8(path.read_bytes())
-    except ImageError as exc:
+    except (ImageError, OSError) as exc:
         raise BonedistError(f"{path}: cannot read the image: {exc}") from exc
+    if (why := not_a_radiograph(original)) is not None:
+        raise BonedistError(f"{path}: {why}")
     resized, geometry = resize_square(original, size, mode)
     return original, resized, geometry
 
@@ -80,33 +82,42 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
     trained = {name: load_trained(path, "cpu") for name, path in found.items()}
     weights, source = _weights(Path(runs), list(trained))
     pack = next(iter(trained.values())).meta["pack"]
+    if heatmap and "agcnn" not in trained:
+        raise BonedistError("--heatmap needs a trained agcnn run under --runs")
     results = []
     for image_path in map(Path, images):
-        original, resized, geometry = _load_image(image_path, pack["image_size"], pack["resize_mode"])
-        batch = torch.from_numpy(resized).view(1, 1, *resized.shape)
-        per_model, attention = {}, None
-        sex = torch.full((1,), float(male))
-        for name, tm in trained.items():  # each run's own test-time flip and patch aggregation
-            out = predict_radiographs(tm.model, tm.pipe, batch, sex, flip=tm.flip, aggregate=tm.aggregate)
-            per_model[name] = float(tm.mu + tm.sigma * out["pred"].float()[0])
-            if name == "agcnn" and heatmap:  # boxes and masks come from one plain forward pass
-                attention = tm.model(tm.pipe.eval(batch), sex)
-        bone_age = float(sum(w * per_model[m] for m, w in weights.items()))
-        row = {"image": str(image_path), "sex": "M" if male else "F", "bone_age_months": round(bone_age, 2),
-               "bone_age": years_months(bone_age), "models": {k: round(v, 2) for k, v in per_model.items()},
-               "ensemble": source, "weights": weights}
-        if chrono is not None:
-            row.update(chronological_age_months=chrono, difference_months=round(bone_age - chrono, 2))
-        if heatmap:
-            if attention is None:
-                raise BonedistError("--heatmap needs a trained agcnn run under --runs")
-            target = Path(heatmap) if len(images) == 1 else Path(heatmap).with_name(
-                f"{Path(heatmap).stem}-{image_path.stem}{Path(heatmap).suffix}")
-            draw_heatmap(original, geometry, pack["image_size"], attention["boxes"][0], attention["masks"][0, 0],
-                         target)
-            row["heatmap"] = str(target)
-        results.append(row)
+        try:  # a bad image gets its error; the others still get their results
+            results.append(_predict_one(image_path, male, chrono, trained, weights, source, pack, heatmap,
+                                        several=len(images) > 1))
+        except BonedistError as exc:
+            results.append({"image": str(image_path), "error": str(exc)})
     return results
+
+
+def _predict_one(image_path: Path, male: bool, chrono: float | None, trained: dict, weights: dict, source: str,
+                 pack: dict, heatmap: str | None, several: bool) -> dict:
+    original, resized, geometry = _load_image(image_path, pack["image_size"], pack["resize_mode"])
+    batch = torch.from_numpy(resized).view(1, 1, *resized.shape)
+    per_model, attention = {}, None
+    sex = torch.full((1,), float(male))
+    for name, tm in trained.items():  # each run's own test-time flip and patch aggregation
+        out = predict_radiographs(tm.model, tm.pipe, batch, sex, flip=tm.flip, aggregate=tm.aggregate)
+        per_model[name] = float(tm.mu + tm.sigma * out["pred"].float()[0])
+        if name == "agcnn" and heatmap:  # boxes and masks come from one plain forward pass
+            attention = tm.model(tm.pipe.eval(batch), sex)
+    bone_age = float(sum(w * per_model[m] for m, w in weights.items()))
+    row = {"image": str(image_path), "sex": "M" if male else "F", "bone_age_months": round(bone_age, 2),
+           "bone_age": years_months(bone_age), "models": {k: round(v, 2) for k, v in per_model.items()},
+           "ensemble": source, "weights": weights}
+    if chrono is not None:
+        row.update(chronological_age_months=chrono, difference_months=round(bone_age - chrono, 2))
+    if heatmap:
+        target = Path(heatmap) if not several else Path(heatmap).with_name(
+            f"{Path(heatmap).stem}-{image_path.stem}{Path(heatmap).suffix}")
+        draw_heatmap(original, geometry, pack["image_size"], attention["boxes"][0], attention["masks"][0, 0],
+                     target)
+        row["heatmap"] = str(target)
+    return row
 
 
 def draw_heatmap(original: np.ndarray, geometry: dict, pack_size: int, box: torch.Tensor, mask: torch.Tensor,
