@@ -1,9 +1,10 @@
-"""The ``bonedist`` command line: a thin layer that parses flags and calls the library.
+"""bonedist: bone-age models for pediatric hand radiographs, from the RSNA/Kaggle downloads to an evaluated
+ensemble, on one CPU or many GPU nodes.
 
-    bonedist synth data/phantoms --n 400
-    bonedist pack data/phantoms --out shards/phantoms
-    bonedist inspect shards/phantoms --grid grid.png
-    bonedist bench pack
+    bonedist pack /data/rsna --out shards/rsna
+    bonedist train --model xception --shards shards/rsna --preset improved
+    bonedist evaluate --runs runs/default
+    bonedist predict hand.png --sex F --runs runs/default
 """
 
 from __future__ import annotations
@@ -225,22 +226,27 @@ def _cmd_study(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="synthesise, pack, train the four models (tiny), evaluate: the whole pipeline")
-    p.add_argument("--out", default="runs/demo")
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic phantoms in a few minutes",
+                       description="Synthesise hand phantoms, pack them, train every model with accelerate launch "
+                                   "(2 CPU processes, or the machine's GPUs), evaluate them and the ensembles, and "
+                                   "print the headline numbers and where the report is.",
+                       epilog="example: bonedist demo --out runs/demo")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--n", type=int, default=400, help="training phantoms (validation and test: n/5 each)")
-    p.add_argument("--epochs", type=int, default=None, help="override every model's demo epochs")
-    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on batches per epoch (0: full epochs)")
-    p.add_argument("--models", default=",".join(["inception_v3", "xception", "resnet50_patch", "agcnn"]))
+    p.add_argument("--budget", type=float, default=None,
+                   help="training minutes for all models together (default 3.2: under 5 minutes in all)")
+    p.add_argument("--models", default=None, help="comma-separated (default: every model, `bonedist models`)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", action="store_true",
+                   help="keep the phantoms, full-precision weights and resumable checkpoints (a few GB)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    from bonedist.demo import run_demo
+    from bonedist.demo import DEMO_BUDGET_MIN, run_demo
 
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    run_demo(args.out, n=args.n, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, models=models,
-             seed=args.seed)
+    run_demo(args.out, n=args.n, budget=args.budget or DEMO_BUDGET_MIN, models=parse_models(args.models),
+             seed=args.seed, keep=args.keep)
     return 0
 
 
@@ -285,7 +291,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--preset", default="improved", help="a preset, or several comma-separated (e.g. paper,improved)")
     b.add_argument("--size", type=int, default=None, help="pack and train at this side (default: the preset's, 500)")
     b.add_argument("--budget", type=float, default=60.0, help="training minutes for all runs together (default 60)")
-    b.add_argument("--models", default=",".join(["inception_v3", "xception", "resnet50_patch", "agcnn"]))
+    b.add_argument("--models", default=None, help="comma-separated (default: every model, `bonedist models`)")
     b.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     b.add_argument("--pretrained", default=None, help="backbone weights (none, a file or a weights folder)")
     b.add_argument("--batch-size", type=int, default=None)
@@ -330,7 +336,7 @@ def _cmd_bench_accuracy(args) -> int:
 
     presets = [p.strip() for p in args.preset.split(",") if p.strip()]
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
-    bench_accuracy(args.data, presets, size=args.size, budget=args.budget, models=args.models.split(","),
+    bench_accuracy(args.data, presets, size=args.size, budget=args.budget, models=parse_models(args.models),
                    out=args.out, pretrained=args.pretrained, wandb=args.wandb, workers=args.workers,
                    overrides=overrides, holdout=parse_holdout(args.holdout), holdout_seed=args.holdout_seed)
     return 0
@@ -372,6 +378,33 @@ def _cmd_bench_attention(args) -> int:
     return 0
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the models, one per line (for scripts)",
+                       description="Print every registered model, one name per line, in the order of the paper's "
+                                   "tables; with --details also its task and whether it takes ImageNet weights.",
+                       epilog="example: for m in $(bonedist models); do bonedist train --model $m ...; done")
+    p.add_argument("--details", action="store_true", help="also the branches and the weights each model takes")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args) -> int:
+    from bonedist.models import list_models, model_info
+
+    for name in list_models():
+        info = model_info(name)
+        if not args.details:
+            print(name)
+            continue
+        branches = f"branches {', '.join(info.task.branches)}" if info.task.branches else "one prediction"
+        print(f"{name}\t{'ImageNet backbone or scratch' if info.pretrained else 'from scratch'}\t{branches}")
+    return 0
+
+
+def parse_models(text: str | None) -> list[str] | None:
+    """``--models a,b``; None (every registered model) when not given."""
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
 def _add_weights(sub) -> None:
     p = sub.add_parser("weights", help="pretrained backbone weights for offline compute nodes")
     weights = p.add_subparsers(dest="weights", required=True, metavar="ACTION")
@@ -397,14 +430,69 @@ def _cmd_bench_pack(args) -> int:
     return 0
 
 
+# What each command does, for its --help, and one example of it.
+HELP = {
+    "synth": ("Write synthetic hand phantoms with a learnable bone-age signal, laid out like the official RSNA/Kaggle "
+              "downloads: for trying the pipeline without the real data.", "bonedist synth data/phantoms --n 400"),
+    "pack": ("Find every radiograph of an RSNA/Kaggle download (or a CSV of your own), check it, resize it and write "
+             "WebDataset shards and a manifest. Bad files are skipped and listed; an interrupted pack resumes.",
+             "bonedist pack /data/rsna --out shards/rsna --size 500"),
+    "inspect": ("Summarise a pack, verify every shard's checksum and sample count, and draw a contact sheet.",
+                "bonedist inspect shards/rsna --grid sheet.png --hand-mask"),
+    "train": ("Train one model in this process (`accelerate launch -m bonedist.train ...` for several GPUs or "
+              "nodes). Resumes from its last checkpoint; a signal saves and stops.",
+              "bonedist train --model xception --shards shards/rsna --preset improved --pretrained weights/"),
+    "evaluate": ("Every trained model of an experiment, its branches and three ensembles on one split, each "
+                 "radiograph exactly once (also under `accelerate launch`): metrics, predictions and a report.",
+                 "bonedist evaluate --runs runs/rsna --split test"),
+    "predict": ("Bone age of radiographs with the trained ensemble, on a CPU if need be; each image gets its "
+                "result or its error.", "bonedist predict hand.png --sex F --runs runs/rsna --chronological-age 10y3m"),
+    "models": (None, None),
+    "weights": ("Save the ImageNet backbones for compute nodes without internet.", "bonedist weights fetch weights/"),
+    "study": ("The paper's studies, as commands.", "bonedist study patches --shards shards/rsna"),
+    "demo": (None, None),
+    "bench": ("Benchmarks: bonedist beside a baseline measured in the same run, with the ratio.",
+              "bonedist bench all --out bench.md"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bonedist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bonedist", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_evaluate, _add_predict, _add_weights,
-                _add_study, _add_demo, _add_bench):
+    for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_evaluate, _add_predict, _add_models,
+                _add_weights, _add_study, _add_demo, _add_bench):
         add(sub)
+    for name, command in sub.choices.items():
+        description, example = HELP.get(name, (None, None))
+        if description:
+            command.description = description
+        if example:
+            command.epilog = f"example: {example}"
+        for action in command._actions:  # the subcommands of bench, study and weights
+            if isinstance(action, argparse._SubParsersAction):
+                for child, parser_ in action.choices.items():
+                    example = SUB_EXAMPLES.get(f"{name} {child}")
+                    parser_.description = parser_.description or next(
+                        (a.help for a in action._choices_actions if a.dest == child), None)
+                    if example:
+                        parser_.epilog = f"example: {example}"
     return parser
+
+
+SUB_EXAMPLES = {
+    "weights fetch": "bonedist weights fetch /shared/weights",
+    "study patches": "bonedist study patches --shards shards/rsna --settings 3x224,49x224 --preset improved",
+    "bench pack": "bonedist bench pack /data/rsna --size 500",
+    "bench attention": "bonedist bench attention --batch 32 --size 500",
+    "bench loader": "bonedist bench loader --n 512 --workers 8",
+    "bench augment": "bonedist bench augment --batch 32 --size 500",
+    "bench all": "bonedist bench all --out bench.md",
+    "bench accuracy": "bonedist bench accuracy --data /data/rsna --preset scratch --size 64 --budget 60",
+    "bench train-loop": "bonedist bench train-loop --model xception --preset improved --size 500 --batch 32",
+    "bench train-step": "bonedist bench train-step --model xception --batch 32 --size 500",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

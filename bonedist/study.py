@@ -139,7 +139,7 @@ def _figure(rows: list[dict], path: Path) -> None:
 
 
 def _log_wandb(rows: list[dict], out: Path, opts: StudyOptions) -> None:
-    from bonedist.train.tracking import wandb_mode
+    from bonedist.tracking import wandb_mode
 
     mode = wandb_mode(opts.wandb)
     if mode == "off":

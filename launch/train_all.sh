@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The four models, then the ensemble evaluation, on one machine (all its GPUs, or 2 CPU processes without any).
+# Every model (`bonedist models`), then the ensemble evaluation, on one machine (all its GPUs, or 2 CPU processes without any).
 #
 #   launch/train_all.sh SHARDS [EXPERIMENT] [-- extra `bonedist train` flags]
 #   PRESET=tiny launch/train_all.sh shards/phantoms demo -- --epochs 2
 #
-# Environment: PRESET (default paper), RUNS_DIR (default runs), MODELS (default all four), SPLIT (default test),
+# Environment: PRESET (default paper), RUNS_DIR (default runs), MODELS (default: `bonedist models`), SPLIT (default test),
 # BONEDIST_PYTHON (default .venv/bin/python if present, else python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +14,10 @@ shift $(( $# >= 2 ? 2 : 1 ))
 [ "${1:-}" = "--" ] && shift
 PRESET=${PRESET:-paper}
 RUNS_DIR=${RUNS_DIR:-runs}
-MODELS=${MODELS:-"inception_v3 xception resnet50_patch agcnn"}
 if [ -z "${BONEDIST_PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then BONEDIST_PYTHON=.venv/bin/python; else BONEDIST_PYTHON=python; fi
 fi
+MODELS=${MODELS:-$("$BONEDIST_PYTHON" -m bonedist models | tr '\n' ' ')}
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 if [ "${GPUS:-0}" -ge 2 ]; then
   LAUNCH=(--config_file launch/accelerate/single_node.yaml --num_processes "$GPUS")

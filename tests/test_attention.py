@@ -108,7 +108,7 @@ def test_batched_pipeline_agrees_with_the_opencv_loop():
 def test_the_cpu_path_picks_the_same_components_as_the_batched_path(seed):
     """On a CPU components are labelled by OpenCV per image; on a GPU by Kornia's union-find for the whole batch:
     the same component (ties included: equal areas go to the first in raster order) and the same boxes."""
-    from bonedist.models.attention import _largest_component_batched, _largest_component_opencv, mask_boxes
+    from bonedist.ops import _largest_component_batched, _largest_component_opencv, mask_boxes
 
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(6, 1, 40, 52, generator=g) > 0.7  # many small components

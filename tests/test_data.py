@@ -14,7 +14,7 @@ from bonedist.data.sampling import SplitIndex, age_sex_groups, balance_weights, 
 from bonedist.data.source import DataConfig, EvalBatches, TrainBatches, choose_mode
 from bonedist.data.synth import synth_dataset
 from bonedist.models import create_model
-from bonedist.models.spec import InputSpec
+from bonedist.spec import InputSpec
 
 CPU = torch.device("cpu")
 

@@ -173,7 +173,7 @@ def test_predict_errors(trained_runs, tmp_path):
 
 
 def test_evaluation_tables_and_figures_go_to_wandb_offline(trained_runs, tmp_path):
-    from tests.wandb_reader import read_history
+    from tests.wandb_reader import read_artifacts, read_history
 
     result = run_cli("evaluate", "--runs", str(trained_runs), "--out", str(tmp_path / "report"),
                      env={"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"})
@@ -181,8 +181,17 @@ def test_evaluation_tables_and_figures_go_to_wandb_offline(trained_runs, tmp_pat
     runs = list((tmp_path / "report" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     keys = set().union(*read_history(runs[0]))  # media and tables are logged as nested keys
-    for prefix in ("metrics", "figures/pred_vs_true", "figures/bland_altman", "figures/agcnn_attention"):
+    for prefix in ("metrics", "predictions", "figures/pred_vs_true", "figures/bland_altman",
+                   "figures/agcnn_attention"):
         assert any(k == prefix or k.startswith(prefix + "/") for k in keys), (prefix, sorted(keys)[:20])
+    artifacts = read_artifacts(runs[0])
+    used = sorted(a["name"] for a in artifacts if a["used"] and a["type"] == "model")
+    assert used == sorted(f"{trained_runs.name}-{m}" for m in ("xception", "resnet50_patch", "agcnn"))
+    report = next(a for a in artifacts if a["type"] == "evaluation")
+    assert {"report.md", "metrics.json", "predictions.csv"} <= set(report["files"])
+    table = next(a for a in artifacts if a["type"] == "run_table" and any("predictions" in f for f in a["files"]))
+    thumbnails = [f for f in table["files"] if f.endswith(".png")]
+    assert len(thumbnails) == json.loads((tmp_path / "report" / "metrics.json").read_text())["n"]
 
 
 def test_predict_reports_each_image_and_fails_only_the_bad_ones(trained_runs, tmp_path):

@@ -14,7 +14,7 @@ from bonedist.data.augment import AugmentConfig, InputPipeline
 from bonedist.data.handmask import hand_mask
 from bonedist.data.images import resize_square
 from bonedist.models.attention import attention_boxes
-from bonedist.models.spec import InputSpec
+from bonedist.spec import InputSpec
 from tests.conftest import RSNA_SAMPLE
 
 ANNOTATIONS = Path(__file__).parent / "data" / "rsna_sample_markers.json"

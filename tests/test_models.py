@@ -7,11 +7,15 @@ import timm
 import torch
 
 from bonedist import BonedistError
-from bonedist.models import create_model, list_models
-from bonedist.train.tasks import agcnn_loss, regression_loss, task_loss
+from bonedist.models import create_model, list_models, model_info
+from bonedist.models.task import REGRESSION
 
-SMALL = {"inception_v3": dict(image_size=96), "xception": dict(image_size=64),
-         "resnet50_patch": dict(image_size=96, patch_size=48), "agcnn": dict(image_size=64)}
+SMALL = {"inception_v3": dict(image_size=96), "resnet50_patch": dict(image_size=96, patch_size=48)}
+
+
+def small(name: str) -> dict:
+    """Options that make any registered model quick on a CPU (64 px unless it needs more)."""
+    return SMALL.get(name, dict(image_size=64))
 
 
 def _trainable(model) -> int:
@@ -19,8 +23,9 @@ def _trainable(model) -> int:
 
 
 def test_registry_lists_the_four_models_and_rejects_unknown():
-    assert list_models() == ["agcnn", "inception_v3", "resnet50_patch", "xception"]
-    with pytest.raises(BonedistError, match="known models: agcnn, inception_v3"):
+    assert list_models() == ["inception_v3", "xception", "resnet50_patch", "agcnn"]  # the paper's order
+    assert [model_info(m).pretrained for m in list_models()] == [True, True, True, False]
+    with pytest.raises(BonedistError, match="known models: inception_v3, xception"):
         create_model("vgg16")
     with pytest.raises(BonedistError, match="unexpected keyword"):
         create_model("xception", colour=True)
@@ -46,25 +51,27 @@ def _batch(model, batch=2):
     return image, torch.tensor([1.0, 0.0] * (n // 2)), torch.randn(n)
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("freeze", [True, False])
 def test_forward_shape_and_gradients_reach_exactly_the_trainable_parameters(name, freeze):
-    if name == "agcnn" and freeze:
-        pytest.skip("agcnn is trained from scratch: nothing to freeze")
+    if freeze and not model_info(name).pretrained:
+        pytest.skip(f"{name} is trained from scratch: nothing to freeze")
     torch.manual_seed(0)
-    model = create_model(name, **SMALL[name], **({} if name == "agcnn" else {"freeze_backbone": freeze}))
+    model = create_model(name, **small(name), **({"freeze_backbone": freeze} if model_info(name).pretrained else {}))
     model.train()
     image, male, target = _batch(model)
     out = model(image, male)
     assert out["pred"].shape == (image.shape[0],) and torch.isfinite(out["pred"]).all()
-    loss, parts = task_loss(model.task)(out, target)
+    assert all(out[b].shape == out["pred"].shape for b in model.task.branches)
+    assert model.spec.input_size <= model.spec.image_size and model.spec.channels == image.shape[1]
+    loss, parts = model.task.loss(out, target)
     loss.backward()
     for pname, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{pname} got no gradient"
         else:
             assert p.grad is None, f"frozen {pname} got a gradient"
-    if freeze and name != "agcnn":
+    if freeze:
         assert not model.backbone.training  # frozen BatchNorm statistics stay fixed in train mode
         assert _trainable(model) == sum(p.numel() for p in model.head_parameters())
 
@@ -76,7 +83,7 @@ def test_agcnn_outputs_and_paper_loss_isolates_the_fusion_term():
     out = model(image, male)
     assert {"global", "local", "fusion", "boxes", "masks"} <= set(out)
     assert out["boxes"].shape == (4, 4) and out["masks"].shape == (4, 1, 64, 64)
-    loss, parts = agcnn_loss(out, target)
+    loss, parts = model.task.loss(out, target)
     assert torch.allclose(loss, 0.8 * parts["loss_global"] + 0.1 * parts["loss_local"] + 0.1 * parts["loss_fusion"])
     # the Fusion term alone reaches only the Fusion head
     parts_only = torch.nn.functional.mse_loss(out["fusion"], target)
@@ -109,9 +116,34 @@ def test_param_groups_give_the_backbone_its_own_learning_rate():
 
 def test_regression_loss_kinds():
     out, target = {"pred": torch.tensor([0.0, 2.0])}, torch.tensor([1.0, 1.0])
-    assert regression_loss(out, target)[0].item() == pytest.approx(1.0)
-    assert regression_loss(out, target, "l1")[0].item() == pytest.approx(1.0)
-    assert regression_loss(out, target, "huber", 0.5)[0].item() == pytest.approx(0.375)
+    assert REGRESSION.loss(out, target)[0].item() == pytest.approx(1.0)
+    assert REGRESSION.loss(out, target, "l1")[0].item() == pytest.approx(1.0)
+    assert REGRESSION.loss(out, target, "huber", 0.5)[0].item() == pytest.approx(0.375)
+    assert REGRESSION.best_metric() == "val_mae_months" and REGRESSION.reported("m") == ["m"]
+
+
+def test_feature_norm_keeps_the_head_alive_where_the_paper_head_dies():
+    """Adam moves all weights of a head unit together when the pooled features are all >= 0 (ReLU backbones);
+    on real radiographs the Dense(10, ReLU) of Xception died within 80 steps. Here: a step that pushes every
+    unit's output down kills the plain head for every input, not the one on centred features."""
+    alive = {}
+    for norm in (False, True):
+        torch.manual_seed(0)
+        model = create_model("xception", image_size=64, pretrained=None, freeze_backbone=False, feature_norm=norm)
+        model.train()
+        image, male = torch.randn(16, 3, 64, 64), torch.tensor([1.0, 0.0] * 8)
+        optimizer = torch.optim.Adam(model.head.parameters(), lr=0.05)
+        for target in (-5.0, -5.0, -5.0, 5.0, 5.0, 5.0):  # large Adam steps down, then up (L1 flips like this)
+            loss = (model(image, male)["pred"] - target).abs().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        hidden = {}
+        model.head[0].register_forward_hook(lambda m, i, o, store=hidden: store.__setitem__("pre", o.detach()))
+        with torch.no_grad():
+            model(torch.randn(64, 3, 64, 64), torch.tensor([1.0, 0.0] * 32))
+        alive[norm] = int(((hidden["pre"] > 0).any(dim=0)).sum())
+    assert alive[False] == 0 and alive[True] > 0, alive
 
 
 def _saved_resnet(tmp_path, fmt):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from bonedist.data.manifest import load_manifest
 from tests.conftest import epoch_records, run_train
-from tests.wandb_reader import read_history
+from tests.wandb_reader import read_artifacts, read_history, read_metric_definitions, read_summary
 
 TINY = ["--preset", "tiny", "--steps-per-epoch", "6"]
 
@@ -44,6 +44,19 @@ def test_run_folder_metrics_checkpoints_and_wandb_offline(train_shards, tmp_path
     assert len(offline) == 1
     history = [row for row in read_history(offline[0]) if "val_mae_months" in row]
     assert [round(row["val_mae_months"], 6) for row in history] == [round(r["val_mae_months"], 6) for r in epochs]
+    # artifacts and lineage: the pack it trained on (used, by reference) and the model it left in best/
+    artifacts = {a["type"]: a for a in read_artifacts(offline[0])}
+    assert artifacts["dataset"]["used"] and "manifest.json" in artifacts["dataset"]["files"]
+    assert artifacts["dataset"]["metadata"]["splits"]["train"]["count"] == 300
+    assert any(ref.endswith("train-000000.tar") for ref in artifacts["dataset"]["refs"])
+    model = artifacts["model"]
+    assert model["name"] == "exp1-xception" and not model["used"] and "best" in model["aliases"]
+    assert {"meta.json", "model.safetensors"} <= set(model["files"]) and model["metadata"]["sigma"] == meta["sigma"]
+    definitions = read_metric_definitions(offline[0])
+    assert definitions["val_mae_months"] == {"step_metric": "epoch", "summary": ["min"]}
+    summary = read_summary(offline[0])
+    assert summary["best_epoch"] == meta["epoch"] and summary["best_val_mae_months"] == pytest.approx(
+        min(r["val_mae_months"] for r in epochs))
 
 
 def test_resume_auto_continues_where_it_stopped(train_shards, tmp_path):
@@ -201,3 +214,25 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(train_shards, tmp_p
     packed = run_cli("pack", str(phantom_root), "--out", "/sys/bonedist-test-shards", "--quiet")
     assert packed.returncode == 2 and "/sys/bonedist-test-shards" in packed.stderr
     assert "Traceback" not in packed.stderr
+
+
+def test_a_kill_while_best_is_replaced_is_recovered_on_resume(train_shards, tmp_path):
+    """A SIGKILL between best/'s two renames leaves .old-best (complete) and .tmp-best; a kill after a metrics line
+    and before its checkpoint leaves a line the resumed run would repeat. Resuming repairs both."""
+    args = ["--model", "xception", "--shards", str(train_shards), *TINY]
+    first = run_train(*args, "--epochs", "1", runs=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "default" / "xception"
+    (run / "best").rename(run / ".old-best")
+    (run / ".tmp-best").mkdir()
+    (run / ".tmp-best" / "model.safetensors").write_bytes(b"half-written")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "step", "epoch": 2, "step": 7, "train_loss_step": 1.0, "lr": 0.1}) + "\n")
+    resumed = run_train(*args, "--epochs", "2", runs=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert not (run / ".old-best").exists() and not (run / ".tmp-best").exists()
+    assert load_file(str(run / "best" / "model.safetensors"))  # complete and loadable
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 7 not in steps and steps == sorted(steps)  # the stray line dropped, nothing logged twice
+    assert [r["epoch"] for r in epoch_records(run)] == [1, 2]

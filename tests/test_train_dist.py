@@ -92,7 +92,8 @@ def test_two_nodes_on_one_machine_rendezvous_and_train(train_shards, tmp_path):
 
 
 INTERRUPTIBLE = ["--model", "inception_v3", "--preset", "tiny", "--image-size", "80", "--epochs", "2",
-                 "--steps-per-epoch", "8", "--batch-size", "4", "--data-mode", "cache", "--log-every", "1"]
+                 "--steps-per-epoch", "8", "--batch-size", "4", "--data-mode", "cache", "--log-every", "1",
+                 "--sync-every", "1"]  # the ranks agree on a signal at every step: the stop lands mid-epoch
 
 
 def test_sigusr1_mid_epoch_then_resume_gives_the_uninterrupted_weights(train_shards, tmp_path):
@@ -158,3 +159,22 @@ def test_staged_agcnn_trains_one_branch_per_stage_under_ddp(train_shards, tmp_pa
     assert changed(l2, f3, "fusion.") and not changed(l2, f3, "global_branch.") and not changed(l2, f3, "local_branch.")
     meta = (run_dir / "best" / "meta.json").read_text()
     assert '"stages"' in meta
+
+
+def test_a_rank_that_loses_its_peer_says_so_in_one_line(train_shards, tmp_path):
+    """SIGKILL one of two training processes: the other stops within seconds with one line naming its rank."""
+    cmd = launch_cmd(tmp_path, *INTERRUPTIBLE, "--epochs", "3", "--shards", str(train_shards))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "default" / "inception_v3" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"kind": "step"') >= 2):
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "bonedist.train" in " ".join(
+        p.cmdline())]
+    victim = next(p for p in workers if p.environ().get("RANK") == "1")
+    victim.kill()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "bonedist train: error: rank 0 of 2 lost contact with another process of the job" in stderr, stderr[-3000:]
+    assert "--resume auto" in stderr

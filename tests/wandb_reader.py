@@ -46,3 +46,47 @@ def read_history(run_dir: Path) -> list[dict]:
             rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def read_records(run_dir: Path) -> list:
+    """Every ``Record`` of the offline run in ``run_dir``."""
+    from wandb.proto import wandb_internal_pb2
+
+    path = next(Path(run_dir).glob("run-*.wandb"))
+    out = []
+    for raw in _records(path.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        out.append(record)
+    return out
+
+
+def read_artifacts(run_dir: Path) -> list[dict]:
+    """Artifacts the run logged (``used``: logged as used by the run, i.e. its inputs), with their file names."""
+    return [{"name": r.artifact.name, "type": r.artifact.type, "used": r.artifact.use_after_commit,
+             "aliases": list(r.artifact.aliases), "files": [e.path for e in r.artifact.manifest.contents],
+             "refs": [e.ref for e in r.artifact.manifest.contents if e.ref],
+             "metadata": json.loads(r.artifact.metadata or "{}")}
+            for r in read_records(run_dir) if r.WhichOneof("record_type") == "artifact"]
+
+
+def read_metric_definitions(run_dir: Path) -> dict[str, dict]:
+    """``define_metric`` calls: name → {"step_metric", "summary": [min/max/last/...]}."""
+    out = {}
+    for r in read_records(run_dir):
+        if r.WhichOneof("record_type") == "metric":
+            summary = [f.name for f, value in r.metric.summary.ListFields() if value]
+            out[r.metric.name] = {"step_metric": r.metric.step_metric, "summary": summary}
+    return out
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The run's summary keys as set by the program (later updates win)."""
+    out = {}
+    for r in read_records(run_dir):
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                key = item.key or "/".join(item.nested_key)
+                if key:
+                    out[key] = json.loads(item.value_json)
+    return out

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from bonedist import BonedistError
 
-MODELS = ("inception_v3", "xception", "resnet50_patch", "agcnn")
 PRESET_SIZE = {"paper": 500, "improved": 500, "scratch": 256, "tiny": 64}
 
 
@@ -29,16 +28,17 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     from bonedist.data.manifest import load_manifest
     from bonedist.data.pack import PackOptions, pack_dataset
     from bonedist.eval.evaluate import EvalOptions, evaluate
+    from bonedist.models import list_models, model_info
     from bonedist.train.config import PRESETS, resolve_config
     from bonedist.train.engine import train_in_process
 
-    models = list(models or MODELS)
+    models = list(models or list_models())
     for preset in presets:
         if preset not in PRESETS:
             raise BonedistError(f"--preset {preset!r}: presets are {', '.join(sorted(PRESETS))}")
-    unknown = set(models) - set(MODELS)
+    unknown = set(models) - set(list_models())
     if unknown:
-        raise BonedistError(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
+        raise BonedistError(f"--models: unknown {sorted(unknown)}; choose from {', '.join(list_models())}")
     if budget <= 0:
         raise BonedistError(f"--budget must be positive minutes, got {budget}")
     size = size or max(PRESET_SIZE.get(p, 500) for p in presets)
@@ -67,7 +67,7 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
         left = budget * 60.0 - (time.perf_counter() - train_start)
         share = max(left, 0.0) / (len(jobs) - i) / 60.0
         model_cfg = {"image_size": size}  # patches scale with it (resolve_config); Inception keeps its minimum
-        if pretrained is not None and model != "agcnn":
+        if pretrained is not None and model_info(model).pretrained:
             model_cfg["pretrained"] = pretrained
         cfg = resolve_config(model, str(out / "shards"), preset, experiment=preset, runs_dir=str(out / "runs"),
                              model_cfg=model_cfg, time_budget_min=max(share, 0.05), wandb=wandb,

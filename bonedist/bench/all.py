@@ -62,7 +62,14 @@ def bench_all(quick: bool | None = None, verbose: bool = False) -> str:
         if name != base_name:
             rows.append((f"loader, augmented 500 px ({name.split()[1]})", name, "PIL + torchvision v2 in workers",
                          value["images_per_s"], loader[base_name]["images_per_s"], "images/s"))
-    for model in ("xception", "inception_v3", "resnet50_patch", "agcnn"):
+    from bonedist.bench.train_loop import bench_train_loop
+    from bonedist.models import list_models
+
+    with sink:
+        loop = bench_train_loop("xception", preset="improved", steps=8 if quick else 30)
+    rows.append(("train loop xception (improved preset, cache)", "engine's loop", "bare model step",
+                 loop["loop_images_per_s"], loop["bare_images_per_s"], "images/s"))
+    for model in list_models():
         with sink:
             step = bench_train_step(model, steps=2 if quick else 5, size=96 if quick else None,
                                     batch=4 if quick else None)

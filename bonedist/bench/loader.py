@@ -24,7 +24,7 @@ from bonedist.data.augment import AugmentConfig, InputPipeline
 from bonedist.data.manifest import load_manifest
 from bonedist.data.pack import PackOptions, default_workers, pack_dataset
 from bonedist.data.source import DataConfig, TrainBatches
-from bonedist.models.spec import InputSpec
+from bonedist.spec import InputSpec
 
 SPEC = InputSpec(image_size=500, input_size=500, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
 

@@ -27,7 +27,7 @@ def _pack_phantoms(root: Path, size: int, n: int) -> Path:
     from bonedist.data.pack import PackOptions, pack_dataset
     from bonedist.data.synth import synth_dataset
 
-    synth_dataset(root / "raw", n=n, n_val=16, n_test=0, seed=0, size=max(2 * size, 192), progress=False)
+    synth_dataset(root / "raw", n=n, n_val=16, n_test=0, seed=0, size=max(size, 192), progress=False)
     _, code = pack_dataset(root / "raw", root / "shards", PackOptions(size=size, samples_per_shard=256,
                                                                       progress=False))
     if code:
@@ -53,8 +53,7 @@ def _bare_step_seconds(trainer, batch: dict, steps: int) -> float:
             start = time.perf_counter()
         with acc.autocast():
             out = model(x, male)
-        loss, _ = trainer.loss_fn(out, target, trainer.cfg.loss, trainer.cfg.huber_delta,
-                                  {stage: 1.0} if stage else None)
+        loss, _ = trainer.task.loss(out, target, trainer.cfg.loss, trainer.cfg.huber_delta, stage)
         acc.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -71,10 +70,8 @@ def bench_train_loop(model: str, preset: str = "improved", size: int | None = No
     size = size or (500 if cuda else 96)
     batch = batch or (32 if cuda else 8)
     with tempfile.TemporaryDirectory(prefix="bonedist-train-loop-") as tmp:
-        shards = _pack_phantoms(Path(tmp), size, n=max(2 * batch * (steps + WARMUP), 64) if not cuda else 512)
-        model_cfg = {"image_size": size}
-        if model != "agcnn":
-            model_cfg["pretrained"] = None
+        shards = _pack_phantoms(Path(tmp), size, n=min(max(batch * 4, 64), 256))  # the cache samples from them
+        model_cfg = {"image_size": size, "pretrained": None}  # random weights: the timing is the same
         cfg = resolve_config(model, str(shards), preset, experiment="bench", runs_dir=str(Path(tmp) / "runs"),
                              model_cfg=model_cfg, batch_size=batch, epochs=1, steps_per_epoch=WARMUP + steps,
                              data_mode="cache", wandb="off", resume="never", warmup_epochs=0.0,

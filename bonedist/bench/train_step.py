@@ -9,8 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bonedist.data.augment import InputPipeline
-from bonedist.models import create_model
-from bonedist.train.tasks import task_loss
+from bonedist.models import create_model, model_info
 
 # Dense bf16 peak (TFLOP/s) by device name, for the MFU estimate.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
@@ -25,9 +24,9 @@ def _peak_tflops(device: torch.device) -> float | None:
 
 def _setup(model_name: str, size: int, device: torch.device, fast: bool, compile_model: bool):
     torch.manual_seed(0)
-    kwargs = {"image_size": size}
-    if model_name != "agcnn":
-        kwargs.update(pretrained=None, freeze_backbone=False)
+    kwargs = {"image_size": size, "pretrained": None}
+    if model_info(model_name).pretrained:
+        kwargs.update(freeze_backbone=False)
     if model_name == "resnet50_patch":
         kwargs.update(patch_size=min(224, size))
     model = create_model(model_name, **kwargs).to(device).train()
@@ -54,10 +53,10 @@ def _train_step(step_model, optimizer, pipe, loss_fn, images, male, age, step, f
 
 
 def measure(model_name: str, batch: int, size: int, steps: int, device: torch.device, fast: bool) -> dict:
-    compile_model = fast and device.type == "cuda" and model_name != "agcnn"  # AG-CNN's union-find breaks graphs
+    compile_model = fast and device.type == "cuda" and model_info(model_name).task.compilable
     model, step_model, optimizer = _setup(model_name, size, device, fast, compile_model)
     pipe = InputPipeline(model.spec, seed=0)
-    loss_fn = task_loss(model.task)
+    loss_fn = model.task.loss
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8, generator=g).to(device)
     male = (torch.rand(batch, generator=g) > 0.5).float().to(device)

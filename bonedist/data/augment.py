@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from bonedist import BonedistError
 from bonedist.data.handmask import hand_mask
-from bonedist.models.spec import InputSpec
+from bonedist.data.sampling import mix_seed
+from bonedist.spec import InputSpec
 
 
 @dataclass
@@ -163,7 +164,7 @@ class InputPipeline:
         return ((x - mean) / std).contiguous()
 
     def _seed(self, step: int) -> None:
-        torch.manual_seed(hash((self.seed, self.rank, step)) & 0x7FFF_FFFF_FFFF)
+        torch.manual_seed(mix_seed(self.seed, self.rank, step))
 
     def train(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """Augmented model inputs: (B, C, S, S), or (B*K, C, P, P) for patch models (patch k of image b at b*K+k)."""

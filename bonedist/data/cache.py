@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonedist.data.sampling import SplitIndex, balance_weights
+from bonedist.data.sampling import AGE_BINS, BINNED_AGE, SplitIndex, balance_weights, mix_seed
 from bonedist.data.stream import decode_sample, read_shard
 from bonedist.progress import progress as progress_bar
 
@@ -81,7 +81,7 @@ class CacheTrainSampler:
     """Per-step positions for one rank: disjoint slices of one draw shared (by seed) across ranks."""
 
     def __init__(self, index: SplitIndex, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 balanced: bool = True, n_bins: int = 10, max_age: float = 228.0):
+                 balanced: bool = True, n_bins: int = AGE_BINS, max_age: float = BINNED_AGE):
         self.n, self.batch_size, self.rank, self.world, self.seed = len(index), batch_size, rank, world, seed
         self.weights = torch.from_numpy(balance_weights(index.age, index.male, n_bins, max_age)) if balanced else None
         self.epoch = 0
@@ -97,7 +97,7 @@ class CacheTrainSampler:
 
     def iterate(self, start: int = 0):
         """This rank's positions for steps ``start`` onwards of the epoch's draw."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         per_step = self.world * self.batch_size
         steps = len(self)
         if self.weights is not None:

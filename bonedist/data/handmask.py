@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d, otsu_threshold
 from kornia.morphology import closing, dilation, opening
 
-from bonedist.models.attention import largest_component
+from bonedist.ops import largest_component
 
 
 @dataclass(frozen=True)

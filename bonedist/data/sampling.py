@@ -49,13 +49,24 @@ class SplitIndex:
                    shard_names=[s["name"] for s in shards], shard_counts=[s["count"] for s in shards])
 
 
-def age_sex_groups(age: np.ndarray, male: np.ndarray, n_bins: int = 10, max_age: float = 228.0) -> np.ndarray:
+AGE_BINS = 10  # balanced re-sampling: equal age bins ...
+BINNED_AGE = 228.0  # ... over 0-228 months, the oldest RSNA bone age (older ones fall in the last bin)
+
+
+def mix_seed(*parts: int) -> int:
+    """One seed from several integers (run seed, epoch, rank, step, ...): the same in every process."""
+    return hash(tuple(int(p) for p in parts)) & 0x7FFF_FFFF_FFFF
+
+
+def age_sex_groups(age: np.ndarray, male: np.ndarray, n_bins: int = AGE_BINS,
+                   max_age: float = BINNED_AGE) -> np.ndarray:
     """Group id per sample: age bin (``n_bins`` equal bins over 0-``max_age``) x sex."""
     bins = np.clip(np.floor(age / (max_age / n_bins)), 0, n_bins - 1).astype(np.int64)
     return bins * 2 + male.astype(np.int64)
 
 
-def balance_weights(age: np.ndarray, male: np.ndarray, n_bins: int = 10, max_age: float = 228.0) -> np.ndarray:
+def balance_weights(age: np.ndarray, male: np.ndarray, n_bins: int = AGE_BINS,
+                    max_age: float = BINNED_AGE) -> np.ndarray:
     """Per-sample weights, mean 1, that make every non-empty (age bin, sex) group equally likely."""
     if np.isnan(age).any():
         raise BonedistError("balanced re-sampling needs a bone age for every training sample")

@@ -16,7 +16,7 @@ import torch
 from bonedist import BonedistError
 from bonedist.data.cache import CacheTrainSampler, DeviceCache, cache_eval_positions, nbytes_of_split
 from bonedist.data.manifest import check_split_shards, load_manifest
-from bonedist.data.sampling import SplitIndex
+from bonedist.data.sampling import AGE_BINS, BINNED_AGE, SplitIndex
 from bonedist.data.stream import EvalStream, TrainStream, make_loader, raise_shard_errors
 
 DATA_MODES = ("auto", "stream", "cache")
@@ -32,8 +32,8 @@ class DataConfig:
     workers: int = 2
     cache_share: float = 0.5
     balanced: bool = True
-    n_bins: int = 10
-    max_age: float = 228.0
+    n_bins: int = AGE_BINS
+    max_age: float = BINNED_AGE
     shuffle_buffer: int = 500
     seed: int = 0
 

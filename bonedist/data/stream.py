@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bonedist import BonedistError
 from bonedist.data.images import decode_png_gray8
-from bonedist.data.sampling import SplitIndex, balance_weights
+from bonedist.data.sampling import AGE_BINS, BINNED_AGE, SplitIndex, balance_weights, mix_seed
 
 
 @dataclass
@@ -48,7 +48,7 @@ def plan_epoch(counts: list[int], epoch: int, seed: int, world: int, workers: in
     if len(counts) < n_slots:
         return StreamPlan(None, max(1, math.ceil(total / (n_slots * batch_size))))
     order = list(range(len(counts)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)  # the same on every rank: a shared shard order
+    random.Random(mix_seed(seed, epoch)).shuffle(order)  # the same on every rank: a shared shard order
     slots = [order[s::n_slots] for s in range(n_slots)]
     if balanced:  # the number of draws is random: one epoch is about one pass over the split
         per_slot = math.ceil(total / (n_slots * batch_size))
@@ -134,7 +134,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shard_dir: str | Path, index: SplitIndex, batch_size: int, rank: int = 0, world: int = 1,
                  workers: int = 0, seed: int = 0, balanced: bool = True, shuffle_buffer: int = 500,
-                 n_bins: int = 10, max_age: float = 228.0):
+                 n_bins: int = AGE_BINS, max_age: float = BINNED_AGE):
         super().__init__()
         self.urls = [str(Path(shard_dir) / name) for name in index.shard_names]
         self.counts = index.shard_counts
@@ -161,7 +161,7 @@ class TrainStream(IterableDataset):
         worker, n_workers = _slot()
         assert n_workers == max(self.workers, 1), "DataLoader num_workers must match the stream's workers"
         slot = self.rank * n_workers + worker
-        rng = random.Random(hash((self.seed, self.epoch, slot)))
+        rng = random.Random(mix_seed(self.seed, self.epoch, slot))
         np_rng = np.random.default_rng(rng.getrandbits(64))
         plan = self.plan()
         # The DataLoader takes batch i from worker i % workers: the first `skip` batches hold this many of ours.

@@ -21,9 +21,9 @@ from accelerate import Accelerator
 from bonedist import BonedistError
 from bonedist.data.manifest import load_manifest
 from bonedist.data.source import DataConfig, EvalBatches, verify_pack
-from bonedist.eval.inference import BRANCH_KEYS, gather_predictions, predict_batches
 from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
+from bonedist.inference import gather_predictions, predict_batches
 
 
 @dataclass
@@ -68,7 +68,7 @@ def evaluate(opts: EvalOptions) -> dict:
     from bonedist.eval.report import write_report
 
     write_report(out, result, months[opts.split], trained, shards, opts)
-    _log_wandb(opts, out, result)
+    _log_wandb(opts, out, result, months[opts.split], trained, shards, manifest)
     acc.print(f"report written to {out}")
     return result
 
@@ -88,10 +88,8 @@ def _predict_split(acc, trained, shards, manifest, split, opts) -> pd.DataFrame:
         columns.setdefault("key", preds["key"])
         columns.setdefault("male", preds["male"].astype(bool))
         columns.setdefault("truth", preds["age"])
-        columns[name] = tm.mu + tm.sigma * preds["pred"]
-        if name == "agcnn":
-            for branch in BRANCH_KEYS:
-                columns[f"agcnn_{branch}"] = tm.mu + tm.sigma * preds[branch]
+        for column, key in tm.model.task.columns(name).items():  # the model, and each of its branches
+            columns[column] = tm.mu + tm.sigma * preds[key]
     return pd.DataFrame(columns)
 
 
@@ -112,11 +110,16 @@ def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: P
         baseline = np.full(len(table), trained[models[0]].train_mean)
         result["metrics"]["predict_the_mean"] = regression_metrics(baseline, table["truth"], table["male"], mu,
                                                                    sigma)
-        for column in [c for c in table.columns if c not in ("key", "male", "truth", "agcnn")]:  # = agcnn_fusion
+        for column in reported_columns(trained) + [f"ensemble_{name}" for name in ensembles]:
             result["metrics"][column] = regression_metrics(table[column], table["truth"], table["male"], mu, sigma)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, default=_json_default))
     (out / "ensemble.json").write_text(json.dumps({"weights": ensembles, "split_fitted_on": "validation"}, indent=1))
     return result
+
+
+def reported_columns(trained: dict) -> list[str]:
+    """The metrics rows of the models: each model, or its branches (a branch that is the prediction once)."""
+    return [row for name, tm in trained.items() for row in tm.model.task.reported(name)]
 
 
 def _ensembles(months: dict[str, pd.DataFrame], split: str, models: list[str]) -> tuple[dict, list[str]]:
@@ -145,8 +148,12 @@ def _json_default(value):
     raise TypeError(type(value))
 
 
-def _log_wandb(opts: EvalOptions, out: Path, result: dict) -> None:
-    from bonedist.train.tracking import wandb_mode
+def _log_wandb(opts: EvalOptions, out: Path, result: dict, table: pd.DataFrame, trained: dict, shards: str,
+               manifest: dict) -> None:
+    """One W&B run per evaluation: it uses the model artifacts it evaluated, logs the metrics table, the figures,
+    a per-radiograph predictions table (thumbnail, sex, truth, every model, the ensembles, errors) and the report
+    as an ``evaluation`` artifact."""
+    from bonedist.tracking import model_artifact, use_artifact, wandb_mode
 
     mode = wandb_mode(opts.wandb)
     if mode == "off":
@@ -155,10 +162,49 @@ def _log_wandb(opts: EvalOptions, out: Path, result: dict) -> None:
 
     run = wandb.init(project="bonedist", group=Path(opts.runs).name, job_type="evaluate", name=f"evaluate-{opts.split}",
                      dir=str(out), mode=mode,
-                     config={"split": opts.split, "flip": opts.flip, "aggregate": opts.aggregate})
-    rows = [[name, m.get("mae_months"), m.get("rmse_months"), m.get("mse_z"), m.get("rmse_z"), m.get("pearson_r")]
-            for name, m in result["metrics"].items()]
-    run.log({"metrics": wandb.Table(columns=["model", "mae_months", "rmse_months", "mse_z", "rmse_z", "pearson_r"],
-                                    data=rows),
+                     config={"split": opts.split, "flip": opts.flip, "aggregate": opts.aggregate, "shards": shards,
+                             "models": list(trained)})
+    for tm in trained.values():
+        use_artifact(run, model_artifact(tm.run_dir, tm.meta))
+    rows = [[name, m.get("mae_months"), m.get("bias_months"), m.get("rmse_months"), m.get("mse_z"), m.get("rmse_z"),
+             m.get("pearson_r")] for name, m in result["metrics"].items()]
+    run.log({"metrics": wandb.Table(columns=["model", "mae_months", "bias_months", "rmse_months", "mse_z", "rmse_z",
+                                             "pearson_r"], data=rows),
+             "predictions": _predictions_table(table, shards, manifest, opts.split, result),
              **{f"figures/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}})
+    if result["labeled"]:
+        run.summary.update({f"mae_months/{name}": m["mae_months"] for name, m in result["metrics"].items()})
+    report = wandb.Artifact(f"report-{Path(opts.runs).name}-{opts.split}", type="evaluation",
+                            metadata={"split": opts.split, "n": result["n"], "models": list(trained)})
+    for path in sorted(out.iterdir()):
+        if path.is_file():
+            report.add_file(str(path))
+    run.log_artifact(report)
     run.finish()
+
+
+def _predictions_table(table: pd.DataFrame, shards: str, manifest: dict, split: str, result: dict, size: int = 96):
+    """Per radiograph: a thumbnail, sex, truth, each prediction column and its absolute error, sortable in W&B."""
+    import cv2
+    import wandb
+
+    from bonedist.data.source import DataConfig, EvalBatches
+
+    thumbs = {}
+    for batch in EvalBatches(DataConfig(shards=shards, batch_size=64, mode="stream", workers=0), split,
+                             torch.device("cpu"), manifest=manifest):
+        for key, image in zip(batch["key"], batch["image"][:, 0].numpy()):
+            thumbs[key] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    predicted = [c for c in table.columns if c not in ("key", "male", "truth")]
+    columns = ["id", "image", "sex", "truth_months", *predicted]
+    if result["labeled"]:
+        columns += [f"abs_error_{c}" for c in predicted]
+    data = []
+    for row in table.itertuples(index=False):
+        values = row._asdict()
+        line = [values["key"], wandb.Image(thumbs[values["key"]]), "M" if values["male"] else "F", values["truth"],
+                *[float(values[c]) for c in predicted]]
+        if result["labeled"]:
+            line += [abs(float(values[c]) - values["truth"]) for c in predicted]
+        data.append(line)
+    return wandb.Table(columns=columns, data=data)

@@ -21,8 +21,9 @@ import torch
 from bonedist import BonedistError
 from bonedist.data.images import ImageError, decode_gray8, not_a_radiograph, resize_square
 from bonedist.data.layouts import parse_male
-from bonedist.eval.inference import predict_radiographs
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
+from bonedist.inference import predict_radiographs
+from bonedist.models import list_models, model_info
 
 
 def parse_sex(text: str) -> bool:
@@ -82,20 +83,22 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
     trained = {name: load_trained(path, "cpu") for name, path in found.items()}
     weights, source = _weights(Path(runs), list(trained))
     pack = next(iter(trained.values())).meta["pack"]
-    if heatmap and "agcnn" not in trained:
-        raise BonedistError("--heatmap needs a trained agcnn run under --runs")
+    drawn = next((name for name, tm in trained.items() if tm.model.task.attention), None)
+    if heatmap and drawn is None:
+        raise BonedistError(f"--heatmap needs a trained model with attention crops under --runs "
+                            f"({', '.join(m for m in list_models() if model_info(m).task.attention)})")
     results = []
     for image_path in map(Path, images):
         try:  # a bad image gets its error; the others still get their results
-            results.append(_predict_one(image_path, male, chrono, trained, weights, source, pack, heatmap,
-                                        several=len(images) > 1))
+            results.append(_predict_one(image_path, male, chrono, trained, weights, source, pack,
+                                        heatmap and drawn, heatmap, several=len(images) > 1))
         except BonedistError as exc:
             results.append({"image": str(image_path), "error": str(exc)})
     return results
 
 
 def _predict_one(image_path: Path, male: bool, chrono: float | None, trained: dict, weights: dict, source: str,
-                 pack: dict, heatmap: str | None, several: bool) -> dict:
+                 pack: dict, drawn: str | None, heatmap: str | None, several: bool) -> dict:
     original, resized, geometry = _load_image(image_path, pack["image_size"], pack["resize_mode"])
     batch = torch.from_numpy(resized).view(1, 1, *resized.shape)
     per_model, attention = {}, None
@@ -103,7 +106,7 @@ def _predict_one(image_path: Path, male: bool, chrono: float | None, trained: di
     for name, tm in trained.items():  # each run's own test-time flip and patch aggregation
         out = predict_radiographs(tm.model, tm.pipe, batch, sex, flip=tm.flip, aggregate=tm.aggregate)
         per_model[name] = float(tm.mu + tm.sigma * out["pred"].float()[0])
-        if name == "agcnn" and heatmap:  # boxes and masks come from one plain forward pass
+        if name == drawn:  # boxes and masks come from one plain forward pass
             attention = tm.model(tm.pipe.eval(batch), sex)
     bone_age = float(sum(w * per_model[m] for m, w in weights.items()))
     row = {"image": str(image_path), "sex": "M" if male else "F", "bone_age_months": round(bone_age, 2),

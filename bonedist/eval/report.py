@@ -14,11 +14,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bonedist.eval.metrics import AGE_BANDS_YEARS  # noqa: E402
-from bonedist.train.tracking import read_metrics  # noqa: E402
-
-# Tables 6 and 7 of the paper: MSE and RMSE on z, "P-value".
-PAPER = {"inception_v3": (0.19, 0.44, 0.89), "xception": (0.18, 0.42, 0.91), "resnet50_patch": (0.06, 0.24, 0.97),
-         "agcnn_global": (0.18, 0.43, 0.91), "agcnn_local": (0.79, 0.89, 0.57), "agcnn_fusion": (0.22, 0.47, 0.89)}
+from bonedist.models import model_info  # noqa: E402
+from bonedist.tracking import read_metrics  # noqa: E402
 
 
 def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, shards: str, opts) -> None:
@@ -27,12 +24,13 @@ def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, sh
     frame.rename(columns={"key": "id"}).to_csv(out / "predictions.csv", index=False, float_format="%.3f")
     figures = []
     if result["labeled"]:
-        prediction_columns = [c for c in table.columns if c not in ("key", "male", "truth", "agcnn")]
+        prediction_columns = [c for c in result["metrics"] if c != "predict_the_mean"]
         figures += [_scatter(out, table, prediction_columns), _bland_altman(out, table, prediction_columns),
                     _age_bands(out, result, prediction_columns)]
     figures.append(_training_curves(out, trained))
-    if "agcnn" in trained:
-        figures.append(_attention_examples(out, trained["agcnn"], shards, opts.split))
+    for name, tm in trained.items():
+        if tm.model.task.attention:
+            figures.append(_attention_examples(out, name, tm, shards, opts.split))
     (out / "report.md").write_text(_markdown(result, [f for f in figures if f], opts, trained))
 
 
@@ -47,18 +45,21 @@ def _markdown(result: dict, figures: list[Path], opts, trained: dict) -> str:
         grid = f", {tm.pipe.grid}x{tm.pipe.grid} patch grid ({aggregate})" if tm.pipe.spec.is_patch else ""
         lines.append(f"- {name}: preset {tm.meta['config'].get('preset', '?')}, test-time flip "
                      f"{'on' if flip else 'off'}{grid}{', hand mask' if tm.pipe.spec.hand_mask else ''}")
-    if "agcnn" in result["models"]:
-        lines.append("- agcnn's prediction is its Fusion branch (row agcnn_fusion).")
+    for name, tm in trained.items():
+        if tm.model.task.main_branch:
+            branch = tm.model.task.main_branch
+            lines.append(f"- {name}'s prediction is its {branch} branch (row {name}_{branch}).")
     for note in result["notes"]:
         lines.append(f"- {note}")
     for name in result["missing"]:
         lines.append(f"- {name}: no trained run found, left out of the table and the ensembles")
     if result["labeled"]:
-        lines += ["", "## Models, AG-CNN branches and ensembles (paper's Tables 6-7 beside ours)", "",
+        lines += ["", "## Models, their branches and ensembles (paper's Tables 6-7 beside ours)", "",
                   "| model | MAE (months) | 95% CI | RMSE (months) | MSE (z) | RMSE (z) | r | paired t p | "
                   "within 12 m | paper MSE | paper RMSE | paper P |", "|" + "---|" * 12]
+        paper_rows = {row: v for name in trained for row, v in model_info(name).paper.items()}
         for name, m in result["metrics"].items():
-            paper = PAPER.get(name, (None, None, None))
+            paper = paper_rows.get(name, (None, None, None))
             ci = m.get("mae_ci95_months")
             lines.append(f"| {name} | {_fmt(m['mae_months'])} | {_fmt(ci[0]) + '-' + _fmt(ci[1]) if ci else '-'} | "
                          f"{_fmt(m['rmse_months'])} | {_fmt(m['mse_z'], 3)} | {_fmt(m['rmse_z'], 3)} | "
@@ -149,7 +150,7 @@ def _training_curves(out: Path, trained: dict) -> Path | None:
 
 
 @torch.no_grad()
-def _attention_examples(out: Path, tm, shards: str, split: str, n: int = 8) -> Path:
+def _attention_examples(out: Path, name: str, tm, shards: str, split: str, n: int = 8) -> Path:
     from bonedist.data.source import DataConfig, EvalBatches
 
     device = next(tm.model.parameters()).device
@@ -167,9 +168,9 @@ def _attention_examples(out: Path, tm, shards: str, split: str, n: int = 8) -> P
         axes[1, i].imshow(result["masks"][i, 0].float().cpu().numpy(), cmap="autumn", alpha=0.35)
         for ax in axes[:, i]:
             ax.axis("off")
-    fig.suptitle("AG-CNN attention: crop box (top), chosen component (bottom)")
+    fig.suptitle(f"{name} attention: crop box (top), chosen component (bottom)")
     fig.tight_layout()
-    return _save(fig, out / "agcnn_attention.png")
+    return _save(fig, out / f"{name}_attention.png")
 
 
 def _save(fig, path: Path) -> Path:

@@ -11,10 +11,7 @@ from safetensors.torch import load_file
 
 from bonedist import BonedistError
 from bonedist.data.augment import InputPipeline
-from bonedist.models import create_model, list_models
-
-# The paper's ensemble (VI-D): 0.5 ResNet50-patch + 0.1 InceptionV3 + 0.1 Xception, normalised.
-PAPER_WEIGHTS = {"resnet50_patch": 0.5, "inception_v3": 0.1, "xception": 0.1}
+from bonedist.models import create_model, list_models, model_info
 
 
 @dataclass
@@ -76,9 +73,7 @@ def load_trained(run_dir: Path, device: torch.device | str = "cpu") -> TrainedMo
         meta = json.loads((best / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BonedistError(f"cannot read {best / 'meta.json'}: {exc}") from exc
-    cfg = {k: v for k, v in meta["model_cfg"].items() if k != "pretrained"}
-    if meta["model"] != "agcnn":
-        cfg["pretrained"] = None  # the trained weights come from the checkpoint, never from the hub
+    cfg = {**meta["model_cfg"], "pretrained": None}  # the trained weights come from the checkpoint, never the hub
     model = create_model(meta["model"], **cfg)
     try:
         model.load_state_dict(load_file(str(best / "model.safetensors")))
@@ -90,8 +85,7 @@ def load_trained(run_dir: Path, device: torch.device | str = "cpu") -> TrainedMo
 
 
 def paper_weights(available: list[str]) -> dict[str, float] | None:
-    names = [n for n in PAPER_WEIGHTS if n in available]
-    if not names:
-        return None
-    total = sum(PAPER_WEIGHTS[n] for n in names)
-    return {n: PAPER_WEIGHTS[n] / total for n in names}
+    """The paper's ensemble (VI-D) over the models at hand, its weights normalised; None without any of them."""
+    weights = {n: model_info(n).paper_weight for n in available if model_info(n).paper_weight > 0}
+    total = sum(weights.values())
+    return {n: w / total for n, w in weights.items()} if weights else None

@@ -5,9 +5,11 @@
     out = model(images, male)   # out["pred"]: (B,) z units
 """
 
-from bonedist.models import agcnn as _agcnn  # noqa: F401  (registers agcnn)
-from bonedist.models import regressors as _regressors  # noqa: F401  (registers the three regressors)
-from bonedist.models.registry import create_model, list_models, register_model
-from bonedist.models.spec import InputSpec
+# registration order is the order of every table and script: the three regressors, then agcnn
+from bonedist.models import regressors as _regressors  # noqa: F401, I001
+from bonedist.models import agcnn as _agcnn  # noqa: F401
+from bonedist.models.registry import create_model, list_models, model_info, register_model, unregister_model
+from bonedist.spec import InputSpec
+from bonedist.models.task import Task
 
-__all__ = ["InputSpec", "create_model", "list_models", "register_model"]
+__all__ = ["InputSpec", "Task", "create_model", "list_models", "model_info", "register_model", "unregister_model"]

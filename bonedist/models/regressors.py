@@ -12,7 +12,7 @@ from torch import nn
 
 from bonedist.models.backbones import create_backbone
 from bonedist.models.registry import register_model
-from bonedist.models.spec import InputSpec
+from bonedist.spec import InputSpec
 
 INCEPTION_MIN_SIZE = 75  # the smallest input timm's (and Keras') InceptionV3 stem accepts
 
@@ -21,7 +21,6 @@ class BoneAgeModel(nn.Module):
     """Shared plumbing: a backbone that can be frozen (kept in eval mode, as Keras does) and parameter groups."""
 
     spec: InputSpec
-    task: str = "regression"
 
     def __init__(self, backbone: nn.Module, freeze_backbone: bool):
         super().__init__()
@@ -93,7 +92,8 @@ def _mlp(sizes: list[int], act: type[nn.Module], dropout: float = 0.0) -> nn.Seq
     return nn.Sequential(*layers)
 
 
-@register_model
+# paper: the paper's Tables 6-7 (MSE z, RMSE z, P); paper_weight: its ensemble (VI-D)
+@register_model(paper={"inception_v3": (0.19, 0.44, 0.89)}, paper_weight=0.1)
 def inception_v3(pretrained: str | None = None, freeze_backbone: bool = True, image_size: int = 500,
                  in_chans: int = 3, drop_rate: float = 0.5, hand_mask: bool = False,
                  feature_norm: bool = False, contrast: str = "none") -> SexImageRegressor:
@@ -108,7 +108,7 @@ def inception_v3(pretrained: str | None = None, freeze_backbone: bool = True, im
                              feature_norm, hand_mask=hand_mask, contrast=contrast)
 
 
-@register_model
+@register_model(paper={"xception": (0.18, 0.42, 0.91)}, paper_weight=0.1)
 def xception(pretrained: str | None = None, freeze_backbone: bool = True, image_size: int = 500,
              in_chans: int = 3, hand_mask: bool = False, feature_norm: bool = False,
              contrast: str = "none") -> SexImageRegressor:
@@ -125,7 +125,7 @@ def xception(pretrained: str | None = None, freeze_backbone: bool = True, image_
                              in_chans, feature_norm, hand_mask=hand_mask, contrast=contrast)
 
 
-@register_model
+@register_model(paper={"resnet50_patch": (0.06, 0.24, 0.97)}, paper_weight=0.5)
 def resnet50_patch(pretrained: str | None = None, freeze_backbone: bool = True, image_size: int = 500,
                    patch_size: int = 224, num_patches: int = 3, eval_grid: int | None = None,
                    in_chans: int = 3, hand_mask: bool = False, feature_norm: bool = False,

@@ -82,7 +82,14 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, model_tensors: dict[s
     return folder
 
 
-def save_best(run_dir: Path, model_tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+def half_precision(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 tensors stored as float16 (half the size; loading casts them back), unless a value would not fit."""
+    return {k: v.half() if v.dtype == torch.float32 and v.abs().max() < 6e4 else v for k, v in tensors.items()}
+
+
+def save_best(run_dir: Path, model_tensors: dict[str, torch.Tensor], meta: dict, dtype: str = "fp32") -> Path:
+    if dtype == "fp16":
+        model_tensors = half_precision(model_tensors)
     folder = Path(run_dir) / "best"
     _write_folder_atomic(folder, {
         "model.safetensors": lambda p: save_file(model_tensors, str(p)),

@@ -11,108 +11,136 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from bonedist import BonedistError
-from bonedist.data.augment import AugmentConfig
 
-MODELS_PRETRAINED = ("inception_v3", "xception", "resnet50_patch")
+LOSSES = ("mse", "l1", "huber")  # on z (bonedist.models.task.pointwise_loss)
+
+
+def option(default, help: str, choices: tuple | None = None, group: str = "", minimum: float | None = None,
+           cli: bool = True, flag: str | None = None):
+    """A ``TrainConfig`` field with its help text, allowed values, flag group and lower bound, from which
+    ``bonedist train``'s flags and the validation are both made (the field is written once)."""
+    meta = {"help": help, "choices": choices, "group": group, "minimum": minimum, "cli": cli, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+
+
+OPT, DATA, VAL, ENGINE, RUN = "optimisation", "data", "validation", "engine", "checkpoints and tracking"
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; bad values raise ``BonedistError`` naming the flag."""
+    """Everything a training run needs; bad values raise ``BonedistError`` naming the flag, before anything is
+    written. Presets (below) give values per model; command-line flags override them."""
 
-    model: str
-    shards: str
-    preset: str = "paper"
-    experiment: str = "default"
-    runs_dir: str = "runs"
-    model_cfg: dict = field(default_factory=dict)  # passed to create_model (pretrained, freeze_backbone, sizes...)
+    model: str = option("", "a model of `bonedist models`", cli=False)
+    shards: str = option("", "a folder written by `bonedist pack`", cli=False)
+    preset: str = option("paper", "named starting values", cli=False)
+    experiment: str = option("default", "runs/EXPERIMENT/MODEL; also the W&B group")
+    runs_dir: str = option("runs", "where run folders go")
+    model_cfg: dict = option({}, "options of the model's factory (pretrained, image_size, ...)", cli=False)
     # optimisation
-    epochs: int = 7
-    batch_size: int = 8  # radiographs per process and step (patch models see batch_size * num_patches inputs)
-    grad_accum: int = 1
-    optimizer: str = "adam"  # adam | adamw
-    lr: float = 1e-3
-    backbone_lr: float | None = None  # unfrozen backbones (None: same as lr)
-    weight_decay: float = 0.0
-    scheduler: str = "plateau"  # plateau | cosine | constant
-    warmup_epochs: float = 0.0
-    plateau_factor: float = 0.2
-    plateau_patience: int = 1
-    early_stopping: int = 3  # epochs without improvement before stopping (0: off)
-    loss: str = "mse"  # mse | l1 | huber (on z)
-    huber_delta: float = 1.0  # in z units (one standard deviation of the training ages)
-    stages: list = field(default_factory=list)  # AG-CNN staged training: [["global", E1], ["local", E2], ...]
-    clip_grad: float = 0.0  # max gradient norm (0: off)
-    ema: float = 0.0  # EMA decay of the weights (0: off)
-    recalibrate_bn: int = 0  # training radiographs over which BatchNorm statistics are recomputed before each
-    #   validation, as evaluation sees them (0: off; see bonedist.train.batchnorm)
+    epochs: int = option(7, "epochs (a staged run: the sum of its stages, rescaled if given)", group=OPT, minimum=1)
+    batch_size: int = option(8, "radiographs per process and step (patch models see batch x patches inputs)",
+                             group=OPT, minimum=1)
+    grad_accum: int = option(1, "micro-steps per optimizer step", group=OPT, minimum=1)
+    optimizer: str = option("adam", "optimizer", ("adam", "adamw"), OPT)
+    lr: float = option(1e-3, "learning rate (the head's, when the backbone has its own)", group=OPT, minimum=1e-12)
+    backbone_lr: float | None = option(None, "an unfrozen backbone's learning rate (default: --lr)", group=OPT,
+                                       minimum=0)
+    weight_decay: float = option(0.0, "weight decay", group=OPT, minimum=0)
+    scheduler: str = option("plateau", "learning-rate schedule", ("plateau", "cosine", "constant"), OPT)
+    warmup_epochs: float = option(0.0, "linear warmup of the cosine, in epochs of each stage", group=OPT, minimum=0)
+    plateau_factor: float = option(0.2, "plateau: factor on the learning rate", group=OPT, minimum=0)
+    plateau_patience: int = option(1, "plateau: epochs without improvement before lowering", group=OPT, minimum=0)
+    early_stopping: int = option(3, "epochs without improvement before stopping (0: off)", group=OPT, minimum=0)
+    loss: str = option("mse", "loss on z-scored ages", LOSSES, OPT)
+    huber_delta: float = option(1.0, "huber: delta in z units (one standard deviation of the ages)", group=OPT,
+                                minimum=1e-9)
+    stages: list = option([], "staged training, NAME:EPOCHS,... (e.g. global:15,local:10,fusion:5)", group=OPT,
+                          cli=False)
+    clip_grad: float = option(0.0, "max gradient norm (0: off)", group=OPT, minimum=0)
+    ema: float = option(0.0, "EMA decay of the weights, validated and kept as best/ (0: off)", group=OPT, minimum=0)
+    recalibrate_bn: int = option(0, "training radiographs over which BatchNorm statistics are recomputed before each "
+                                    "validation, as evaluation sees them (0: off)", group=OPT, minimum=0)
     # data
-    data_mode: str = "auto"  # auto | stream | cache
-    workers: int = 2
-    cache_share: float = 0.5
-    balanced: bool = True
-    augment: dict = field(default_factory=dict)  # AugmentConfig fields; {"enabled": False} turns it off
-    eval_batch_size: int = 16
-    tta_flip: bool = False  # validation (and, by default, evaluation/prediction) averages with the mirrored image
-    patch_aggregate: str = "mean"  # patch models: mean | median over the evaluation grid
-    steps_per_epoch: int = 0  # cap on batches per epoch (0: a full epoch); for tiny budgets
-    time_budget_min: float = 0.0  # wall-clock minutes for the whole run (0: none); staged runs split it by epochs
+    data_mode: str = option("auto", "cache the split on the device, stream shards, or choose by free memory",
+                            ("auto", "stream", "cache"), DATA)
+    workers: int = option(2, "DataLoader workers per process (stream mode)", group=DATA, minimum=0)
+    cache_share: float = option(0.5, "share of free device memory --data-mode auto may cache in", group=DATA,
+                                minimum=1e-9)
+    balanced: bool = option(True, "re-sample to uniform age bins x sex (the paper)", group=DATA, flag="--balance")
+    augment: dict = option({}, "AugmentConfig fields; {'enabled': False} turns it off", group=DATA, cli=False)
+    steps_per_epoch: int = option(0, "cap on batches per epoch (0: a full epoch)", group=DATA, minimum=0)
+    time_budget_min: float = option(0.0, "wall-clock minutes for the run: training stops (and warmup and cosine "
+                                         "follow the clock) on time; stages get their share (0: none)",
+                                    group=DATA, minimum=0)
+    # validation
+    eval_batch_size: int = option(16, "radiographs per validation batch", group=VAL, minimum=1)
+    tta_flip: bool = option(False, "average each image with its mirror (also evaluate's and predict's default)",
+                            group=VAL)
+    patch_aggregate: str = option("mean", "patch models: how the evaluation grid's predictions become one",
+                                  ("mean", "median"), VAL)
     # engine
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    channels_last: bool | None = None  # None: on for CUDA
-    compile: bool = False
-    sync_bn: bool = False
-    seed: int = 0
-    sync_every: int = 10  # optimizer steps between the ranks' agreement on a stop signal, the time budget and a
-    #   non-finite loss (one small all-reduce and host sync; never per step, which would drain the GPU's queue)
+    precision: str = option("auto", "auto: accelerate launch's --mixed_precision if given, else bf16 on CUDA and "
+                                    "fp32 on a CPU", ("auto", "bf16", "fp32"), ENGINE)
+    channels_last: bool | None = option(None, "channels_last memory format (default: on with CUDA)", group=ENGINE)
+    compile: bool = option(False, "torch.compile the model", group=ENGINE)
+    sync_bn: bool = option(False, "SyncBatchNorm across GPUs", group=ENGINE)
+    seed: int = option(0, "seed of sampling, augmentation and initialisation", group=ENGINE)
+    sync_every: int = option(10, "optimizer steps between the ranks' agreement on a stop signal, the time budget "
+                                 "and a non-finite loss (one all-reduce and host sync)", group=ENGINE, minimum=1)
     # checkpoints and tracking
-    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
-    keep_last: int = 2
-    resume: str = "auto"  # auto | never | PATH of a checkpoint folder
-    wandb: str = "auto"  # auto (offline without an API key or network) | online | offline | off
-    wandb_project: str = "bonedist"
-    log_every: int = 10
+    checkpoint_every: int = option(0, "optimizer steps between mid-epoch checkpoints (0: at epoch ends)", group=RUN,
+                                   minimum=0)
+    keep_last: int = option(2, "step checkpoints kept", group=RUN, minimum=1)
+    save_dtype: str = option("fp32", "precision of best/'s weights (fp16 halves them)", ("fp32", "fp16"), RUN)
+    resume: str = option("auto", "auto (the latest checkpoint), never, or a checkpoint folder", group=RUN)
+    wandb: str = option("auto", "W&B: auto is offline without an API key or network",
+                        ("auto", "online", "offline", "off"), RUN)
+    wandb_project: str = option("bonedist", "W&B project", group=RUN)
+    log_every: int = option(10, "optimizer steps between step-level log records", group=RUN, minimum=1)
 
     def __post_init__(self):
-        choices = {"optimizer": ("adam", "adamw"), "scheduler": ("plateau", "cosine", "constant"),
-                   "loss": ("mse", "l1", "huber"), "data_mode": ("auto", "stream", "cache"),
-                   "patch_aggregate": ("mean", "median"),
-                   "precision": ("auto", "bf16", "fp32"), "wandb": ("auto", "online", "offline", "off")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise BonedistError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                    f"got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "keep_last", "log_every", "sync_every"):
-            if getattr(self, name) < 1:
-                raise BonedistError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "clip_grad", "warmup_epochs", "steps_per_epoch", "checkpoint_every",
-                     "early_stopping", "workers", "time_budget_min", "recalibrate_bn"):
-            if getattr(self, name) < 0:
-                raise BonedistError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.ema < 1.0:
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            flag = flag_of(f)
+            if meta.get("choices") and value not in meta["choices"]:
+                raise BonedistError(f"{flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
+            if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
+                low = meta["minimum"]
+                bound = ">= 0" if low == 0 else "positive" if low < 1e-6 else f"at least {low:g}"
+                raise BonedistError(f"{flag} must be {bound}, got {value}")
+        if self.ema >= 1.0:
             raise BonedistError(f"--ema must be in [0, 1), got {self.ema}")
-        if self.lr == 0:
-            raise BonedistError("--lr must be positive")
-        if self.huber_delta <= 0:
-            raise BonedistError(f"--huber-delta must be positive, got {self.huber_delta}")
+        if self.cache_share > 1.0:
+            raise BonedistError(f"--cache-share must be in (0, 1], got {self.cache_share}")
         self._check_stages()
         self.augment_config()  # validates
 
     def _check_stages(self) -> None:
         if not self.stages:
             return
-        if self.model != "agcnn":
-            raise BonedistError(f"--stages is for agcnn (global, local, fusion branches), not {self.model}")
+        from bonedist.models import list_models, model_info
+
+        order = model_info(self.model).task.stages
+        if not order:
+            staged = [m for m in list_models() if model_info(m).task.stages]
+            raise BonedistError(f"--stages is for models with branches trained one after another "
+                                f"({', '.join(staged) or 'none registered'}), not {self.model}")
         try:
             stages = [(str(name), int(epochs)) for name, epochs in self.stages]
         except (TypeError, ValueError) as exc:
             raise BonedistError(f"--stages must be NAME:EPOCHS pairs, got {self.stages!r}") from exc
-        order = ("global", "local", "fusion")
         names = [name for name, _ in stages]
         if any(n not in order for n in names) or names != sorted(names, key=order.index) or len(set(names)) != len(
                 names) or any(e < 1 for _, e in stages):
-            raise BonedistError(f"--stages: stages are global, local, fusion in that order, each at least one epoch; "
-                                f"got {self.stages!r}")
+            raise BonedistError(f"--stages: {self.model}'s stages are {', '.join(order)} in that order, each at "
+                                f"least one epoch; got {self.stages!r}")
         self.stages = [list(item) for item in stages]
         total = sum(e for _, e in stages)
         if self.epochs != total:
@@ -135,7 +163,9 @@ class TrainConfig:
             start += epochs
         return spans
 
-    def augment_config(self) -> AugmentConfig:
+    def augment_config(self):
+        from bonedist.data.augment import AugmentConfig
+
         try:
             return AugmentConfig(**self.augment)
         except TypeError as exc:
@@ -156,6 +186,12 @@ class TrainConfig:
         return cls(**data)
 
 
+def _pretrained(model: str) -> bool:
+    from bonedist.models import model_info
+
+    return model_info(model).pretrained
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Presets: plain functions returning overrides for one model.
 
@@ -167,7 +203,9 @@ def _paper(model: str) -> dict:
         return dict(epochs=16, batch_size=8, optimizer="adam", lr=1e-5, scheduler="constant", early_stopping=0,
                     model_cfg={"image_size": 500, "fusion_grad": "isolated", "reduction": "sum",
                                "threshold": "otsu"})
-    cfg = {"pretrained": "default", "freeze_backbone": True, "image_size": 500}
+    cfg = {"image_size": 500}
+    if _pretrained(model):
+        cfg.update(pretrained="default", freeze_backbone=True)
     if model == "resnet50_patch":
         cfg.update(patch_size=224, num_patches=3)
     return dict(epochs=7, batch_size=8, optimizer="adam", lr=1e-3, scheduler="plateau", early_stopping=3,
@@ -177,7 +215,7 @@ def _paper(model: str) -> dict:
 def _tiny(model: str) -> dict:
     """CPU tests and the demo: small images, random init, fine-tuned end to end, a few hundred steps."""
     cfg: dict = {"image_size": 64}
-    if model in MODELS_PRETRAINED:
+    if _pretrained(model):
         cfg.update(pretrained=None, freeze_backbone=False, feature_norm=True)
     if model == "inception_v3":
         cfg["image_size"] = 96  # Inception's stem needs at least 75 px
@@ -212,8 +250,9 @@ def _improved(model: str) -> dict:
         return dict(common, epochs=30, batch_size=16, lr=3e-4, stages=[["global", 15], ["local", 10], ["fusion", 5]],
                     model_cfg={"image_size": 500, "hand_mask": True, "reduction": "max", "threshold": "otsu",
                                "fusion_grad": "isolated", "fusion_norm": True})
-    cfg = {"pretrained": "default", "freeze_backbone": False, "image_size": 500, "hand_mask": True,
-           "feature_norm": True}
+    cfg = {"image_size": 500, "hand_mask": True}
+    if _pretrained(model):
+        cfg.update(pretrained="default", freeze_backbone=False, feature_norm=True)
     values = dict(common, epochs=30, batch_size=16, lr=1e-3, backbone_lr=1e-4, model_cfg=cfg)
     if model == "resnet50_patch":
         cfg.update(patch_size=224, num_patches=49, eval_grid=7)
@@ -224,7 +263,7 @@ def _improved(model: str) -> dict:
 def _scratch(model: str) -> dict:
     """No ImageNet weights (offline clusters, small images): every model from random initialisation."""
     cfg: dict = {"image_size": 256, "contrast": "stretch"}
-    if model in MODELS_PRETRAINED:
+    if _pretrained(model):
         cfg.update(pretrained=None, freeze_backbone=False, feature_norm=True)
     values = dict(epochs=12, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=1e-4, scheduler="cosine",
                   warmup_epochs=3.6, early_stopping=0, loss="l1", clip_grad=0.0, tta_flip=True, balanced=False,

@@ -11,13 +11,11 @@ from accelerate.utils import gather_object
 from bonedist.data.augment import InputPipeline
 from bonedist.data.source import EvalBatches
 
-BRANCH_KEYS = ("global", "local", "fusion")
-
 
 @torch.no_grad()
 def predict_batches(model: torch.nn.Module, pipe: InputPipeline, batches: EvalBatches, autocast=None,
                     flip: bool = False, aggregate: str = "mean", channels_last: bool = False) -> dict[str, np.ndarray]:
-    """This rank's predictions in z units: ``pred`` (and AG-CNN branches), with ``index``, ``age``, ``male``.
+    """This rank's predictions in z units: ``pred`` (and the task's branches), with ``index``, ``age``, ``male``.
 
     Patch models average (or take the median of) their overlapping grid per radiograph; ``flip`` averages with the
     horizontally flipped input (test-time augmentation).
@@ -42,7 +40,7 @@ def predict_batches(model: torch.nn.Module, pipe: InputPipeline, batches: EvalBa
 
 def predict_radiographs(model, pipe, images, male, autocast=None, flip: bool = False, aggregate: str = "mean",
                         channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """One z prediction per radiograph (and AG-CNN branch) for a uint8 batch; ``flip`` averages with the mirror."""
+    """One z prediction per radiograph (and branch) for a uint8 batch; ``flip`` averages with the mirror."""
     outputs = _forward(model, pipe, images, male, autocast, aggregate, channels_last)
     if flip:
         flipped = _forward(model, pipe, images.flip(-1), male, autocast, aggregate, channels_last)
@@ -58,7 +56,7 @@ def _forward(model, pipe, images, male, autocast, aggregate, channels_last) -> d
     with autocast() if autocast else nullcontext():
         out = model(x, male.repeat_interleave(repeats))
     result = {"pred": out["pred"]}
-    result.update({k: out[k] for k in BRANCH_KEYS if k in out})
+    result.update({k: out[k] for k in model.task.branches})
     if repeats > 1:  # (B*G,) → (B, G) → one value per radiograph
         grouped = {k: v.float().view(-1, repeats) for k, v in result.items()}
         result = {k: v.median(dim=1).values if aggregate == "median" else v.mean(dim=1)

@@ -103,3 +103,60 @@ def image_grid(images: torch.Tensor, boxes: torch.Tensor | None = None, n: int =
             cv2.rectangle(tile, (x1, y1), (x2, y2), (0, 255, 0), max(1, tile.shape[0] // 100))
         tiles.append(tile)
     return np.concatenate(tiles, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W&B artifacts and lineage: the pack a run trained on, the model it left in best/, the report evaluate wrote.
+
+
+def dataset_artifact(shards: str | Path, manifest: dict):
+    """The pack as a ``dataset`` artifact: its manifest (counts, checksums, age statistics) as a file, each shard by
+    reference (``file://``, nothing copied), the splits' counts and the image size as metadata."""
+    import wandb
+
+    shards = Path(shards).resolve()
+    splits = {name: {"count": info["count"], "labeled": info["labeled"], "shards": len(info["shards"])}
+              for name, info in manifest["splits"].items()}
+    artifact = wandb.Artifact(f"shards-{_artifact_name(shards.name)}", type="dataset", metadata={
+        "image_size": manifest["image_size"], "resize_mode": manifest["resize_mode"], "splits": splits,
+        "source_root": manifest.get("source_root"), "bonedist_version": manifest.get("bonedist_version")})
+    artifact.add_file(str(shards / "manifest.json"))
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            artifact.add_reference(f"file://{shards / shard['name']}", name=shard["name"], checksum=False)
+    return artifact
+
+
+def model_artifact(run_dir: str | Path, meta: dict):
+    """A run's ``best/`` as a ``model`` artifact named EXPERIMENT-MODEL: meta.json as a file, the weights by reference,
+    what evaluation and prediction need (config, mu/sigma, input spec, metrics) as metadata."""
+    import wandb
+
+    best = Path(run_dir).resolve() / "best"
+    config = meta.get("config", {})
+    artifact = wandb.Artifact(_artifact_name(f"{config.get('experiment', 'default')}-{meta['model']}"), type="model",
+                              metadata={k: meta.get(k) for k in ("model", "model_cfg", "spec", "mu", "sigma",
+                                                                 "train_mean_months", "epoch", "global_step",
+                                                                 "metrics", "pack", "bonedist_version", "git")}
+                              | {"preset": config.get("preset")})
+    artifact.add_file(str(best / "meta.json"))
+    artifact.add_reference(f"file://{best / 'model.safetensors'}", name="model.safetensors")
+    return artifact
+
+
+def use_artifact(run, artifact) -> None:
+    """``run.use_artifact`` that also works offline: wandb refuses ``use_artifact`` there, so the artifact is logged
+    as used-by-this-run (what ``use_artifact`` does online with an artifact built locally) and ``wandb sync`` records
+    the lineage later."""
+    if not getattr(run.settings, "_offline", False):
+        run.use_artifact(artifact)
+        return
+    log = getattr(run, "_log_artifact", None)
+    if log is None:  # a wandb without the internal call: keep the link as the artifact's own record
+        run.log_artifact(artifact)
+        return
+    log(artifact, is_user_created=True, use_after_commit=True)
+
+
+def _artifact_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)

@@ -1,0 +1,76 @@
+"""What a model's outputs mean for training, checkpoint selection, evaluation and reporting.
+
+Every model's ``forward(image, male)`` returns ``{"pred": (B,)}`` in z units, plus named extras. Its task says what
+else there is, so that the engine, ``evaluate``, the report and ``predict`` never ask which model they hold (timm's
+task objects): a plain regressor, or a model with several predicting branches that may train in stages and may
+report attention crops (``boxes``, ``masks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("mse", "l1", "huber")
+
+
+def pointwise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 1.0) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "huber":
+        return F.huber_loss(pred, target, delta=huber_delta)
+    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A regressor's task, and the base of branched ones.
+
+    Attributes:
+        branches: extra predictions in the output (z units), each reported as its own row ``MODEL_BRANCH``.
+        weights: each branch's share of the training loss.
+        main_branch: the branch that ``pred`` is; the model is then reported under that branch's row only.
+        stages: branches that can be trained one after another (``--stages``), in this order.
+        attention: the output holds attention ``boxes`` (B, 4) and ``masks`` (B, 1, H, W) to draw and log.
+        compilable: ``torch.compile`` can trace the forward pass.
+    """
+
+    branches: tuple[str, ...] = ()
+    weights: dict = field(default_factory=dict)
+    main_branch: str | None = None
+    stages: tuple[str, ...] = ()
+    attention: bool = False
+    compilable: bool = True
+
+    def loss(self, output: dict[str, torch.Tensor], target: torch.Tensor, kind: str = "mse", huber_delta: float = 1.0,
+             stage: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss on z and its parts (detached, for logging). In a stage only that branch's term counts."""
+        if not self.branches:
+            loss = pointwise_loss(output["pred"].float(), target.float(), kind, huber_delta)
+            return loss, {"loss": loss.detach()}
+        weights = {stage: 1.0} if stage else self.weights
+        parts = {name: pointwise_loss(output[name].float(), target.float(), kind, huber_delta) for name in weights}
+        loss = sum(weights[name] * parts[name] for name in weights)
+        return loss, {"loss": loss.detach(), **{f"loss_{name}": value.detach() for name, value in parts.items()}}
+
+    def best_metric(self, stage: str | None = None) -> str:
+        """The validation metric that picks ``best/``: MAE, or the training stage's (else the main) branch loss."""
+        if not self.branches:
+            return "val_mae_months"
+        return f"val_loss_{stage or self.main_branch}"
+
+    def columns(self, name: str) -> dict[str, str]:
+        """Prediction columns of evaluation (column → output key): the model, and each branch."""
+        return {name: "pred", **{f"{name}_{branch}": branch for branch in self.branches}}
+
+    def reported(self, name: str) -> list[str]:
+        """Rows of the metrics tables: the model, or its branches when ``pred`` is one of them."""
+        rows = [f"{name}_{branch}" for branch in self.branches]
+        return rows if self.main_branch else [name, *rows]
+
+
+REGRESSION = Task()
