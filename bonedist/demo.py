@@ -95,6 +95,15 @@ def train_models(shards: str, runs_dir: str, budget: float, models: list[str], s
                  keep: bool = False) -> int:
     """Under ``accelerate launch``: every model in turn in one set of processes, each with an equal share of the
     budget; unless ``keep``, best/ is saved in half precision and the resumable checkpoints are removed after."""
+    from bonedist.train.engine import end_processes
+
+    try:
+        return _train_each(shards, runs_dir, budget, models, seed, keep)
+    finally:
+        end_processes()
+
+
+def _train_each(shards: str, runs_dir: str, budget: float, models: list[str], seed: int, keep: bool) -> int:
     from bonedist.train.config import resolve_config
     from bonedist.train.engine import train_in_process
 

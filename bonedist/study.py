@@ -49,24 +49,28 @@ class StudyOptions:
 
 def study_patches(opts: StudyOptions) -> list[dict]:
     from bonedist.train.config import resolve_config
-    from bonedist.train.engine import train_in_process
+    from bonedist.train.engine import end_processes, train_in_process
 
     rows, main = [], True
-    for patches, size in opts.settings:
-        model_cfg = {**opts.model_cfg, "patch_size": size, "num_patches": patches}
-        cfg = resolve_config("resnet50_patch", opts.shards, opts.preset, model_cfg=model_cfg,
-                             experiment=f"{opts.experiment}/patches-{patches}x{size}", runs_dir=opts.runs_dir,
-                             epochs=opts.epochs, wandb=opts.wandb, **{"log_every": 1, **opts.overrides})
-        image_size = cfg.model_cfg.get("image_size", 500)
-        if size > image_size:
-            raise BonedistError(f"--settings {patches}x{size}: patches larger than the {image_size}-px image")
-        start = time.perf_counter()
-        code, run_dir, main = train_in_process(cfg, f"patch study: {patches} patches of {size}x{size} "
-                                                    f"({len(rows) + 1}/{len(opts.settings)})")
-        if code != 0:
-            raise BonedistError(f"the {patches}x{size} run stopped (exit {code}); run the study again to resume it")
-        if main:
-            rows.append(_summarise(run_dir, patches, size, time.perf_counter() - start))
+    try:
+        for patches, size in opts.settings:
+            model_cfg = {**opts.model_cfg, "patch_size": size, "num_patches": patches}
+            cfg = resolve_config("resnet50_patch", opts.shards, opts.preset, model_cfg=model_cfg,
+                                 experiment=f"{opts.experiment}/patches-{patches}x{size}", runs_dir=opts.runs_dir,
+                                 epochs=opts.epochs, wandb=opts.wandb, **{"log_every": 1, **opts.overrides})
+            image_size = cfg.model_cfg.get("image_size", 500)
+            if size > image_size:
+                raise BonedistError(f"--settings {patches}x{size}: patches larger than the {image_size}-px image")
+            start = time.perf_counter()
+            code, run_dir, main = train_in_process(cfg, f"patch study: {patches} patches of {size}x{size} "
+                                                        f"({len(rows) + 1}/{len(opts.settings)})")
+            if code != 0:
+                raise BonedistError(f"the {patches}x{size} run stopped (exit {code}); run the study again to "
+                                    "resume it")
+            if main:
+                rows.append(_summarise(run_dir, patches, size, time.perf_counter() - start))
+    finally:
+        end_processes()
     if not main:
         return []
     out = Path(opts.runs_dir) / opts.experiment / "study-patches"

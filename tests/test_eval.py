@@ -158,13 +158,15 @@ def test_predict_on_real_radiographs_8_and_16_bit_and_jpeg(trained_runs, tmp_pat
 
 def test_predict_errors(trained_runs, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    cases = [(["missing.png", "--sex", "F"], "no such file"),
-             ([str(tmp_path / "bad.png"), "--sex", "F"], "cannot read the image"),
-             ([str(tmp_path / "bad.png"), "--sex", "X"], "expected F or M"),
-             ([str(tmp_path / "bad.png"), "--sex", "F", "--chronological-age", "ten"], "--chronological-age")]
-    for args, message in cases:
+    # an image that cannot be read fails alone (exit 1, named); a wrong flag stops everything (exit 2)
+    cases = [(["missing.png", "--sex", "F"], 1, "missing.png: no such file"),
+             ([str(tmp_path / "bad.png"), "--sex", "F"], 1, "cannot read the image"),
+             ([str(tmp_path / "bad.png"), "--sex", "X"], 2, "expected F or M"),
+             ([str(tmp_path / "bad.png"), "--sex", "F", "--chronological-age", "ten"], 2, "--chronological-age")]
+    for args, code, message in cases:
         result = run_cli("predict", *args, "--runs", str(trained_runs))
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+        assert result.returncode == code and message in result.stderr and "Traceback" not in result.stderr, \
+            (args, result.returncode, result.stderr)
     broken = tmp_path / "broken-runs"
     shutil.copytree(trained_runs / "xception", broken / "xception")
     (broken / "xception" / "best" / "model.safetensors").unlink()

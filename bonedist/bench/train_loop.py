@@ -70,7 +70,7 @@ def bench_train_loop(model: str, preset: str = "improved", size: int | None = No
     size = size or (500 if cuda else 96)
     batch = batch or (32 if cuda else 8)
     with tempfile.TemporaryDirectory(prefix="bonedist-train-loop-") as tmp:
-        shards = _pack_phantoms(Path(tmp), size, n=min(max(batch * 4, 64), 256))  # the cache samples from them
+        shards = _pack_phantoms(Path(tmp), size, n=batch * (WARMUP + steps))  # one epoch holds every timed step
         model_cfg = {"image_size": size, "pretrained": None}  # random weights: the timing is the same
         cfg = resolve_config(model, str(shards), preset, experiment="bench", runs_dir=str(Path(tmp) / "runs"),
                              model_cfg=model_cfg, batch_size=batch, epochs=1, steps_per_epoch=WARMUP + steps,
@@ -85,6 +85,8 @@ def bench_train_loop(model: str, preset: str = "improved", size: int | None = No
         bare = _bare_step_seconds(trainer, fixed, steps)
         trainer.train_data.set_epoch(0)
         trainer._train_epoch()
+        if trainer.state.batch_in_epoch != WARMUP + steps:
+            raise RuntimeError(f"the loop ran {trainer.state.batch_in_epoch} steps, not {WARMUP + steps}")
         phases = trainer.timer.totals()
         _, count, _, elapsed, steady = trainer._epoch_train_stats
         loop = steady[0] / steps if steady else elapsed / (WARMUP + steps)

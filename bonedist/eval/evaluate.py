@@ -89,7 +89,7 @@ def _predict_split(acc, trained, shards, manifest, split, opts) -> pd.DataFrame:
         columns.setdefault("male", preds["male"].astype(bool))
         columns.setdefault("truth", preds["age"])
         for column, key in tm.model.task.columns(name).items():  # the model, and each of its branches
-            columns[column] = tm.mu + tm.sigma * preds[key]
+            columns[column] = tm.months(preds[key], key)
     return pd.DataFrame(columns)
 
 

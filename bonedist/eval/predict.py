@@ -105,7 +105,7 @@ def _predict_one(image_path: Path, male: bool, chrono: float | None, trained: di
     sex = torch.full((1,), float(male))
     for name, tm in trained.items():  # each run's own test-time flip and patch aggregation
         out = predict_radiographs(tm.model, tm.pipe, batch, sex, flip=tm.flip, aggregate=tm.aggregate)
-        per_model[name] = float(tm.mu + tm.sigma * out["pred"].float()[0])
+        per_model[name] = float(tm.months(out["pred"].float()[0]))
         if name == drawn:  # boxes and masks come from one plain forward pass
             attention = tm.model(tm.pipe.eval(batch), sex)
     bone_age = float(sum(w * per_model[m] for m, w in weights.items()))

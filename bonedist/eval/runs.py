@@ -30,6 +30,10 @@ class TrainedModel:
     def sigma(self) -> float:
         return float(self.meta["sigma"])
 
+    def months(self, z, key: str = "pred"):
+        """Predictions in z units → months, with the output offset the run refit on training radiographs."""
+        return self.mu + self.sigma * (z - float(self.meta.get("offsets_z", {}).get(key, 0.0)))
+
     @property
     def train_mean(self) -> float:
         """The training split's own mean age: what predict-the-mean predicts (runs before it was saved: mu)."""

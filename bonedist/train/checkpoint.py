@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from bonedist import BonedistError, free_gib
@@ -50,7 +51,7 @@ def _write_folder_atomic(target: Path, files: dict[str, object]) -> None:
         for name in files:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-    except (OSError, RuntimeError) as exc:  # torch.save reports a short write as RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save: RuntimeError; safetensors: its own
         shutil.rmtree(tmp, ignore_errors=True)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
         raise BonedistError(

@@ -65,8 +65,9 @@ class TrainConfig:
                           cli=False)
     clip_grad: float = option(0.0, "max gradient norm (0: off)", group=OPT, minimum=0)
     ema: float = option(0.0, "EMA decay of the weights, validated and kept as best/ (0: off)", group=OPT, minimum=0)
-    recalibrate_bn: int = option(0, "training radiographs over which BatchNorm statistics are recomputed before each "
-                                    "validation, as evaluation sees them (0: off)", group=OPT, minimum=0)
+    recalibrate: int = option(0, "training radiographs (a fixed random sample, seen as evaluation sees them) on "
+                                 "which, before each validation, BatchNorm statistics are recomputed and the output "
+                                 "offset refit (0: off; see bonedist.train.batchnorm)", group=OPT, minimum=0)
     # data
     data_mode: str = option("auto", "cache the split on the device, stream shards, or choose by free memory",
                             ("auto", "stream", "cache"), DATA)
@@ -225,7 +226,7 @@ def _tiny(model: str) -> dict:
         cfg.update(drop_rate=0.1, fusion_norm=True)
     return dict(epochs=3, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=1e-4, scheduler="cosine",
                 warmup_epochs=0.2, early_stopping=0, eval_batch_size=32, workers=1, data_mode="cache",
-                recalibrate_bn=1024,
+                recalibrate=1024,
                 augment={"rotation": 5.0, "translate": (0.05, 0.05), "scale": (1.0, 1.0), "shear": 0.0, "hflip": 0.0},
                 model_cfg=cfg, log_every=5)
 
@@ -245,7 +246,7 @@ def _improved(model: str) -> dict:
       ensemble weights on the validation split.
     """
     common = dict(optimizer="adamw", weight_decay=0.01, scheduler="cosine", warmup_epochs=1.0, early_stopping=0,
-                  ema=0.999, loss="l1", clip_grad=1.0, tta_flip=True, eval_batch_size=32, recalibrate_bn=1024)
+                  ema=0.999, loss="l1", clip_grad=1.0, tta_flip=True, eval_batch_size=32, recalibrate=1024)
     if model == "agcnn":
         return dict(common, epochs=30, batch_size=16, lr=3e-4, stages=[["global", 15], ["local", 10], ["fusion", 5]],
                     model_cfg={"image_size": 500, "hand_mask": True, "reduction": "max", "threshold": "otsu",
@@ -267,7 +268,7 @@ def _scratch(model: str) -> dict:
         cfg.update(pretrained=None, freeze_backbone=False, feature_norm=True)
     values = dict(epochs=12, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=1e-4, scheduler="cosine",
                   warmup_epochs=3.6, early_stopping=0, loss="l1", clip_grad=0.0, tta_flip=True, balanced=False,
-                  recalibrate_bn=1024, eval_batch_size=64, model_cfg=cfg,
+                  recalibrate=1024, eval_batch_size=64, model_cfg=cfg,
                   augment={"rotation": 10.0, "translate": (0.06, 0.06), "scale": (0.9, 1.1), "shear": 0.0,
                            "hflip": 0.5})
     if model == "resnet50_patch":
