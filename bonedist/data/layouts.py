@@ -20,7 +20,8 @@ from bonedist import BonedistError
 from bonedist.data.images import IMAGE_SUFFIXES
 
 SPLITS = ("train", "validation", "test")
-MAX_AGE_MONTHS = 240.0
+MAX_AGE_MONTHS = 240.0  # labels accepted by pack: 0-20 years
+OLDEST_RSNA_AGE = 228.0  # the oldest bone age in RSNA 2017 (19 years): phantoms, age bins and plots stop there
 ZIP_SEP = "!"
 MAX_DEPTH = 4  # how deep below the root the layout files and image folders are looked for
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from bonedist import BonedistError
+from bonedist.data.layouts import MAX_AGE_MONTHS
 
 MANIFEST = "manifest.json"
-AGE_BIN_EDGES = list(range(0, 241, 12))  # 20 one-year bins over 0-240 months
+AGE_BIN_EDGES = list(range(0, int(MAX_AGE_MONTHS) + 1, 12))  # 20 one-year bins over the accepted ages
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bonedist import BonedistError
+from bonedist.data.layouts import OLDEST_RSNA_AGE
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class SplitIndex:
 
 
 AGE_BINS = 10  # balanced re-sampling: equal age bins ...
-BINNED_AGE = 228.0  # ... over 0-228 months, the oldest RSNA bone age (older ones fall in the last bin)
+BINNED_AGE = OLDEST_RSNA_AGE  # ... over 0-228 months (older ones fall in the last bin)
 
 
 def mix_seed(*parts: int) -> int:

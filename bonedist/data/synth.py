@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 
 from bonedist import BonedistError
+from bonedist.data.layouts import MAX_AGE_MONTHS, OLDEST_RSNA_AGE
 from bonedist.progress import progress as progress_bar
 
 FEMALE_ADVANCE_MONTHS = 18.0
-MAX_AGE = 228.0
+MAX_AGE = OLDEST_RSNA_AGE
 
 # Carpal ossification centres: (name, x, y, radius in hand units, appearance maturity in months).
 CARPALS = (
@@ -110,7 +111,7 @@ def render_phantom(age_months: float, male: bool, size: int = 512, seed: int | n
     """One (size, ~0.82·size) uint8 radiograph phantom of a left hand, PA view."""
     rng = np.random.default_rng(seed)
     m = maturity(age_months, male)
-    t = float(np.clip(m / 240.0, 0.0, 1.0))
+    t = float(np.clip(m / MAX_AGE_MONTHS, 0.0, 1.0))
     height, width = size, int(round(size * 0.82))
     scale = height * (0.36 + 0.26 * t) * rng.uniform(0.93, 1.07)
     centre = (width * (0.5 + rng.uniform(-0.06, 0.06)), height * (0.80 + rng.uniform(-0.04, 0.03)))

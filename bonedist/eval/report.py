@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from bonedist.data.layouts import OLDEST_RSNA_AGE  # noqa: E402
 from bonedist.eval.metrics import AGE_BANDS_YEARS  # noqa: E402
 from bonedist.models import model_info  # noqa: E402
 from bonedist.tracking import read_metrics  # noqa: E402
@@ -92,7 +93,7 @@ def _scatter(out: Path, table: pd.DataFrame, columns: list[str]) -> Path:
     fig, axes = _grid(len(columns))
     for ax, name in zip(axes, columns):
         ax.scatter(table["truth"], table[name], s=8, alpha=0.6)
-        ax.plot([0, 228], [0, 228], "k--", lw=1)
+        ax.plot([0, OLDEST_RSNA_AGE], [0, OLDEST_RSNA_AGE], "k--", lw=1)
         ax.set(title=name, xlabel="true bone age (months)", ylabel="predicted (months)", xlim=(0, 235), ylim=(0, 235))
     fig.tight_layout()
     return _save(fig, out / "pred_vs_true.png")
