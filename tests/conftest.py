@@ -43,14 +43,20 @@ def phantom_copy(phantom_root, tmp_path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
-def phantom_shards(phantom_root, tmp_path_factory) -> Path:
+def pack_phantoms(phantom_root: Path, tmp_path_factory, name: str, size: int, samples_per_shard: int) -> Path:
+    """The phantom set packed once per module or session, in shards of ``samples_per_shard``."""
     from bonedist.data.pack import PackOptions, pack_dataset
 
-    out = tmp_path_factory.mktemp("shards") / "phantoms"
-    _, code = pack_dataset(phantom_root, out, PackOptions(size=96, samples_per_shard=8, workers=1, progress=False))
+    out = tmp_path_factory.mktemp(name) / "shards"
+    options = PackOptions(size=size, samples_per_shard=samples_per_shard, workers=1, progress=False)
+    _, code = pack_dataset(phantom_root, out, options)
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(phantom_root, tmp_path_factory) -> Path:
+    return pack_phantoms(phantom_root, tmp_path_factory, "shards", size=96, samples_per_shard=8)
 
 
 def _file_size_limit(max_file_bytes: int | None):

@@ -144,3 +144,26 @@ def test_gather_patches_matches_slicing():
         for k in range(2):
             y, x = ys[b, k].item(), xs[b, k].item()
             assert torch.equal(patches[b * 2 + k, 0], images[b, 0, y : y + 4, x : x + 4])
+
+
+def test_subset_batches_are_the_same_batches_whatever_the_world(skewed_shards):
+    """Recalibration statistics are computed batch by batch and summed over ranks: one process and two must see the
+    same batches (the 1-vs-2-process parity test depends on it), from the decoded sample or from the cache."""
+    from bonedist.data.cache import DeviceCache
+    from bonedist.data.source import SubsetBatches
+
+    cfg = DataConfig(shards=str(skewed_shards), batch_size=8, workers=0)
+    manifest = load_manifest(skewed_shards)
+    cache = DeviceCache(str(skewed_shards), SplitIndex.from_manifest(manifest, "train"), CPU, 48, progress=False)
+
+    def batches(world: int, **kw) -> list[tuple[float, ...]]:
+        out = []
+        for rank in range(world):
+            for batch in SubsetBatches(cfg, "train", CPU, 60, rank, world, manifest, seed=3, **kw):
+                out.append(tuple(sorted(batch["age"].tolist())))
+        return sorted(out)
+
+    one = batches(1)
+    assert len(one) == 7 and all(len(b) == 8 for b in one)  # 60 radiographs: 7 full batches of 8
+    assert batches(2) == one == batches(3) == batches(2, cache=cache)
+    assert len(batches(2, equal=True)) == 6  # SyncBatchNorm: as many batches on every rank

@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from bonedist.data.manifest import load_manifest
-from bonedist.data.pack import PackOptions, pack_dataset
-from tests.conftest import REPO
+from tests.conftest import REPO, pack_phantoms
 
 CPU_CONFIG = REPO / "launch" / "accelerate" / "cpu_2proc.yaml"
 
@@ -24,10 +23,7 @@ def accelerate_launch(*args: str, timeout: float = 300, extra: list[str] | None 
 @pytest.fixture(scope="module")
 def uneven_shards(phantom_root, tmp_path_factory):
     """24 train samples in shards of 5, 5, 5, 5, 4: two ranks x two workers get uneven amounts."""
-    out = tmp_path_factory.mktemp("uneven") / "shards"
-    _, code = pack_dataset(phantom_root, out, PackOptions(size=64, samples_per_shard=5, workers=1, progress=False))
-    assert code == 0
-    return out
+    return pack_phantoms(phantom_root, tmp_path_factory, "uneven", size=64, samples_per_shard=5)
 
 
 @pytest.mark.slow

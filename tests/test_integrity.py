@@ -10,17 +10,13 @@ import tarfile
 import pytest
 
 from bonedist.data.manifest import load_manifest
-from bonedist.data.pack import PackOptions, pack_dataset
 from bonedist.data.stream import ShardError, read_shard
-from tests.conftest import run_cli, run_train
+from tests.conftest import pack_phantoms, run_cli, run_train
 
 
 @pytest.fixture(scope="module")
 def small_shards(phantom_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("integrity") / "shards"
-    _, code = pack_dataset(phantom_root, out, PackOptions(size=64, samples_per_shard=8, workers=1, progress=False))
-    assert code == 0
-    return out
+    return pack_phantoms(phantom_root, tmp_path_factory, "integrity", size=64, samples_per_shard=8)
 
 
 def _members(path) -> list[tuple[tarfile.TarInfo, bytes]]:

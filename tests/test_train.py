@@ -20,6 +20,7 @@ def test_run_folder_metrics_checkpoints_and_wandb_offline(train_shards, tmp_path
     result = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "2",
                        "--wandb", "auto", "--experiment", "exp1", runs=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stdout + result.stderr  # a log without a terminal gets lines, not bars
     run = tmp_path / "exp1" / "xception"
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "xception" and config["preset"] == "tiny" and config["epochs"] == 2

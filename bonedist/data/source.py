@@ -151,29 +151,35 @@ class EvalBatches:
 
 
 class SubsetBatches:
-    """A fixed, seeded random sample of a split, as equal full batches on every rank (e.g. for BatchNorm statistics).
+    """A fixed, seeded random sample of a split in fixed batches, dealt out to the ranks (e.g. for BatchNorm
+    statistics): the same batches, with the same radiographs in each, whatever the number of processes, so that
+    statistics computed batch by batch and summed over ranks do not depend on the world size.
 
     Random rather than the first radiographs: shards follow manifest order, and RSNA ids cluster by hospital. In
     cache mode the batches come from the split's cache; otherwise the sample is decoded once and kept on the device.
+    ``equal``: as many batches on every rank (the sample trimmed to a multiple of the world), for models whose
+    forward pass has collectives (SyncBatchNorm in training mode).
     """
 
     def __init__(self, cfg: DataConfig, split: str, device: torch.device, count: int, rank: int = 0, world: int = 1,
-                 manifest: dict | None = None, cache: DeviceCache | None = None, seed: int = 0):
+                 manifest: dict | None = None, cache: DeviceCache | None = None, seed: int = 0, equal: bool = False):
         manifest = manifest or load_manifest(cfg.shards)
         index = SplitIndex.from_manifest(manifest, split)
         total = min(count, len(index))
-        per_rank = (total // world) // cfg.batch_size * cfg.batch_size
-        if per_rank == 0:  # fewer radiographs than one batch per rank: one smaller batch each
-            per_rank = max(1, total // world)
-        chosen = np.random.default_rng(seed).choice(len(index), size=total, replace=False)  # whatever the world
-        mine = sorted(int(p) for p in chosen[rank::world][:per_rank])
-        self.batch_size = min(cfg.batch_size, per_rank)
+        self.batch_size = max(1, min(cfg.batch_size, total // world if equal else total))
+        n_batches = total // self.batch_size
+        if equal:
+            n_batches = n_batches // world * world
+        chosen = np.random.default_rng(seed).choice(len(index), size=total, replace=False)
+        batches = chosen[: n_batches * self.batch_size].reshape(n_batches, self.batch_size)[rank::world]
+        mine = [int(p) for batch in batches for p in sorted(batch)]
         if cache is not None:
-            self.cache, self.rows = cache, torch.tensor(mine)
+            self.cache, self.rows = cache, torch.tensor(mine, dtype=torch.long)
         else:
             self.cache = DeviceCache(cfg.shards, index, device, manifest["image_size"],
-                                     threads=max(cfg.workers, 2) * 2, progress=False, positions=mine)
-            self.rows = torch.arange(len(mine))
+                                     threads=max(cfg.workers, 2) * 2, progress=False, positions=sorted(mine))
+            local = {p: i for i, p in enumerate(sorted(mine))}
+            self.rows = torch.tensor([local[p] for p in mine], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.rows) // self.batch_size

@@ -96,7 +96,8 @@ class Trainer:
         verify_pack(cfg.shards, self.manifest, ["train", "validation"], self.rank, self.world)
         model = create_model(cfg.model, **cfg.model_cfg)
         self.task = model.task
-        if cfg.sync_bn and self.world > 1 and torch.cuda.is_available():
+        synced = bool(cfg.sync_bn and self.world > 1 and torch.cuda.is_available())
+        if synced:  # its forward in training mode (recalibration included) has collectives
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.channels_last = torch.cuda.is_available() if cfg.channels_last is None else cfg.channels_last
         if self.channels_last:
@@ -115,8 +116,8 @@ class Trainer:
         self.mu, self.sigma = target_stats(index.age, weights)
         self.train_mean = float(np.mean(index.age))  # the natural mean: what predict-the-mean predicts
         self.recal_data = SubsetBatches(eval_cfg, "train", self.device, cfg.recalibrate, self.rank, self.world,
-                                        self.manifest, getattr(self.train_data, "cache", None), seed=cfg.seed) \
-            if cfg.recalibrate else None
+                                        self.manifest, getattr(self.train_data, "cache", None), seed=cfg.seed,
+                                        equal=synced) if cfg.recalibrate else None
         self.offsets: dict[str, float] = {}  # z offset of each output, refit by recalibrate()
         self.pipe = InputPipeline(self.spec, cfg.augment_config(), seed=cfg.seed, rank=self.rank)
         self.steps_per_epoch = min(len(self.train_data), cfg.steps_per_epoch or len(self.train_data))
