@@ -42,7 +42,8 @@ def recalibrate_batchnorm(model: nn.Module, names: list[str], inputs: Iterable[t
     Args:
         model: the model to recalibrate, in place (e.g. the EMA copy that validation uses).
         names: which BatchNorm layers (``training_norm_names`` of the model that trains).
-        inputs: ``(x, male)`` model inputs, every batch of the same size, as many on every rank.
+        inputs: ``(x, male)`` model inputs; ranks may see different numbers of batches (the sums are
+            all-reduced after the pass), except under SyncBatchNorm, whose forward has collectives.
         world: number of ranks; with more than one the statistics are averaged with an all-reduce.
         autocast: a context manager factory the forward passes run under (the training precision).
 

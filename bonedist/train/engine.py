@@ -408,8 +408,8 @@ class Trainer:
         return self.task.best_metric(self.cfg.stage_at(self.state.epoch if epoch is None else epoch))
 
     def recalibrate(self) -> None:
-        """Before a validation, on ``recalibrate`` clean training radiographs (the same every time, as many full
-        batches on every rank), seen as evaluation sees them: the evaluated model's BatchNorm statistics are
+        """Before a validation, on ``recalibrate`` clean training radiographs (the same batches every time, whatever
+        the number of ranks), seen as evaluation sees them: the evaluated model's BatchNorm statistics are
         recomputed, then each output's offset is refit so that its mean error on them is zero.
 
         Training never fixes that offset for the evaluation-mode function: batch statistics in training, population
