@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-quick lint clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# every module in under 5 minutes on 2 cores: no long trainings, no Slurm (the full suite is `make test`)
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check bonedist tests

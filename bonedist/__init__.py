@@ -4,7 +4,7 @@ import errno as _errno
 import shutil as _shutil
 import sys as _sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _STORAGE_FULL = {_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG}
 _NOT_WRITABLE = "; choose a folder you can write to (--out, --runs-dir) or fix its permissions"

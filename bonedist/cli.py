@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from bonedist import __version__, run_command
+from bonedist.data.source import DATA_MODES
+from bonedist.tracking import WANDB_MODES
 
 
 def _add_synth(sub) -> None:
@@ -129,30 +131,22 @@ def _cmd_train(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
+    from bonedist.eval.evaluate import EvalOptions
+    from bonedist.options import add_arguments
+
     p = sub.add_parser("evaluate", help="every trained model and the ensembles on a split, with a report",
                        description="Works in one process or under `accelerate launch -m bonedist evaluate ...`; "
                                    "every sample is predicted exactly once either way.")
     p.add_argument("--runs", required=True, help="runs/EXPERIMENT, holding MODEL/best/ folders")
-    p.add_argument("--split", default="test")
-    p.add_argument("--shards", default=None, help="packed data (default: the one the models were trained on)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="test-time horizontal flip averaging (default: each run's own setting; on in `improved`)")
-    p.add_argument("--patch-aggregate", default=None, choices=["mean", "median"],
-                   help="patch models: mean or median over the grid (default: each run's own)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--data-mode", default="auto", choices=["auto", "stream", "cache"])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=None, help="report folder (default RUNS/report)")
-    p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "off"])
+    add_arguments(p, EvalOptions)
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> int:
     from bonedist.eval.evaluate import EvalOptions, evaluate
+    from bonedist.options import given
 
-    result = evaluate(EvalOptions(runs=args.runs, split=args.split, shards=args.shards, flip=args.flip,
-                                  aggregate=args.patch_aggregate, batch_size=args.batch_size,
-                                  data_mode=args.data_mode, workers=args.workers, out=args.out, wandb=args.wandb))
+    result = evaluate(EvalOptions(runs=args.runs, **given(args, EvalOptions)))
     if result:
         for note in result["notes"]:
             print(f"note: {note}")
@@ -208,20 +202,23 @@ def _add_study(sub) -> None:
     s.add_argument("--batch-size", type=int, default=None, help="radiographs per step (default: the preset's)")
     s.add_argument("--image-size", type=int, default=None, help="radiograph side (default: the preset's)")
     s.add_argument("--pretrained", default=None, help="backbone weights (default: the preset's)")
-    s.add_argument("--data-mode", default=None, choices=["auto", "stream", "cache"])
-    s.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "off"])
+    s.add_argument("--data-mode", default=None, choices=DATA_MODES)
+    s.add_argument("--wandb", default="auto", choices=WANDB_MODES)
     p.set_defaults(func=_cmd_study)
 
 
 def _cmd_study(args) -> int:
     from bonedist.study import StudyOptions, parse_settings, study_patches
 
-    model_cfg = {k: v for k, v in (("image_size", args.image_size), ("pretrained", args.pretrained)) if v is not None}
     overrides = {k: v for k, v in (("steps_per_epoch", args.steps_per_epoch), ("batch_size", args.batch_size),
                                    ("data_mode", args.data_mode)) if v is not None}
+    if args.image_size is not None:
+        overrides["input"] = {"image_size": args.image_size}
+    if args.pretrained is not None:
+        overrides["model_options"] = {"pretrained": args.pretrained}
     study_patches(StudyOptions(shards=args.shards, settings=parse_settings(args.settings), preset=args.preset,
                                experiment=args.experiment, runs_dir=args.runs_dir, epochs=args.epochs,
-                               overrides=overrides, model_cfg=model_cfg, wandb=args.wandb))
+                               overrides=overrides, wandb=args.wandb))
     return 0
 
 
@@ -296,7 +293,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--pretrained", default=None, help="backbone weights (none, a file or a weights folder)")
     b.add_argument("--batch-size", type=int, default=None)
     b.add_argument("--workers", type=int, default=0, help="packing processes (default: all cores)")
-    b.add_argument("--wandb", default="off", choices=["auto", "online", "offline", "off"])
+    b.add_argument("--wandb", default="off", choices=WANDB_MODES)
     b.add_argument("--holdout", default=None, metavar="validation:N[,test:M]",
                    help="carve the splits the data lacks from its training table (as `pack --holdout`)")
     b.add_argument("--holdout-seed", type=int, default=0)
@@ -313,8 +310,9 @@ def _add_bench(sub) -> None:
 
     b = bench.add_parser("train-step", help="training images/s: fp32 eager vs the engine's defaults")
     b.add_argument("--model", required=True)
-    b.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 8 on CPU")
-    b.add_argument("--size", type=int, default=None, help="default 500 on CUDA, 128 on CPU")
+    b.add_argument("--preset", default="scratch", help="the model's recipe to time (default scratch)")
+    b.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 64 on CPU")
+    b.add_argument("--size", type=int, default=None, help="default 500 on CUDA, 100 on CPU")
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--device", default=None)
     b.set_defaults(func=_cmd_bench_train_step)
@@ -353,7 +351,8 @@ def _cmd_bench_train_loop(args) -> int:
 def _cmd_bench_train_step(args) -> int:
     from bonedist.bench.train_step import bench_train_step
 
-    bench_train_step(args.model, batch=args.batch, size=args.size, steps=args.steps, device=args.device)
+    bench_train_step(args.model, batch=args.batch, size=args.size, steps=args.steps, device=args.device,
+                     preset=args.preset)
     return 0
 
 
@@ -383,7 +382,8 @@ def _add_models(sub) -> None:
                        description="Print every registered model, one name per line, in the order of the paper's "
                                    "tables; with --details also its task and whether it takes ImageNet weights.",
                        epilog="example: for m in $(bonedist models); do bonedist train --model $m ...; done")
-    p.add_argument("--details", action="store_true", help="also the branches and the weights each model takes")
+    p.add_argument("--details", action="store_true",
+                   help="also the weights it takes, its branches, the presets it has a recipe for and its options")
     p.set_defaults(func=_cmd_models)
 
 
@@ -396,7 +396,8 @@ def _cmd_models(args) -> int:
             print(name)
             continue
         branches = f"branches {', '.join(info.task.branches)}" if info.task.branches else "one prediction"
-        print(f"{name}\t{'ImageNet backbone or scratch' if info.pretrained else 'from scratch'}\t{branches}")
+        print(f"{name}\t{'ImageNet backbone or scratch' if info.pretrained else 'from scratch'}\t{branches}\t"
+              f"presets {','.join(info.presets)}\toptions {','.join(info.option_names) or '-'}")
     return 0
 
 

@@ -1,67 +1,85 @@
-"""Exact distributed prediction over a split: every sample once, gathered in manifest order on every rank."""
+"""Exact distributed prediction over a split: every sample once, gathered in manifest order on every rank.
+
+A ``Predictor`` is one trained model as evaluation uses it (its input pipeline, test-time flip, patch aggregation
+and precision); ``predict_batches`` runs one or several predictors over one pass of the batches, so that a split is
+read and decoded once however many models are evaluated on it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
 
 from bonedist.data.augment import InputPipeline
-from bonedist.data.source import EvalBatches
+
+PATCH_AGGREGATES = ("mean", "median")
 
 
-@torch.no_grad()
-def predict_batches(model: torch.nn.Module, pipe: InputPipeline, batches: EvalBatches, autocast=None,
-                    flip: bool = False, aggregate: str = "mean", channels_last: bool = False) -> dict[str, np.ndarray]:
-    """This rank's predictions in z units: ``pred`` (and the task's branches), with ``index``, ``age``, ``male``.
+@dataclass
+class Predictor:
+    """One z prediction per radiograph (``pred`` and each branch of the model's task) for a uint8 batch."""
 
-    Patch models average (or take the median of) their overlapping grid per radiograph; ``flip`` averages with the
-    horizontally flipped input (test-time augmentation).
+    model: torch.nn.Module
+    pipe: InputPipeline
+    flip: bool = False
+    aggregate: str = "mean"
+    autocast: Callable | None = None  # a context manager factory (Accelerate's ``autocast``), None: fp32
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        outputs = self._forward(batch, flip=False)
+        if self.flip:  # average with the mirror (test-time augmentation)
+            mirrored = self._forward(batch, flip=True)
+            outputs = {k: (v + mirrored[k]) / 2 for k, v in outputs.items()}
+        return outputs
+
+    def _forward(self, batch: dict, flip: bool) -> dict[str, torch.Tensor]:
+        inputs = self.pipe.model_batch(batch, flip=flip)
+        with self.autocast() if self.autocast else nullcontext():
+            out = self.model(inputs.image, inputs.male)
+        result = {"pred": out["pred"].float(), **{k: out[k].float() for k in self.model.task.branches}}
+        if inputs.repeats > 1:  # (B*G,) → (B, G) → one value per radiograph
+            grouped = {k: v.view(-1, inputs.repeats) for k, v in result.items()}
+            result = {k: v.median(dim=1).values if self.aggregate == "median" else v.mean(dim=1)
+                      for k, v in grouped.items()}
+        return result
+
+
+def predict_batches(predictors: Predictor | dict[str, Predictor], batches: Iterable[dict],
+                    observe: Callable[[dict], None] | None = None) -> dict[str, np.ndarray]:
+    """This rank's predictions in z units with ``index``, ``age``, ``male``, ``key`` of each radiograph.
+
+    One predictor: its outputs as ``pred`` (and its branches); several (a dict): ``NAME/pred``, ``NAME/BRANCH``.
+    ``observe`` sees every batch (e.g. to keep thumbnails) so the split need not be read again.
     """
-    was_training = model.training
-    model.eval()
+    named = predictors if isinstance(predictors, dict) else {"": predictors}
+    models = [p.model for p in named.values()]
+    modes = [m.training for m in models]
+    for model in models:
+        model.eval()
     rows: dict[str, list] = {"index": [], "age": [], "male": [], "key": []}
-    for batch in batches:
-        outputs = predict_radiographs(model, pipe, batch["image"], batch["male"], autocast, flip, aggregate,
-                                      channels_last)
-        for name, value in outputs.items():
-            rows.setdefault(name, []).append(value.float().cpu().numpy())
-        rows["index"].append(batch["index"].cpu().numpy())
-        rows["age"].append(batch["age"].cpu().numpy())
-        rows["male"].append(batch["male"].cpu().numpy())
-        rows["key"].append(np.array(batch["key"], dtype=object))
-    model.train(was_training)
+    try:
+        for batch in batches:
+            for name, predictor in named.items():
+                for key, value in predictor(batch).items():
+                    rows.setdefault(f"{name}/{key}" if name else key, []).append(value.cpu().numpy())
+            rows["index"].append(batch["index"].cpu().numpy())
+            rows["age"].append(batch["age"].cpu().numpy())
+            rows["male"].append(batch["male"].cpu().numpy())
+            rows["key"].append(np.array(batch["key"], dtype=object))
+            if observe is not None:
+                observe(batch)
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
     if not rows["index"]:
         return {}
     return {k: np.concatenate(v) for k, v in rows.items()}
-
-
-def predict_radiographs(model, pipe, images, male, autocast=None, flip: bool = False, aggregate: str = "mean",
-                        channels_last: bool = False) -> dict[str, torch.Tensor]:
-    """One z prediction per radiograph (and branch) for a uint8 batch; ``flip`` averages with the mirror."""
-    outputs = _forward(model, pipe, images, male, autocast, aggregate, channels_last)
-    if flip:
-        flipped = _forward(model, pipe, images.flip(-1), male, autocast, aggregate, channels_last)
-        outputs = {k: (v + flipped[k]) / 2 for k, v in outputs.items()}
-    return outputs
-
-
-def _forward(model, pipe, images, male, autocast, aggregate, channels_last) -> dict[str, torch.Tensor]:
-    x = pipe.eval(images)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    repeats = pipe.eval_repeats
-    with autocast() if autocast else nullcontext():
-        out = model(x, male.repeat_interleave(repeats))
-    result = {"pred": out["pred"]}
-    result.update({k: out[k] for k in model.task.branches})
-    if repeats > 1:  # (B*G,) → (B, G) → one value per radiograph
-        grouped = {k: v.float().view(-1, repeats) for k, v in result.items()}
-        result = {k: v.median(dim=1).values if aggregate == "median" else v.mean(dim=1)
-                  for k, v in grouped.items()}
-    return result
 
 
 def gather_predictions(local: dict[str, np.ndarray], total: int) -> dict[str, np.ndarray]:

@@ -1,15 +1,63 @@
-"""What a model expects as input; the data side builds its transforms from this, never from hard-coded sizes."""
+"""What a model sees: the input settings of a run (``InputConfig``, flags and presets) and, resolved against the
+model, the exact input spec the data side builds its transforms from (``InputSpec``), never hard-coded sizes."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from bonedist import BonedistError
+from bonedist.options import check_fields, option
+
 CONTRAST_MODES = ("none", "stretch")
+MIN_PATCH = 8  # the smallest patch side a preset's share may give
+INPUT = "input"
+
+
+@dataclass
+class InputConfig:
+    """The input settings of a run; a preset gives them, flags override them, ``InputSpec.resolve`` applies them to a
+    model (its channels, normalisation and minimum input size)."""
+
+    image_size: int = option(500, "radiograph side the model sees (the packed images are resized to it)", group=INPUT,
+                             minimum=8)
+    channels: int | None = option(None, "input channels: 1, or 3 (the gray image repeated, as ImageNet backbones "
+                                        "expect); default: the model's first choice", (1, 3), INPUT)
+    hand_mask: bool = option(False, "zero everything outside the hand (markers, letters) before the model sees it",
+                             group=INPUT)
+    contrast: str = option("none", "stretch: each radiograph's own 1st-99th percentile range to the full range first",
+                           CONTRAST_MODES, INPUT)
+    patch_size: int = option(0, "patch models: patch side in pixels (0: --patch-share of the image side)",
+                             group=INPUT, minimum=0)
+    patch_share: float = option(0.0, "patch models: patch side as a share of the image side (the presets' way, so "
+                                     "that patches scale with --image-size); 0 and no --patch-size: whole images",
+                                group=INPUT, minimum=0, maximum=1)
+    num_patches: int = option(0, "patch models: random patches per radiograph in training", group=INPUT, minimum=0)
+    eval_grid: int = option(0, "patch models: G for the G x G overlapping evaluation grid (0: just enough patches to "
+                               "cover the image, overlapping)", group=INPUT, minimum=0)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.patched and self.num_patches < 1:
+            raise BonedistError("--num-patches must be at least 1 when the model sees patches (--patch-size or "
+                                "--patch-share)")
+
+    @property
+    def patched(self) -> bool:
+        return bool(self.patch_size or self.patch_share)
+
+    def patch_side(self, image_size: int) -> int:
+        """The patch side at ``image_size``: ``patch_size``, else the share of the side (at least 8 px)."""
+        if self.patch_size:
+            return min(image_size, self.patch_size)
+        return min(image_size, max(MIN_PATCH, round(self.patch_share * image_size)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Input of one model.
+    """Input of one model, resolved: what the data side prepares and the network receives.
 
     Attributes:
         image_size: side of the square radiograph the data side prepares (the packed size is resized to this).
@@ -52,3 +100,20 @@ class InputSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InputSpec:
+        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
+    @classmethod
+    def resolve(cls, cfg: InputConfig, channels: int, norm: tuple[tuple, tuple] | None = None,
+                min_size: int = 0) -> InputSpec:
+        """The spec of a model with ``channels`` inputs, normalisation ``norm`` (mean, std; default [-1, 1]) and a
+        smallest input side ``min_size`` (InceptionV3's stem: 75 px; smaller radiographs are resized up to it)."""
+        mean, std = norm or ((0.5,) * channels, (0.5,) * channels)
+        size = max(cfg.image_size, min_size)
+        if not cfg.patched:
+            return cls(size, size, channels, tuple(mean), tuple(std), hand_mask=cfg.hand_mask, contrast=cfg.contrast)
+        patch = max(cfg.patch_side(size), min_size)
+        return cls(max(size, patch), patch, channels, tuple(mean), tuple(std), num_patches=cfg.num_patches,
+                   eval_grid=cfg.eval_grid or None, hand_mask=cfg.hand_mask, contrast=cfg.contrast)

@@ -42,8 +42,7 @@ class StudyOptions:
     experiment: str = "patch-study"
     runs_dir: str = "runs"
     epochs: int = 1
-    overrides: dict = field(default_factory=dict)  # any other training option (steps_per_epoch, image size, ...)
-    model_cfg: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # any other training option (steps_per_epoch, input, ...)
     wandb: str = "auto"
 
 
@@ -54,11 +53,12 @@ def study_patches(opts: StudyOptions) -> list[dict]:
     rows, main = [], True
     try:
         for patches, size in opts.settings:
-            model_cfg = {**opts.model_cfg, "patch_size": size, "num_patches": patches}
-            cfg = resolve_config("resnet50_patch", opts.shards, opts.preset, model_cfg=model_cfg,
+            overrides = {"log_every": 1, **opts.overrides}
+            overrides["input"] = {**overrides.get("input", {}), "patch_size": size, "num_patches": patches}
+            cfg = resolve_config("resnet50_patch", opts.shards, opts.preset,
                                  experiment=f"{opts.experiment}/patches-{patches}x{size}", runs_dir=opts.runs_dir,
-                                 epochs=opts.epochs, wandb=opts.wandb, **{"log_every": 1, **opts.overrides})
-            image_size = cfg.model_cfg.get("image_size", 500)
+                                 epochs=opts.epochs, wandb=opts.wandb, **overrides)
+            image_size = cfg.input.image_size
             if size > image_size:
                 raise BonedistError(f"--settings {patches}x{size}: patches larger than the {image_size}-px image")
             start = time.perf_counter()

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+WANDB_MODES = ("auto", "online", "offline", "off")
+
 
 def wandb_mode(requested: str) -> str:
-    """``off``, ``online`` or ``offline`` for this process, with the reason for automatic choices."""
-    if requested in ("off", "online", "offline"):
+    """``off``, ``online`` or ``offline`` for this process (``auto``: offline without an API key or network)."""
+    if requested in WANDB_MODES[1:]:
         return requested
     env = os.environ.get("WANDB_MODE", "").lower()
     if env in ("disabled", "off"):
@@ -135,7 +137,7 @@ def model_artifact(run_dir: str | Path, meta: dict):
     best = Path(run_dir).resolve() / "best"
     config = meta.get("config", {})
     artifact = wandb.Artifact(_artifact_name(f"{config.get('experiment', 'default')}-{meta['model']}"), type="model",
-                              metadata={k: meta.get(k) for k in ("model", "model_cfg", "spec", "mu", "sigma",
+                              metadata={k: meta.get(k) for k in ("model", "model_options", "spec", "mu", "sigma",
                                                                  "train_mean_months", "epoch", "global_step",
                                                                  "metrics", "pack", "bonedist_version", "git")}
                               | {"preset": config.get("preset")})

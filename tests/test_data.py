@@ -11,7 +11,7 @@ from bonedist.data.augment import AugmentConfig, InputPipeline, gather_patches
 from bonedist.data.manifest import load_manifest
 from bonedist.data.pack import PackOptions, pack_dataset
 from bonedist.data.sampling import SplitIndex, age_sex_groups, balance_weights, target_stats
-from bonedist.data.source import DataConfig, EvalBatches, TrainBatches, choose_mode
+from bonedist.data.source import DataConfig, choose_mode, open_split
 from bonedist.data.synth import synth_dataset
 from bonedist.models import create_model
 from bonedist.spec import InputSpec
@@ -31,11 +31,12 @@ def skewed_shards(tmp_path_factory):
 
 def _group_counts(shards, mode: str, epochs: int) -> tuple[np.ndarray, np.ndarray]:
     cfg = DataConfig(shards=str(shards), batch_size=8, mode=mode, workers=0, balanced=True, seed=1)
-    batches = TrainBatches(cfg, "train", CPU, progress=False)
+    batches = open_split(cfg, "train", CPU, progress=False, training=True)
+    assert batches.mode == mode
     groups = []
     for epoch in range(epochs):
         batches.set_epoch(epoch)
-        for batch in batches:
+        for batch in batches.training():
             groups.extend(age_sex_groups(batch["age"].numpy(), batch["male"].numpy().astype(bool)).tolist())
     index = batches.index
     present = np.unique(age_sex_groups(index.age, index.male))
@@ -75,9 +76,9 @@ def test_weights_and_target_stats():
 def test_cache_and_stream_evaluate_the_same_samples(skewed_shards):
     results = {}
     for mode in ("stream", "cache"):
-        cfg = DataConfig(shards=str(skewed_shards), batch_size=4, mode=mode, workers=2)
+        cfg = DataConfig(shards=str(skewed_shards), eval_batch_size=4, mode=mode, workers=2)
         rows = {}
-        for batch in EvalBatches(cfg, "validation", CPU, mode=mode):
+        for batch in open_split(cfg, "validation", CPU).evaluation():
             for i, image in zip(batch["index"].tolist(), batch["image"]):
                 rows[i] = image.double().sum().item()
         results[mode] = rows
@@ -100,7 +101,7 @@ def _uint8_batch(b=4, size=96, seed=0):
 
 @pytest.mark.parametrize("name", ["inception_v3", "xception", "agcnn"])
 def test_augmentation_keeps_shape_dtype_range_and_is_reproducible(name):
-    spec = create_model(name, image_size=96).spec
+    spec = create_model(name, {"image_size": 96}).spec
     images = _uint8_batch()
     pipe = InputPipeline(spec, AugmentConfig(), seed=3)
     x = pipe.train(images, step=5)
@@ -128,7 +129,7 @@ def test_resize_to_the_model_input_size():
 
 @pytest.mark.parametrize("k, p, grid", [(1, 500, 1), (3, 224, 3), (9, 128, 4), (36, 64, 8), (150, 32, 16)])
 def test_patch_shapes_for_every_table5_setting(k, p, grid):
-    model = create_model("resnet50_patch", image_size=500, patch_size=p, num_patches=k)
+    model = create_model("resnet50_patch", {"image_size": 500, "patch_size": p, "num_patches": k})
     pipe = InputPipeline(model.spec, AugmentConfig(), seed=0)
     images = _uint8_batch(b=2, size=500)
     assert pipe.train(images, step=0).shape == (2 * k, 3, p, p)
@@ -149,21 +150,18 @@ def test_gather_patches_matches_slicing():
 def test_subset_batches_are_the_same_batches_whatever_the_world(skewed_shards):
     """Recalibration statistics are computed batch by batch and summed over ranks: one process and two must see the
     same batches (the 1-vs-2-process parity test depends on it), from the decoded sample or from the cache."""
-    from bonedist.data.cache import DeviceCache
-    from bonedist.data.source import SubsetBatches
-
-    cfg = DataConfig(shards=str(skewed_shards), batch_size=8, workers=0)
     manifest = load_manifest(skewed_shards)
-    cache = DeviceCache(str(skewed_shards), SplitIndex.from_manifest(manifest, "train"), CPU, 48, progress=False)
 
-    def batches(world: int, **kw) -> list[tuple[float, ...]]:
+    def batches(world: int, mode: str = "stream", **kw) -> list[tuple[float, ...]]:
+        cfg = DataConfig(shards=str(skewed_shards), eval_batch_size=8, workers=0, mode=mode)
         out = []
         for rank in range(world):
-            for batch in SubsetBatches(cfg, "train", CPU, 60, rank, world, manifest, seed=3, **kw):
+            split = open_split(cfg, "train", CPU, rank, world, manifest, progress=False)
+            for batch in split.subset(60, seed=3, **kw):
                 out.append(tuple(sorted(batch["age"].tolist())))
         return sorted(out)
 
     one = batches(1)
     assert len(one) == 7 and all(len(b) == 8 for b in one)  # 60 radiographs: 7 full batches of 8
-    assert batches(2) == one == batches(3) == batches(2, cache=cache)
+    assert batches(2) == one == batches(3) == batches(2, mode="cache")
     assert len(batches(2, equal=True)) == 6  # SyncBatchNorm: as many batches on every rank

@@ -76,6 +76,7 @@ def report(trained_runs):
     return trained_runs / "report"
 
 
+@pytest.mark.slow
 def test_report_files_exist_and_parse(report):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["missing"] == ["inception_v3"] and metrics["n"] == 60
@@ -118,6 +119,7 @@ def test_two_process_evaluation_equals_one_process(trained_runs, report, tmp_pat
     assert differ.any(axis=1).sum() <= 1
 
 
+@pytest.mark.slow
 def test_unlabeled_kaggle_test_split_gives_predictions_only(trained_runs, tmp_path):
     root = tmp_path / "kaggle"
     synth_dataset(root, n=4, n_val=2, n_test=6, seed=9, size=96, workers=1, progress=False)
@@ -133,6 +135,7 @@ def test_unlabeled_kaggle_test_split_gives_predictions_only(trained_runs, tmp_pa
     assert len(table) == 6 and table["truth"].isna().all() and table["xception"].notna().all()
 
 
+@pytest.mark.slow
 def test_evaluate_errors(tmp_path, trained_runs):
     result = run_cli("evaluate", "--runs", str(tmp_path / "none"))
     assert result.returncode == 2 and "no such folder" in result.stderr
@@ -143,6 +146,7 @@ def test_evaluate_errors(tmp_path, trained_runs):
     assert result.returncode == 2 and "--split holdout" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_predict_on_real_radiographs_8_and_16_bit_and_jpeg(trained_runs, tmp_path):
     images = sorted((RSNA_SAMPLE / "boneage-training-dataset").glob("*.png"))[:2]
@@ -164,6 +168,7 @@ def test_predict_on_real_radiographs_8_and_16_bit_and_jpeg(trained_runs, tmp_pat
     assert text.returncode == 0 and "bone age" in text.stdout and "months" in text.stdout
 
 
+@pytest.mark.slow
 def test_predict_errors(trained_runs, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     # an image that cannot be read fails alone (exit 1, named); a wrong flag stops everything (exit 2)
@@ -182,6 +187,7 @@ def test_predict_errors(trained_runs, tmp_path):
     assert result.returncode == 2 and "no trained model" in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluation_tables_and_figures_go_to_wandb_offline(trained_runs, tmp_path):
     from tests.wandb_reader import read_artifacts, read_history
 
@@ -204,6 +210,7 @@ def test_evaluation_tables_and_figures_go_to_wandb_offline(trained_runs, tmp_pat
     assert len(thumbnails) == json.loads((tmp_path / "report" / "metrics.json").read_text())["n"]
 
 
+@pytest.mark.slow
 def test_predict_reports_each_image_and_fails_only_the_bad_ones(trained_runs, tmp_path):
     good = sorted((RSNA_SAMPLE / "boneage-training-dataset").glob("*.png"))[0]
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bonedist.data.augment import AugmentConfig, InputPipeline
-from bonedist.data.source import DataConfig, EvalBatches, TrainBatches
+from bonedist.data.source import DataConfig, open_split
 from bonedist.models import create_model
 from bonedist.models.attention import attention_boxes
 from tests.conftest import epoch_records, run_train
@@ -25,7 +25,7 @@ def test_attention_boxes_on_cuda_equal_cpu():
 
 
 def test_augmentation_on_cuda_is_reproducible_and_in_range():
-    spec = create_model("resnet50_patch", image_size=500).spec
+    spec = create_model("resnet50_patch", {"image_size": 500, "patch_share": 224 / 500, "num_patches": 3}).spec
     pipe = InputPipeline(spec, AugmentConfig(), seed=1)
     images = torch.randint(0, 256, (8, 1, 500, 500), dtype=torch.uint8, device=CUDA)
     x = pipe.train(images, step=3)
@@ -36,14 +36,14 @@ def test_augmentation_on_cuda_is_reproducible_and_in_range():
 
 def test_device_cache_lives_on_the_gpu_and_matches_the_stream(train_shards):
     cfg = DataConfig(shards=str(train_shards), batch_size=16, mode="cache", workers=2)
-    train = TrainBatches(cfg, "train", CUDA, progress=False)
+    train = open_split(cfg, "train", CUDA, progress=False, training=True)
     assert train.mode == "cache" and train.cache.images.is_cuda
-    batch = next(iter(train))
+    batch = next(iter(train.training()))
     assert batch["image"].is_cuda and batch["image"].dtype == torch.uint8
     sums = {}
     for mode in ("cache", "stream"):
-        for b in EvalBatches(DataConfig(shards=str(train_shards), batch_size=16, mode=mode, workers=2),
-                             "validation", CUDA, mode=mode):
+        for b in open_split(DataConfig(shards=str(train_shards), eval_batch_size=16, mode=mode, workers=2),
+                            "validation", CUDA).evaluation():
             for i, image in zip(b["index"].tolist(), b["image"]):
                 sums.setdefault(mode, {})[i] = int(image.long().sum())
     assert sums["cache"] == sums["stream"]

@@ -82,6 +82,7 @@ def test_an_extra_member_is_ignored_with_a_note(small_shards, tmp_path, capsys):
     assert "ignoring extra member" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["cut at a member boundary", "cut mid-member", "bytes flipped"])
 def test_a_damaged_shard_stops_train_and_evaluate_with_one_line(small_shards, tmp_path, how):
     shards = tmp_path / "shards"
@@ -102,6 +103,7 @@ def test_a_damaged_shard_stops_train_and_evaluate_with_one_line(small_shards, tm
     assert "Traceback" not in evaluated.stderr
 
 
+@pytest.mark.slow
 def test_damage_after_verification_is_caught_while_reading(small_shards, tmp_path):
     """The checksum is remembered by size and time; a shard damaged without changing either is still caught when a
     sample is read, in stream and in cache mode."""

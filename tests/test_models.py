@@ -10,26 +10,34 @@ from bonedist import BonedistError
 from bonedist.models import create_model, list_models, model_info
 from bonedist.models.task import REGRESSION
 
-SMALL = {"inception_v3": dict(image_size=96), "resnet50_patch": dict(image_size=96, patch_size=48)}
-
 
 def small(name: str) -> dict:
-    """Options that make any registered model quick on a CPU (64 px unless it needs more)."""
-    return SMALL.get(name, dict(image_size=64))
+    """Input settings that make any registered model quick on a CPU: its tiny recipe's (64 px unless it needs
+    more), else 64 px."""
+    from bonedist.train.config import recipe_values
+
+    try:
+        return recipe_values(name, "tiny").get("input", {})
+    except BonedistError:
+        return {"image_size": 64}
 
 
 def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_registry_lists_the_four_models_and_rejects_unknown():
-    assert list_models() == ["inception_v3", "xception", "resnet50_patch", "agcnn"]  # the paper's order
-    assert [model_info(m).pretrained for m in list_models()] == [True, True, True, False]
+def test_registry_lists_the_papers_models_first_and_rejects_unknown():
+    assert list_models()[:4] == ["inception_v3", "xception", "resnet50_patch", "agcnn"]  # the paper's order
+    assert [model_info(m).pretrained for m in list_models()[:4]] == [True, True, True, False]
     with pytest.raises(BonedistError, match="known models: inception_v3, xception"):
         create_model("vgg16")
-    with pytest.raises(BonedistError, match="unexpected keyword"):
+    with pytest.raises(BonedistError, match="model xception has no option 'colour'"):
         create_model("xception", colour=True)
-    with pytest.raises(BonedistError, match="fusion_grad"):
+    with pytest.raises(BonedistError, match="agcnn has no option 'pretrained'"):
+        create_model("agcnn", pretrained=None)
+    with pytest.raises(BonedistError, match="--channels 3: agcnn takes 1"):
+        create_model("agcnn", inputs={"channels": 3})
+    with pytest.raises(BonedistError, match="--fusion-grad must be one of isolated, joint"):
         create_model("agcnn", fusion_grad="both")
 
 
@@ -57,14 +65,14 @@ def test_forward_shape_and_gradients_reach_exactly_the_trainable_parameters(name
     if freeze and not model_info(name).pretrained:
         pytest.skip(f"{name} is trained from scratch: nothing to freeze")
     torch.manual_seed(0)
-    model = create_model(name, **small(name), **({"freeze_backbone": freeze} if model_info(name).pretrained else {}))
+    model = create_model(name, small(name), **({"freeze_backbone": freeze} if model_info(name).pretrained else {}))
     model.train()
     image, male, target = _batch(model)
     out = model(image, male)
     assert out["pred"].shape == (image.shape[0],) and torch.isfinite(out["pred"]).all()
     assert all(out[b].shape == out["pred"].shape for b in model.task.branches)
     assert model.spec.input_size <= model.spec.image_size and model.spec.channels == image.shape[1]
-    loss, parts = model.task.loss(out, target)
+    loss, parts = model.task.loss(out, target, torch.nn.functional.mse_loss)
     loss.backward()
     for pname, p in model.named_parameters():
         if p.requires_grad:
@@ -78,12 +86,12 @@ def test_forward_shape_and_gradients_reach_exactly_the_trainable_parameters(name
 
 def test_agcnn_outputs_and_paper_loss_isolates_the_fusion_term():
     torch.manual_seed(0)
-    model = create_model("agcnn", image_size=64)
+    model = create_model("agcnn", {"image_size": 64})
     image, male, target = _batch(model, batch=4)
     out = model(image, male)
     assert {"global", "local", "fusion", "boxes", "masks"} <= set(out)
     assert out["boxes"].shape == (4, 4) and out["masks"].shape == (4, 1, 64, 64)
-    loss, parts = model.task.loss(out, target)
+    loss, parts = model.task.loss(out, target, torch.nn.functional.mse_loss)
     assert torch.allclose(loss, 0.8 * parts["loss_global"] + 0.1 * parts["loss_local"] + 0.1 * parts["loss_fusion"])
     # the Fusion term alone reaches only the Fusion head
     parts_only = torch.nn.functional.mse_loss(out["fusion"], target)
@@ -95,7 +103,7 @@ def test_agcnn_outputs_and_paper_loss_isolates_the_fusion_term():
 
 def test_agcnn_joint_mode_backpropagates_fusion_into_the_branches():
     torch.manual_seed(0)
-    model = create_model("agcnn", image_size=64, fusion_grad="joint")
+    model = create_model("agcnn", {"image_size": 64}, fusion_grad="joint")
     image, male, target = _batch(model)
     torch.nn.functional.mse_loss(model(image, male)["fusion"], target).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.global_branch.parameters())
@@ -103,23 +111,34 @@ def test_agcnn_joint_mode_backpropagates_fusion_into_the_branches():
 
 
 def test_param_groups_give_the_backbone_its_own_learning_rate():
-    model = create_model("xception", image_size=64, freeze_backbone=False)
+    model = create_model("xception", {"image_size": 64}, freeze_backbone=False)
     groups = {g["name"]: g for g in model.param_groups(1e-3, backbone_lr=1e-5)}
     assert groups["head"]["lr"] == 1e-3 and groups["backbone"]["lr"] == 1e-5
     n = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n == _trainable(model)
-    frozen = create_model("xception", image_size=64)
+    frozen = create_model("xception", {"image_size": 64})
     assert [g["name"] for g in frozen.param_groups(1e-3)] == ["head"]
-    assert [g["name"] for g in create_model("agcnn", image_size=64).param_groups(1e-5)] == ["global", "local",
+    assert [g["name"] for g in create_model("agcnn", {"image_size": 64}).param_groups(1e-5)] == ["global", "local",
                                                                                             "fusion"]
 
 
-def test_regression_loss_kinds():
+def test_losses_are_components_that_name_their_selection_metric():
+    from bonedist.train.config import resolve_config
+    from bonedist.train.losses import build_loss
+
     out, target = {"pred": torch.tensor([0.0, 2.0])}, torch.tensor([1.0, 1.0])
-    assert REGRESSION.loss(out, target)[0].item() == pytest.approx(1.0)
-    assert REGRESSION.loss(out, target, "l1")[0].item() == pytest.approx(1.0)
-    assert REGRESSION.loss(out, target, "huber", 0.5)[0].item() == pytest.approx(0.375)
-    assert REGRESSION.best_metric() == "val_mae_months" and REGRESSION.reported("m") == ["m"]
+    losses = {kind: build_loss(resolve_config("xception", "x", "paper", loss=kind, huber_delta=0.5))
+              for kind in ("mse", "l1", "huber")}
+    assert REGRESSION.loss(out, target, losses["mse"])[0].item() == pytest.approx(1.0)
+    assert REGRESSION.loss(out, target, losses["l1"])[0].item() == pytest.approx(1.0)
+    assert REGRESSION.loss(out, target, losses["huber"])[0].item() == pytest.approx(0.375)
+    assert REGRESSION.best_metric(losses["l1"].metric) == "val_mae_months" and REGRESSION.reported("m") == ["m"]
+    assert REGRESSION.best_metric(losses["mse"].metric) == "val_loss"
+    agcnn = model_info("agcnn").task
+    # a branched model is selected by the loss it trains with, on its main branch or its stage's
+    assert agcnn.best_metric(losses["l1"].metric) == "val_mae_months_fusion"
+    assert agcnn.best_metric(losses["mse"].metric, "global") == "val_loss_global"
+    assert agcnn.best_metric(losses["huber"].metric) == "val_huber_fusion"
 
 
 def test_feature_norm_keeps_the_head_alive_where_the_paper_head_dies():
@@ -129,7 +148,7 @@ def test_feature_norm_keeps_the_head_alive_where_the_paper_head_dies():
     alive = {}
     for norm in (False, True):
         torch.manual_seed(0)
-        model = create_model("xception", image_size=64, pretrained=None, freeze_backbone=False, feature_norm=norm)
+        model = create_model("xception", {"image_size": 64}, pretrained=None, freeze_backbone=False, feature_norm=norm)
         model.train()
         image, male = torch.randn(16, 3, 64, 64), torch.tensor([1.0, 0.0] * 8)
         optimizer = torch.optim.Adam(model.head.parameters(), lr=0.05)
@@ -166,11 +185,12 @@ def test_local_weight_file_loads_offline(tmp_path, fmt, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     reference, path = _saved_resnet(tmp_path, fmt)
     source = tmp_path if fmt == "safetensors" else path  # a fetched folder, or the file itself
-    model = create_model("resnet50_patch", pretrained=str(source), image_size=96, patch_size=48)
+    patches = {"image_size": 96, "patch_size": 48, "num_patches": 3}
+    model = create_model("resnet50_patch", patches, pretrained=str(source))
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     assert torch.equal(model.backbone.layer4[2].bn3.running_var, reference.layer4[2].bn3.running_var)
     # grayscale stem from RGB weights: the three filters summed
-    gray = create_model("resnet50_patch", pretrained=str(source), in_chans=1, image_size=96, patch_size=48)
+    gray = create_model("resnet50_patch", {**patches, "channels": 1}, pretrained=str(source))
     assert torch.allclose(gray.backbone.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
     assert gray.spec.channels == 1 and len(gray.spec.mean) == 1
 
@@ -185,7 +205,7 @@ def test_weight_errors_are_clear(tmp_path, monkeypatch):
         create_model("xception", pretrained="legacy_xception.tf_in1k")
     _, path = _saved_resnet(tmp_path, "pth")
     with pytest.raises(BonedistError, match="does not fit"):
-        create_model("xception", pretrained=str(path), image_size=64)
+        create_model("xception", {"image_size": 64}, pretrained=str(path))
     evil = tmp_path / "evil.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "note": object.__new__(_Opaque)}, evil)
     with pytest.raises(BonedistError, match="cannot read weights file"):
@@ -206,7 +226,55 @@ def test_weights_fetch_without_network_fails_clearly(tmp_path):
 
 
 def test_agcnn_fusion_norm_adds_no_parameters():
-    model = create_model("agcnn", image_size=64, fusion_norm=True)
+    model = create_model("agcnn", {"image_size": 64}, fusion_norm=True)
     assert sum(p.numel() for p in model.fusion.parameters()) == 1_082_113
     out = model(torch.randn(2, 1, 64, 64), torch.tensor([1.0, 0.0]))
     assert torch.isfinite(out["pred"]).all()
+
+
+def _recipes():
+    return [(name, preset) for name in list_models() for preset in model_info(name).presets]
+
+
+@pytest.mark.parametrize("name, preset", _recipes())
+def test_every_model_under_every_preset_it_declares_builds_and_takes_an_optimizer_step(name, preset):
+    """The preset's shared values with the model's recipe resolve into a valid config; at a CPU size (its patches
+    keep their share of the side) the model builds from it and one optimizer step moves its weights."""
+    from bonedist.data.augment import InputPipeline, TargetScale
+    from bonedist.train.config import resolve_config
+    from bonedist.train.losses import build_loss
+    from bonedist.train.optim import build_optimizer
+
+    options = {"pretrained": None} if model_info(name).pretrained else {}  # no downloads in tests
+    cfg = resolve_config(name, "x", preset, model_options=options, input={"image_size": 48})
+    assert cfg.input.image_size == 48 and cfg.options() is not None
+    torch.manual_seed(0)
+    model = create_model(name, cfg.input, **cfg.model_options).train()
+    stage = cfg.stages[0][0] if cfg.stages else None
+    model.task.enter_stage(model, stage)
+    images = torch.randint(0, 256, (2, 1, 48, 48), dtype=torch.uint8)
+    batch = {"image": images, "male": torch.tensor([1.0, 0.0]), "age": torch.tensor([60.0, 150.0])}
+    inputs = InputPipeline(model.spec, cfg.augment_config()).model_batch(batch, step=0, scale=TargetScale(120, 40))
+    optimizer = build_optimizer(cfg, model)
+    before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+    loss, _ = model.task.loss(model(inputs.image, inputs.male), inputs.target, build_loss(cfg), stage)
+    loss.backward()
+    optimizer.step()
+    after = [p.detach() for g in optimizer.param_groups for p in g["params"]]
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_preset_a_model_has_no_recipe_for_is_one_line():
+    from bonedist.models import register_model, unregister_model
+    from bonedist.train.config import resolve_config
+
+    @register_model(recipes={"tiny": dict})
+    def recipe_less(opts, in_chans):
+        raise AssertionError("never built")
+
+    try:
+        with pytest.raises(BonedistError, match="model recipe_less has no recipe for preset 'paper'; its presets: "
+                                                "tiny"):
+            resolve_config("recipe_less", "x", "paper")
+    finally:
+        unregister_model("recipe_less")

@@ -191,6 +191,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(tmp_path, sig):
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_pack_with_one_line_and_a_rerun_finishes_it(tmp_path):
     from bonedist.data.synth import synth_dataset
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from tests.conftest import run_cli
 from tests.wandb_reader import read_history
+
+pytestmark = pytest.mark.slow  # each test trains through the CLI
 
 
 def test_patch_study_trains_each_setting_and_writes_figure_table_and_wandb(train_shards, tmp_path):
@@ -24,7 +28,7 @@ def test_patch_study_trains_each_setting_and_writes_figure_table_and_wandb(train
         assert abs(row["patches_per_s"] - row["images_per_s"] * row["patches"]) < 1e-6
         config = json.loads((tmp_path / "patch-study" / f"patches-{row['patches']}x{row['size']}" /
                              "resnet50_patch" / "config.json").read_text())
-        assert config["model_cfg"]["num_patches"] == row["patches"] and config["epochs"] == 1
+        assert config["input"]["num_patches"] == row["patches"] and config["epochs"] == 1
     assert (out / "loss_curves.png").stat().st_size > 10_000
     table = (out / "table.md").read_text()
     assert "| 16 | 16x16 |" in table and "| 1 | 64x64 |" in table

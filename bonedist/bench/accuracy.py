@@ -18,8 +18,6 @@ from pathlib import Path
 
 from bonedist import BonedistError
 
-PRESET_SIZE = {"paper": 500, "improved": 500, "scratch": 256, "tiny": 64}
-
 
 def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None, budget: float = 60.0,
                    models: list[str] | None = None, out: str | Path = "runs/bench-accuracy",
@@ -28,20 +26,21 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     from bonedist.data.manifest import load_manifest
     from bonedist.data.pack import PackOptions, pack_dataset
     from bonedist.eval.evaluate import EvalOptions, evaluate
-    from bonedist.models import list_models, model_info
-    from bonedist.train.config import PRESETS, resolve_config
+    from bonedist.models import is_model, list_models, model_info
+    from bonedist.train.config import resolve_config
     from bonedist.train.engine import train_in_process
+    from bonedist.train.presets import list_presets, preset_values
 
     models = list(models or list_models())
     for preset in presets:
-        if preset not in PRESETS:
-            raise BonedistError(f"--preset {preset!r}: presets are {', '.join(sorted(PRESETS))}")
-    unknown = set(models) - set(list_models())
+        if preset not in list_presets():
+            raise BonedistError(f"--preset {preset!r}: presets are {', '.join(list_presets())}")
+    unknown = [m for m in models if not is_model(m)]
     if unknown:
         raise BonedistError(f"--models: unknown {sorted(unknown)}; choose from {', '.join(list_models())}")
     if budget <= 0:
         raise BonedistError(f"--budget must be positive minutes, got {budget}")
-    size = size or max(PRESET_SIZE.get(p, 500) for p in presets)
+    size = size or max(preset_values(p).get("input", {}).get("image_size", 500) for p in presets)
     out = Path(out)
     start = time.perf_counter()
 
@@ -66,12 +65,11 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     for i, (preset, model) in enumerate(jobs):
         left = budget * 60.0 - (time.perf_counter() - train_start)
         share = max(left, 0.0) / (len(jobs) - i) / 60.0
-        model_cfg = {"image_size": size}  # patches scale with it (resolve_config); Inception keeps its minimum
-        if pretrained is not None and model_info(model).pretrained:
-            model_cfg["pretrained"] = pretrained
+        options = {"pretrained": pretrained} if pretrained is not None and model_info(model).pretrained else {}
+        # patches keep their share of the side (InputConfig.patch_share); Inception keeps its minimum
         cfg = resolve_config(model, str(out / "shards"), preset, experiment=preset, runs_dir=str(out / "runs"),
-                             model_cfg=model_cfg, time_budget_min=max(share, 0.05), wandb=wandb,
-                             **(overrides or {}))
+                             input={"image_size": size}, model_options=options, time_budget_min=max(share, 0.05),
+                             wandb=wandb, **(overrides or {}))
         print(f"  {preset}/{model}: up to {cfg.epochs} epochs in {share:.1f} min")
         t0 = time.perf_counter()
         code, _, _ = train_in_process(cfg)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from bonedist.data.augment import AugmentConfig, InputPipeline
 from bonedist.data.manifest import load_manifest
 from bonedist.data.pack import PackOptions, default_workers, pack_dataset
-from bonedist.data.source import DataConfig, TrainBatches
+from bonedist.data.source import DataConfig, SplitData, open_split
 from bonedist.spec import InputSpec
 
 SPEC = InputSpec(image_size=500, input_size=500, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -114,7 +114,7 @@ def bench_loader(n: int = 256, batch_size: int = 32, batches: int = 12, workers:
         for mode in ("stream", "cache"):
             cfg = DataConfig(shards=str(shards), batch_size=batch_size, mode=mode, workers=workers, balanced=True)
             start = time.perf_counter()
-            source = TrainBatches(cfg, "train", device, progress=False)
+            source = open_split(cfg, "train", device, progress=False, training=True)
             setup = time.perf_counter() - start
             steps = iter(range(10**9))
             results[f"bonedist {mode} + Kornia on {device.type}"] = _measure(
@@ -138,11 +138,11 @@ def _cycle(loader):
         yield from loader
 
 
-def _epochs(source: TrainBatches):
+def _epochs(source: SplitData):
     epoch = 0
     while True:
         source.set_epoch(epoch)
-        yield from source
+        yield from source.training()
         epoch += 1
 
 

@@ -1,7 +1,7 @@
 """``bonedist bench train-loop --model M``: the engine's real training loop beside the bare model step, phase by phase.
 
     bonedist bench train-loop --model xception                        # CPU: tiny sizes
-    bonedist bench train-loop --model agcnn --preset improved --size 500 --batch 32 --steps 60
+    bonedist bench train-loop --model resnet50_patch --preset improved --size 500 --batch 32 --steps 60
 
 The loop is the real ``Trainer`` (the preset's input pipeline with hand mask and augmentation, EMA, clipping,
 scheduler, rank agreement, logging, device cache) on synthetic phantoms packed at ``--size``; the bare step is the
@@ -38,13 +38,7 @@ def _pack_phantoms(root: Path, size: int, n: int) -> Path:
 def _bare_step_seconds(trainer, batch: dict, steps: int) -> float:
     """Forward + backward + optimizer step of the trainer's own model on one fixed batch of prepared inputs."""
     model, optimizer, acc = trainer.model, trainer.optimizer, trainer.accelerator
-    x = trainer.pipe.train(batch["image"], step=0)
-    if trainer.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    reps = trainer.pipe.train_repeats
-    male = batch["male"].repeat_interleave(reps)
-    target = ((batch["age"] - trainer.mu) / trainer.sigma).float().repeat_interleave(reps)
-    stage = trainer.cfg.stage_at(0)
+    inputs = trainer.model_batch(batch, step=0)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     model.train()
     for i in range(WARMUP + steps):
@@ -52,8 +46,8 @@ def _bare_step_seconds(trainer, batch: dict, steps: int) -> float:
             sync()
             start = time.perf_counter()
         with acc.autocast():
-            out = model(x, male)
-        loss, _ = trainer.task.loss(out, target, trainer.cfg.loss, trainer.cfg.huber_delta, stage)
+            out = model(inputs.image, inputs.male)
+        loss, _ = trainer.task.loss(out, inputs.target, trainer.loss_fn, trainer.stage)
         acc.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -63,7 +57,8 @@ def _bare_step_seconds(trainer, batch: dict, steps: int) -> float:
 
 def bench_train_loop(model: str, preset: str = "improved", size: int | None = None, batch: int | None = None,
                      steps: int = 30, device: str | None = None) -> dict:
-    from bonedist.train.config import PRESETS, resolve_config
+    from bonedist.models import model_info
+    from bonedist.train.config import resolve_config
     from bonedist.train.engine import Trainer
 
     cuda = torch.cuda.is_available() and device != "cpu"
@@ -71,30 +66,30 @@ def bench_train_loop(model: str, preset: str = "improved", size: int | None = No
     batch = batch or (32 if cuda else 8)
     with tempfile.TemporaryDirectory(prefix="bonedist-train-loop-") as tmp:
         shards = _pack_phantoms(Path(tmp), size, n=batch * (WARMUP + steps))  # one epoch holds every timed step
-        model_cfg = {"image_size": size, "pretrained": None}  # random weights: the timing is the same
-        cfg = resolve_config(model, str(shards), preset, experiment="bench", runs_dir=str(Path(tmp) / "runs"),
-                             model_cfg=model_cfg, batch_size=batch, epochs=1, steps_per_epoch=WARMUP + steps,
-                             data_mode="cache", wandb="off", resume="never", warmup_epochs=0.0,
-                             # a staged AG-CNN is timed in its first stage (the global branch)
-                             **({"stages": [["global", 1]]} if PRESETS[preset](model).get("stages") else {}))
+        options = {"pretrained": None} if model_info(model).pretrained else {}  # random weights: the same timing
+        settings = dict(experiment="bench", runs_dir=str(Path(tmp) / "runs"), input={"image_size": size},
+                        model_options=options, batch_size=batch, epochs=1, steps_per_epoch=WARMUP + steps,
+                        data_mode="cache", wandb="off", resume="never", warmup_epochs=0.0)
+        cfg = resolve_config(model, str(shards), preset, **settings)
+        if cfg.stages:  # a staged model is timed in its first stage
+            cfg = resolve_config(model, str(shards), preset, stages=[[cfg.stages[0][0], 1]], **settings)
         trainer = Trainer(cfg)
         trainer.timer = PhaseTimer(trainer.device, skip_steps=WARMUP)
-        trainer._enter_stage()
-        trainer.train_data.set_epoch(0)
-        fixed = next(iter(trainer.train_data))
+        trainer.begin_epoch()
+        fixed = next(iter(trainer.train_data.training()))
         bare = _bare_step_seconds(trainer, fixed, steps)
-        trainer.train_data.set_epoch(0)
-        trainer._train_epoch()
-        if trainer.state.batch_in_epoch != WARMUP + steps:
+        trainer.begin_epoch()
+        stats = trainer.train_epoch()
+        if stats is None or trainer.state.batch_in_epoch != WARMUP + steps:
             raise RuntimeError(f"the loop ran {trainer.state.batch_in_epoch} steps, not {WARMUP + steps}")
         phases = trainer.timer.totals()
-        _, count, _, elapsed, steady = trainer._epoch_train_stats
-        loop = steady[0] / steps if steady else elapsed / (WARMUP + steps)
+        loop = stats.steady[0] / steps if stats.steady else stats.seconds / (WARMUP + steps)
+        precision = trainer.precision.describe()
         trainer.accelerator.end_training()
     per_step = {name: phases.get(name, 0.0) / steps for name in PHASES}
     name = torch.cuda.get_device_name(0) if cuda else "CPU"
     print(f"\ntraining loop of {model} ({preset} preset), batch {batch} at {size}x{size}, {steps} timed steps after "
-          f"{WARMUP}, device {name}, data in the device cache")
+          f"{WARMUP}, device {name}, data in the device cache, {precision}")
     print(f"{'phase':<26}{'ms/step':>10}{'share':>8}")
     for phase, seconds in per_step.items():
         print(f"{phase:<26}{seconds * 1e3:>10.2f}{seconds / loop:>8.1%}")

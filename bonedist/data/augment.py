@@ -4,8 +4,11 @@ uint8 (B, 1, H, W) → float [0, 1] → resize to ``spec.image_size`` → (``spe
 own contrast → (``spec.hand_mask``) zero all but the hand, and
 draw training patches centred on the hand → (train) the paper's Table 2 affine + flip with
 per-sample parameters → whole images, or K random patches (rotation + flip) for patch models, or (eval) the
-deterministic overlapping patch grid → 1 or 3 channels → the backbone's mean/std. Reproducible from a seed: each
-call seeds Kornia's parameter sampling from (seed, rank, step).
+deterministic overlapping patch grid → 1 or 3 channels → the backbone's mean/std (→ channels_last). Reproducible
+from a seed: each call seeds Kornia's parameter sampling from (seed, rank, step).
+
+``InputPipeline.model_batch`` is the one batch → model-input step that training, validation, recalibration,
+inference and every benchmark use: inputs, the sex repeated per patch, and the z-scored target.
 """
 
 from __future__ import annotations
@@ -110,11 +113,35 @@ def gather_patches(images: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, siz
     return patches.permute(0, 3, 1, 2).contiguous()
 
 
-class InputPipeline:
-    """Turns device uint8 batches into model inputs for one ``InputSpec``."""
+@dataclass(frozen=True)
+class TargetScale:
+    """z = (age - mu) / sigma: the targets' scale, saved with every run."""
 
-    def __init__(self, spec: InputSpec, cfg: AugmentConfig | None = None, seed: int = 0, rank: int = 0):
+    mu: float
+    sigma: float
+
+    def z(self, age: torch.Tensor) -> torch.Tensor:
+        return ((age - self.mu) / self.sigma).float()
+
+
+@dataclass(frozen=True)
+class ModelBatch:
+    """What the network gets for a batch of B radiographs: ``image`` (B*R, C, S, S) (R inputs per radiograph: the
+    patches of a patch model), ``male`` (B*R,), ``target`` (B*R,) z values (None without a scale), ``repeats`` R."""
+
+    image: torch.Tensor
+    male: torch.Tensor
+    target: torch.Tensor | None
+    repeats: int
+
+
+class InputPipeline:
+    """Turns device uint8 batches into model inputs for one ``InputSpec`` (in channels_last when asked)."""
+
+    def __init__(self, spec: InputSpec, cfg: AugmentConfig | None = None, seed: int = 0, rank: int = 0,
+                 channels_last: bool = False):
         self.spec, self.cfg, self.seed, self.rank = spec, cfg or AugmentConfig(), seed, rank
+        self.channels_last = channels_last
         enabled = self.cfg.enabled
         self.image_ops = torch.nn.Sequential(*_whole_image_ops(self.cfg)) if enabled else torch.nn.Sequential()
         self.patch_ops = torch.nn.Sequential(*_patch_ops(self.cfg)) if enabled else torch.nn.Sequential()
@@ -161,7 +188,20 @@ class InputPipeline:
             x = x.expand(-1, 3, -1, -1)
         mean = torch.tensor(self.spec.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.spec.std, device=x.device).view(1, -1, 1, 1)
-        return ((x - mean) / std).contiguous()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return ((x - mean) / std).contiguous(memory_format=fmt)
+
+    def model_batch(self, batch: dict, step: int | None = None, scale: TargetScale | None = None,
+                    flip: bool = False) -> ModelBatch:
+        """A loader batch (uint8 ``image`` (B, 1, H, W), ``male``, ``age``) → the model's inputs: augmented for
+        training step ``step``, or the deterministic evaluation inputs (``step`` None; ``flip``: of the mirror)."""
+        images = batch["image"].flip(-1) if flip else batch["image"]
+        if step is None:
+            x, repeats = self.eval(images), self.eval_repeats
+        else:
+            x, repeats = self.train(images, step), self.train_repeats
+        target = scale.z(batch["age"]).repeat_interleave(repeats) if scale is not None else None
+        return ModelBatch(x, batch["male"].repeat_interleave(repeats), target, repeats)
 
     def _seed(self, step: int) -> None:
         torch.manual_seed(mix_seed(self.seed, self.rank, step))

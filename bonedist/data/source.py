@@ -1,7 +1,10 @@
-"""One interface over the two data modes: batches already on the training device, uint8 images.
+"""One interface over the two data modes: a split, opened once, gives batches already on the training device (uint8
+images) for training epochs, for evaluation (every sample exactly once across ranks) and for a fixed subset.
 
 ``--data-mode auto`` caches a split on the device when it fits within ``cache_share`` of the free device memory
-(GPU memory on CUDA, available RAM on CPU) and streams it otherwise; the reason is logged.
+(GPU memory on CUDA, available RAM on CPU) and streams it otherwise; the reason is logged. The mode is chosen once,
+when the split is opened (``open_split``): ``CachedSplit`` decodes the split once and draws every batch from device
+memory; ``StreamedSplit`` reads the shards through DataLoader workers. Both answer the same four calls.
 """
 
 from __future__ import annotations
@@ -22,30 +25,29 @@ from bonedist.data.stream import EvalStream, TrainStream, make_loader, raise_sha
 DATA_MODES = ("auto", "stream", "cache")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
-    """How batches are made. ``workers`` are DataLoader workers per process (stream mode)."""
+    """How batches are made (the flags that set these are checked where they are parsed: ``TrainConfig``,
+    ``EvalOptions``). ``workers``: DataLoader workers per process (stream mode)."""
 
     shards: str
     batch_size: int = 8
+    eval_batch_size: int = 16
     mode: str = "auto"
     workers: int = 2
     cache_share: float = 0.5
     balanced: bool = True
+    seed: int = 0
     n_bins: int = AGE_BINS
     max_age: float = BINNED_AGE
     shuffle_buffer: int = 500
-    seed: int = 0
 
-    def __post_init__(self):
-        if self.mode not in DATA_MODES:
-            raise BonedistError(f"--data-mode must be one of {', '.join(DATA_MODES)}, got {self.mode!r}")
-        if self.batch_size < 1:
-            raise BonedistError(f"--batch-size must be positive, got {self.batch_size}")
-        if not 0.0 < self.cache_share <= 1.0:
-            raise BonedistError(f"--cache-share must be in (0, 1], got {self.cache_share}")
-        if self.workers < 0:
-            raise BonedistError(f"--workers must be >= 0, got {self.workers}")
+    @classmethod
+    def of_training(cls, cfg) -> DataConfig:
+        """The data settings of a ``TrainConfig``."""
+        return cls(shards=cfg.shards, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+                   mode=cfg.data_mode, workers=cfg.workers, cache_share=cfg.cache_share, balanced=cfg.balanced,
+                   seed=cfg.seed)
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -74,80 +76,133 @@ def choose_mode(cfg: DataConfig, index: SplitIndex, image_size: int, device: tor
                       f"({free / 2**30:.1f} GiB)")
 
 
-class TrainBatches:
-    """Training batches for one rank, in either mode; ``set_epoch`` then iterate; ``len`` = batches per epoch."""
+class SplitData:
+    """A split of a pack for one rank, in one data mode.
 
-    def __init__(self, cfg: DataConfig, split: str, device: torch.device, rank: int = 0, world: int = 1,
-                 progress: bool = True, manifest: dict | None = None):
-        self.cfg, self.device = cfg, device
-        manifest = manifest or load_manifest(cfg.shards)
-        self.index = SplitIndex.from_manifest(manifest, split)
-        if len(self.index) == 0:
-            raise BonedistError(f"split {split!r} of {cfg.shards} is empty")
-        self.mode, self.reason = choose_mode(cfg, self.index, manifest["image_size"], device)
-        common = dict(batch_size=cfg.batch_size, rank=rank, world=world, seed=cfg.seed, balanced=cfg.balanced,
-                      n_bins=cfg.n_bins, max_age=cfg.max_age)
-        if self.mode == "cache":
-            self.cache = DeviceCache(cfg.shards, self.index, device, manifest["image_size"],
-                                     threads=max(cfg.workers, 2) * 2, progress=progress)
-            self.sampler = CacheTrainSampler(self.index, **common)
-        else:
-            self.stream = TrainStream(cfg.shards, self.index, workers=cfg.workers,
-                                      shuffle_buffer=cfg.shuffle_buffer, **common)
+    ``set_epoch`` then ``training(start)`` (``len``: training batches per epoch); ``evaluation()``: every sample of
+    the split exactly once across ranks, each batch tagged with manifest positions (``index``); ``subset``: a fixed
+    random sample in fixed batches (see ``SubsetBatches``).
+    """
+
+    mode = ""
+
+    def __init__(self, cfg: DataConfig, index: SplitIndex, device: torch.device, rank: int, world: int,
+                 reason: str = ""):
+        self.cfg, self.index, self.device, self.rank, self.world, self.reason = cfg, index, device, rank, world, reason
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        (self.sampler if self.mode == "cache" else self.stream).set_epoch(epoch)
+        self.epoch = epoch
+
+    def _sampling(self) -> dict:
+        cfg = self.cfg
+        return dict(batch_size=cfg.batch_size, rank=self.rank, world=self.world, seed=cfg.seed,
+                    balanced=cfg.balanced, n_bins=cfg.n_bins, max_age=cfg.max_age)
 
     def __len__(self) -> int:
-        return len(self.sampler) if self.mode == "cache" else len(self.stream)
+        raise NotImplementedError
 
-    def __iter__(self) -> Iterator[dict]:
-        return self.iterate(0)
+    def training(self, start: int = 0) -> Iterator[dict]:
+        """This epoch's training batches from batch ``start`` on: the same batches an unbroken epoch has there."""
+        raise NotImplementedError
 
-    def iterate(self, start: int = 0) -> Iterator[dict]:
-        """This epoch's batches from batch ``start`` on: the same batches an unbroken epoch has there. The cache
-        starts its draw there; the stream reads the skipped samples' bytes but decodes none of them."""
-        if self.mode == "cache":
-            for positions in self.sampler.iterate(start):
-                yield self.cache.batch(positions)
-            return
-        self.stream.skip = start
+    def evaluation(self) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def subset(self, count: int, seed: int = 0, equal: bool = False) -> SubsetBatches:
+        raise NotImplementedError
+
+
+class CachedSplit(SplitData):
+    """The split decoded once into a ``DeviceCache``; every batch is drawn from it."""
+
+    mode = "cache"
+
+    def __init__(self, cfg, index, device, rank, world, reason="", image_size: int = 0, progress: bool = True):
+        super().__init__(cfg, index, device, rank, world, reason)
+        self.cache = DeviceCache(cfg.shards, index, device, image_size, threads=max(cfg.workers, 2) * 2,
+                                 progress=progress)
+        self._sampler: CacheTrainSampler | None = None
+
+    @property
+    def sampler(self) -> CacheTrainSampler:
+        if self._sampler is None:  # built on first use: an evaluation split needs no sampling weights
+            self._sampler = CacheTrainSampler(self.index, **self._sampling())
+        self._sampler.set_epoch(self.epoch)
+        return self._sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def training(self, start: int = 0) -> Iterator[dict]:
+        for positions in self.sampler.iterate(start):  # the draw starts at ``start``: nothing replayed
+            yield self.cache.batch(positions)
+
+    def evaluation(self) -> Iterator[dict]:
+        for positions in cache_eval_positions(len(self.index), self.cfg.eval_batch_size, self.rank, self.world):
+            yield self.cache.batch(positions)
+
+    def subset(self, count: int, seed: int = 0, equal: bool = False) -> SubsetBatches:
+        return SubsetBatches(self, count, seed, equal)
+
+
+class StreamedSplit(SplitData):
+    """The split read from its shards by DataLoader workers, decoded batch by batch."""
+
+    mode = "stream"
+
+    def __init__(self, cfg, index, device, rank, world, reason="", image_size: int = 0, progress: bool = True):
+        super().__init__(cfg, index, device, rank, world, reason)
+        self.image_size = image_size
+        self._stream: TrainStream | None = None
+
+    @property
+    def stream(self) -> TrainStream:
+        if self._stream is None:
+            self._stream = TrainStream(self.cfg.shards, self.index, workers=self.cfg.workers,
+                                       shuffle_buffer=self.cfg.shuffle_buffer, **self._sampling())
+        self._stream.set_epoch(self.epoch)
+        return self._stream
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def training(self, start: int = 0) -> Iterator[dict]:
+        """The stream reads the skipped samples' bytes but decodes none of them."""
+        stream = self.stream
+        stream.skip = start
         try:
-            loader = make_loader(self.stream, self.cfg.workers)
+            loader = make_loader(stream, self.cfg.workers)
         finally:
-            self.stream.skip = 0  # workers took their copy
+            stream.skip = 0  # workers took their copy
         for batch in raise_shard_errors(loader):
             if "skipped" not in batch:
                 yield to_device(batch, self.device)
 
-
-class EvalBatches:
-    """Every sample of a split exactly once across ranks, each batch tagged with manifest positions (``index``)."""
-
-    def __init__(self, cfg: DataConfig, split: str, device: torch.device, rank: int = 0, world: int = 1,
-                 mode: str | None = None, progress: bool = False, manifest: dict | None = None,
-                 cache: DeviceCache | None = None):
-        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        manifest = manifest or load_manifest(cfg.shards)
-        self.index = SplitIndex.from_manifest(manifest, split)
-        self.mode = mode or choose_mode(cfg, self.index, manifest["image_size"], device)[0]
-        self.cache = cache
-        if self.mode == "cache" and self.cache is None:
-            self.cache = DeviceCache(cfg.shards, self.index, device, manifest["image_size"],
-                                     threads=max(cfg.workers, 2) * 2, progress=progress)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __iter__(self) -> Iterator[dict]:
-        if self.mode == "cache":
-            for positions in cache_eval_positions(len(self.index), self.cfg.batch_size, self.rank, self.world):
-                yield self.cache.batch(positions)
-            return
-        stream = EvalStream(self.cfg.shards, self.index, self.cfg.batch_size, self.rank, self.world,
+    def evaluation(self) -> Iterator[dict]:
+        stream = EvalStream(self.cfg.shards, self.index, self.cfg.eval_batch_size, self.rank, self.world,
                             self.cfg.workers)
         for batch in raise_shard_errors(make_loader(stream, self.cfg.workers)):
             yield to_device(batch, self.device)
+
+    def subset(self, count: int, seed: int = 0, equal: bool = False) -> SubsetBatches:
+        return SubsetBatches(self, count, seed, equal)
+
+
+def open_split(cfg: DataConfig, split: str, device: torch.device, rank: int = 0, world: int = 1,
+               manifest: dict | None = None, mode: str | None = None, progress: bool = True,
+               training: bool = False) -> SplitData:
+    """A split of ``cfg.shards`` in ``mode`` (default: ``cfg.mode``, ``auto`` choosing by free memory)."""
+    manifest = manifest or load_manifest(cfg.shards)
+    index = SplitIndex.from_manifest(manifest, split)
+    if training and len(index) == 0:
+        raise BonedistError(f"split {split!r} of {cfg.shards} is empty")
+    if mode is None:
+        mode, reason = choose_mode(cfg, index, manifest["image_size"], device)
+    else:
+        reason = f"as the {split} split's companion"
+    kind = CachedSplit if mode == "cache" else StreamedSplit
+    return kind(cfg, index, device, rank, world, reason, image_size=manifest["image_size"], progress=progress)
 
 
 class SubsetBatches:
@@ -155,29 +210,27 @@ class SubsetBatches:
     statistics): the same batches, with the same radiographs in each, whatever the number of processes, so that
     statistics computed batch by batch and summed over ranks do not depend on the world size.
 
-    Random rather than the first radiographs: shards follow manifest order, and RSNA ids cluster by hospital. In
-    cache mode the batches come from the split's cache; otherwise the sample is decoded once and kept on the device.
-    ``equal``: as many batches on every rank (the sample trimmed to a multiple of the world), for models whose
-    forward pass has collectives (SyncBatchNorm in training mode).
+    Random rather than the first radiographs: shards follow manifest order, and RSNA ids cluster by hospital. A
+    cached split serves the batches from its cache; a streamed one decodes the sample once and keeps it on the
+    device. ``equal``: as many batches on every rank (the sample trimmed to a multiple of the world), for models
+    whose forward pass has collectives (SyncBatchNorm in training mode).
     """
 
-    def __init__(self, cfg: DataConfig, split: str, device: torch.device, count: int, rank: int = 0, world: int = 1,
-                 manifest: dict | None = None, cache: DeviceCache | None = None, seed: int = 0, equal: bool = False):
-        manifest = manifest or load_manifest(cfg.shards)
-        index = SplitIndex.from_manifest(manifest, split)
+    def __init__(self, split: SplitData, count: int, seed: int = 0, equal: bool = False):
+        world, rank, index = split.world, split.rank, split.index
         total = min(count, len(index))
-        self.batch_size = max(1, min(cfg.batch_size, total // world if equal else total))
+        self.batch_size = max(1, min(split.cfg.eval_batch_size, total // world if equal else total))
         n_batches = total // self.batch_size
         if equal:
             n_batches = n_batches // world * world
         chosen = np.random.default_rng(seed).choice(len(index), size=total, replace=False)
         batches = chosen[: n_batches * self.batch_size].reshape(n_batches, self.batch_size)[rank::world]
         mine = [int(p) for batch in batches for p in sorted(batch)]
-        if cache is not None:
-            self.cache, self.rows = cache, torch.tensor(mine, dtype=torch.long)
+        if isinstance(split, CachedSplit):
+            self.cache, self.rows = split.cache, torch.tensor(mine, dtype=torch.long)
         else:
-            self.cache = DeviceCache(cfg.shards, index, device, manifest["image_size"],
-                                     threads=max(cfg.workers, 2) * 2, progress=False, positions=sorted(mine))
+            self.cache = DeviceCache(split.cfg.shards, index, split.device, split.image_size,
+                                     threads=max(split.cfg.workers, 2) * 2, progress=False, positions=sorted(mine))
             local = {p: i for i, p in enumerate(sorted(mine))}
             self.rows = torch.tensor([local[p] for p in mine], dtype=torch.long)
 
@@ -207,5 +260,3 @@ def verify_pack(shards: str, manifest: dict, splits: list[str], rank: int = 0, w
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-

@@ -20,37 +20,50 @@ from accelerate import Accelerator
 
 from bonedist import BonedistError
 from bonedist.data.manifest import load_manifest
-from bonedist.data.source import DataConfig, EvalBatches, verify_pack
+from bonedist.data.source import DATA_MODES, DataConfig, open_split, verify_pack
 from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
-from bonedist.inference import gather_predictions, predict_batches
+from bonedist.inference import PATCH_AGGREGATES, gather_predictions, predict_batches
+from bonedist.options import check_fields, option
+from bonedist.tracking import WANDB_MODES
+from bonedist.train.precision import PRECISIONS, autocast_for, resolve_precision
+
+THUMBNAIL = 96  # px of the W&B predictions table's images
 
 
 @dataclass
 class EvalOptions:
-    runs: str
-    split: str = "test"
-    shards: str | None = None
-    flip: bool | None = None  # None: each run's own setting (tta_flip of its preset)
-    aggregate: str | None = None  # patch models: mean or median over the grid; None: the run's own
-    batch_size: int = 16
-    data_mode: str = "auto"
-    workers: int = 2
-    out: str | None = None
-    wandb: str = "auto"
+    """``bonedist evaluate``'s options (its flags are generated from these fields)."""
+
+    runs: str = option("", "runs/EXPERIMENT, holding MODEL/best/ folders", cli=False)
+    split: str = option("test", "the split to report")
+    shards: str | None = option(None, "packed data (default: the one the models were trained on)")
+    flip: bool | None = option(None, "test-time horizontal flip averaging (default: each run's own setting; on in "
+                                     "improved and scratch)")
+    aggregate: str | None = option(None, "patch models: mean or median over the grid (default: each run's own)",
+                                   PATCH_AGGREGATES, flag="--patch-aggregate")
+    batch_size: int = option(16, "radiographs per batch", minimum=1)
+    data_mode: str = option("auto", "cache the split, stream it, or choose by free memory", DATA_MODES)
+    workers: int = option(2, "DataLoader workers per process (stream mode)", minimum=0)
+    precision: str = option("auto", "as in training: auto chooses per device and model", PRECISIONS)
+    out: str | None = option(None, "report folder (default RUNS/report)")
+    wandb: str = option("auto", "W&B: auto is offline without an API key or network", WANDB_MODES)
 
     def __post_init__(self):
-        if self.aggregate not in (None, "mean", "median"):
-            raise BonedistError(f"--patch-aggregate must be mean or median, got {self.aggregate!r}")
+        check_fields(self)
 
 
 def evaluate(opts: EvalOptions) -> dict:
     cuda = torch.cuda.is_available()
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    acc = Accelerator(cpu=not cuda)
     found, missing = find_runs(opts.runs)
     for name in missing:
         acc.print(f"warning: no trained {name} under {opts.runs}; it is left out of the report and the ensembles")
     trained = {name: load_trained(path, acc.device) for name, path in found.items()}
+    autocasts = {}
+    for name, tm in trained.items():  # each model in the precision training would choose for it here
+        precision = resolve_precision(opts.precision, None, cuda, tm.info.cpu_precision)
+        autocasts[name] = autocast_for(precision, acc.device)
     shards = opts.shards or next(iter(trained.values())).meta["config"]["shards"]
     manifest = load_manifest(shards)
     if opts.split not in manifest["splits"]:
@@ -59,7 +72,12 @@ def evaluate(opts: EvalOptions) -> dict:
     if opts.split != "validation" and "validation" in manifest["splits"]:
         splits.append("validation")  # ensemble weights are fitted there, never on the reported split
     verify_pack(shards, manifest, splits, acc.process_index, acc.num_processes)
-    months = {split: _predict_split(acc, trained, shards, manifest, split, opts) for split in splits}
+    months, seen = {}, {}
+    for split in splits:
+        months[split], kept = _predict_split(acc, trained, autocasts, shards, manifest, split, opts,
+                                             thumbnails=split == opts.split and opts.wandb != "off")
+        if split == opts.split:
+            seen = kept
     if not acc.is_main_process:
         return {}
     out = Path(opts.out) if opts.out else Path(opts.runs) / "report"
@@ -67,30 +85,47 @@ def evaluate(opts: EvalOptions) -> dict:
     result = _score(months, opts.split, trained, missing, out)
     from bonedist.eval.report import write_report
 
-    write_report(out, result, months[opts.split], trained, shards, opts)
-    _log_wandb(opts, out, result, months[opts.split], trained, shards, manifest)
+    write_report(out, result, months[opts.split], trained, seen.get("sample"), opts)
+    _log_wandb(opts, out, result, months[opts.split], trained, shards, seen.get("thumbs", {}))
     acc.print(f"report written to {out}")
     return result
 
 
-def _predict_split(acc, trained, shards, manifest, split, opts) -> pd.DataFrame:
-    """One row per radiograph in manifest order: truth and every model's (and branch's) prediction in months."""
-    cfg = DataConfig(shards=shards, batch_size=opts.batch_size, mode=opts.data_mode, workers=opts.workers)
-    first = EvalBatches(cfg, split, acc.device, acc.process_index, acc.num_processes, manifest=manifest,
-                        progress=acc.is_local_main_process)
-    columns: dict[str, np.ndarray] = {}
+def _predict_split(acc, trained, autocasts, shards, manifest, split, opts,
+                   thumbnails: bool) -> tuple[pd.DataFrame, dict]:
+    """One row per radiograph in manifest order: truth and every model's (and branch's) prediction in months. The
+    split is read once for all models; what was seen on the way: the first batch (``sample``, for the report's
+    attention examples) and, with ``thumbnails``, a small image of every radiograph (``thumbs``, for W&B)."""
+    cfg = DataConfig(shards=shards, batch_size=opts.batch_size, eval_batch_size=opts.batch_size,
+                     mode=opts.data_mode, workers=opts.workers)
+    data = open_split(cfg, split, acc.device, acc.process_index, acc.num_processes, manifest,
+                      progress=acc.is_local_main_process)
+    predictors = {name: tm.predictor(opts.flip, opts.aggregate, autocasts[name]) for name, tm in trained.items()}
+    seen: dict = {"thumbs": {}}
+    local = predict_batches(predictors, data.evaluation(), observe=_keeper(seen, thumbnails))
+    preds = gather_predictions(local, len(data.index))
+    if thumbnails and acc.num_processes > 1:  # every rank's share (rank 0 logs them)
+        from accelerate.utils import gather_object
+
+        seen["thumbs"] = {k: v for part in gather_object([seen["thumbs"]]) for k, v in part.items()}
+    columns: dict[str, np.ndarray] = {"key": preds["key"], "male": preds["male"].astype(bool),
+                                      "truth": preds["age"]}
     for name, tm in trained.items():
-        batches = EvalBatches(cfg, split, acc.device, acc.process_index, acc.num_processes, mode=first.mode,
-                              manifest=manifest, cache=first.cache)
-        flip, aggregate = tm.settings(opts.flip, opts.aggregate)
-        local = predict_batches(tm.model, tm.pipe, batches, acc.autocast, flip=flip, aggregate=aggregate)
-        preds = gather_predictions(local, len(first))
-        columns.setdefault("key", preds["key"])
-        columns.setdefault("male", preds["male"].astype(bool))
-        columns.setdefault("truth", preds["age"])
         for column, key in tm.model.task.columns(name).items():  # the model, and each of its branches
-            columns[column] = tm.months(preds[key], key)
-    return pd.DataFrame(columns)
+            columns[column] = tm.months(preds[f"{name}/{key}"], key)
+    return pd.DataFrame(columns), seen
+
+
+def _keeper(seen: dict, thumbnails: bool):
+    import cv2
+
+    def observe(batch: dict) -> None:
+        seen.setdefault("sample", {k: v[:8] for k, v in batch.items()})
+        if thumbnails:
+            for key, image in zip(batch["key"], batch["image"][:, 0].cpu().numpy()):
+                seen["thumbs"][key] = cv2.resize(image, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+
+    return observe
 
 
 def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: Path) -> dict:
@@ -149,7 +184,7 @@ def _json_default(value):
 
 
 def _log_wandb(opts: EvalOptions, out: Path, result: dict, table: pd.DataFrame, trained: dict, shards: str,
-               manifest: dict) -> None:
+               thumbs: dict) -> None:
     """One W&B run per evaluation: it uses the model artifacts it evaluated, logs the metrics table, the figures,
     a per-radiograph predictions table (thumbnail, sex, truth, every model, the ensembles, errors) and the report
     as an ``evaluation`` artifact."""
@@ -170,7 +205,7 @@ def _log_wandb(opts: EvalOptions, out: Path, result: dict, table: pd.DataFrame, 
              m.get("pearson_r")] for name, m in result["metrics"].items()]
     run.log({"metrics": wandb.Table(columns=["model", "mae_months", "bias_months", "rmse_months", "mse_z", "rmse_z",
                                              "pearson_r"], data=rows),
-             "predictions": _predictions_table(table, shards, manifest, opts.split, result),
+             "predictions": _predictions_table(table, thumbs, result),
              **{f"figures/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}})
     if result["labeled"]:
         run.summary.update({f"mae_months/{name}": m["mae_months"] for name, m in result["metrics"].items()})
@@ -183,18 +218,10 @@ def _log_wandb(opts: EvalOptions, out: Path, result: dict, table: pd.DataFrame, 
     run.finish()
 
 
-def _predictions_table(table: pd.DataFrame, shards: str, manifest: dict, split: str, result: dict, size: int = 96):
+def _predictions_table(table: pd.DataFrame, thumbs: dict, result: dict):
     """Per radiograph: a thumbnail, sex, truth, each prediction column and its absolute error, sortable in W&B."""
-    import cv2
     import wandb
 
-    from bonedist.data.source import DataConfig, EvalBatches
-
-    thumbs = {}
-    for batch in EvalBatches(DataConfig(shards=shards, batch_size=64, mode="stream", workers=0), split,
-                             torch.device("cpu"), manifest=manifest):
-        for key, image in zip(batch["key"], batch["image"][:, 0].numpy()):
-            thumbs[key] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     predicted = [c for c in table.columns if c not in ("key", "male", "truth")]
     columns = ["id", "image", "sex", "truth_months", *predicted]
     if result["labeled"]:

@@ -22,8 +22,8 @@ from bonedist import BonedistError
 from bonedist.data.images import ImageError, decode_gray8, not_a_radiograph, resize_square
 from bonedist.data.layouts import parse_male
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
-from bonedist.inference import predict_radiographs
 from bonedist.models import list_models, model_info
+from bonedist.train.precision import autocast_for, resolve_precision
 
 
 def parse_sex(text: str) -> bool:
@@ -81,6 +81,10 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
     chrono = parse_age(chronological_age) if chronological_age else None
     found, _ = find_runs(runs)
     trained = {name: load_trained(path, "cpu") for name, path in found.items()}
+    # each run's own test-time flip and patch aggregation, in the precision evaluation would use on this CPU
+    predictors = {name: tm.predictor(autocast=autocast_for(resolve_precision("auto", None, False,
+                                                                              tm.info.cpu_precision), "cpu"))
+                  for name, tm in trained.items()}
     weights, source = _weights(Path(runs), list(trained))
     pack = next(iter(trained.values())).meta["pack"]
     drawn = next((name for name, tm in trained.items() if tm.model.task.attention), None)
@@ -90,24 +94,24 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
     results = []
     for image_path in map(Path, images):
         try:  # a bad image gets its error; the others still get their results
-            results.append(_predict_one(image_path, male, chrono, trained, weights, source, pack,
+            results.append(_predict_one(image_path, male, chrono, trained, predictors, weights, source, pack,
                                         heatmap and drawn, heatmap, several=len(images) > 1))
         except BonedistError as exc:
             results.append({"image": str(image_path), "error": str(exc)})
     return results
 
 
-def _predict_one(image_path: Path, male: bool, chrono: float | None, trained: dict, weights: dict, source: str,
-                 pack: dict, drawn: str | None, heatmap: str | None, several: bool) -> dict:
+def _predict_one(image_path: Path, male: bool, chrono: float | None, trained: dict, predictors: dict, weights: dict,
+                 source: str, pack: dict, drawn: str | None, heatmap: str | None, several: bool) -> dict:
     original, resized, geometry = _load_image(image_path, pack["image_size"], pack["resize_mode"])
-    batch = torch.from_numpy(resized).view(1, 1, *resized.shape)
+    batch = {"image": torch.from_numpy(resized).view(1, 1, *resized.shape), "male": torch.full((1,), float(male))}
     per_model, attention = {}, None
-    sex = torch.full((1,), float(male))
-    for name, tm in trained.items():  # each run's own test-time flip and patch aggregation
-        out = predict_radiographs(tm.model, tm.pipe, batch, sex, flip=tm.flip, aggregate=tm.aggregate)
-        per_model[name] = float(tm.months(out["pred"].float()[0]))
+    for name, tm in trained.items():
+        out = predictors[name](batch)
+        per_model[name] = float(tm.months(out["pred"][0]))
         if name == drawn:  # boxes and masks come from one plain forward pass
-            attention = tm.model(tm.pipe.eval(batch), sex)
+            inputs = tm.pipe.model_batch(batch)
+            attention = tm.model(inputs.image, inputs.male)
     bone_age = float(sum(w * per_model[m] for m, w in weights.items()))
     row = {"image": str(image_path), "sex": "M" if male else "F", "bone_age_months": round(bone_age, 2),
            "bone_age": years_months(bone_age), "models": {k: round(v, 2) for k, v in per_model.items()},

@@ -19,7 +19,8 @@ from bonedist.models import model_info  # noqa: E402
 from bonedist.tracking import read_metrics  # noqa: E402
 
 
-def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, shards: str, opts) -> None:
+def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, sample: dict | None, opts) -> None:
+    """``sample``: the first batch of the reported split (uint8 images on the device), for attention examples."""
     frame = table.copy()
     frame.insert(1, "sex", np.where(frame.pop("male"), "M", "F"))
     frame.rename(columns={"key": "id"}).to_csv(out / "predictions.csv", index=False, float_format="%.3f")
@@ -30,8 +31,8 @@ def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, sh
                     _age_bands(out, result, prediction_columns)]
     figures.append(_training_curves(out, trained))
     for name, tm in trained.items():
-        if tm.model.task.attention:
-            figures.append(_attention_examples(out, name, tm, shards, opts.split))
+        if tm.model.task.attention and sample is not None:
+            figures.append(_attention_examples(out, name, tm, sample))
     (out / "report.md").write_text(_markdown(result, [f for f in figures if f], opts, trained))
 
 
@@ -151,13 +152,10 @@ def _training_curves(out: Path, trained: dict) -> Path | None:
 
 
 @torch.no_grad()
-def _attention_examples(out: Path, name: str, tm, shards: str, split: str, n: int = 8) -> Path:
-    from bonedist.data.source import DataConfig, EvalBatches
-
-    device = next(tm.model.parameters()).device
-    batch = next(iter(EvalBatches(DataConfig(shards=shards, batch_size=n, mode="stream", workers=0), split, device)))
-    x = tm.pipe.eval(batch["image"])
-    result = tm.model(x, batch["male"])
+def _attention_examples(out: Path, name: str, tm, batch: dict) -> Path:
+    inputs = tm.pipe.model_batch(batch)
+    x = inputs.image
+    result = tm.model(x, inputs.male)
     fig, axes = plt.subplots(2, len(x), figsize=(2.2 * len(x), 4.6), squeeze=False)
     for i in range(len(x)):
         image = x[i, 0].float().cpu().numpy()

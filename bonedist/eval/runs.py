@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from bonedist import BonedistError
 from bonedist.data.augment import InputPipeline
-from bonedist.models import create_model, list_models, model_info
+from bonedist.inference import Predictor
+from bonedist.models import create_model, is_model, list_models, model_info
+from bonedist.spec import InputSpec
 
 
 @dataclass
@@ -21,6 +23,10 @@ class TrainedModel:
     meta: dict
     pipe: InputPipeline
     run_dir: Path
+
+    @property
+    def info(self):
+        return model_info(self.name)
 
     @property
     def mu(self) -> float:
@@ -52,19 +58,25 @@ class TrainedModel:
         """Test-time flip and patch aggregation: the given ones (command line), else the run's own."""
         return (self.flip if flip is None else flip), (self.aggregate if aggregate is None else aggregate)
 
+    def predictor(self, flip: bool | None = None, aggregate: str | None = None, autocast=None) -> Predictor:
+        flip, aggregate = self.settings(flip, aggregate)
+        return Predictor(self.model, self.pipe, flip, aggregate, autocast)
+
 
 def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
     """The best checkpoint of each model under ``runs`` and the models that have none."""
     runs = Path(runs)
     if not runs.is_dir():
         raise BonedistError(f"--runs {runs}: no such folder (train first: bonedist train ... --experiment NAME)")
-    found, missing = {}, []
-    for name in list_models():
-        best = runs / name / "best"
-        if (best / "model.safetensors").is_file() and (best / "meta.json").is_file():
-            found[name] = runs / name
-        else:
-            missing.append(name)
+    trained = {}
+    for meta in sorted(runs.glob("*/best/meta.json")) + sorted(runs.glob("*/*/best/meta.json")):  # timm/ARCH too
+        run_dir = meta.parent.parent
+        name = run_dir.relative_to(runs).as_posix()
+        if (meta.parent / "model.safetensors").is_file() and is_model(name):
+            trained[name] = run_dir
+    order = {name: i for i, name in enumerate(list_models())}  # the registry's order, then models made on demand
+    found = {name: trained[name] for name in sorted(trained, key=lambda n: (order.get(n, len(order)), n))}
+    missing = [name for name in list_models() if name not in found]
     if not found:
         raise BonedistError(f"no trained model under {runs}: expected {runs}/MODEL/best/model.safetensors for "
                             f"one of {', '.join(list_models())}")
@@ -77,15 +89,29 @@ def load_trained(run_dir: Path, device: torch.device | str = "cpu") -> TrainedMo
         meta = json.loads((best / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BonedistError(f"cannot read {best / 'meta.json'}: {exc}") from exc
-    cfg = {**meta["model_cfg"], "pretrained": None}  # the trained weights come from the checkpoint, never the hub
-    model = create_model(meta["model"], **cfg)
+    name = meta.get("model")
+    if not is_model(str(name)):
+        raise BonedistError(f"{best} holds a {name!r} model, which this bonedist does not know "
+                            f"(known: {', '.join(list_models())})")
+    options = meta.get("model_options")
+    if options is None:  # a run of bonedist before 0.2: one model_cfg for model and input settings
+        from bonedist.train.config import migrate_legacy
+
+        options = migrate_legacy({"model": name, "model_cfg": meta.get("model_cfg", {})})["model_options"]
+    info = model_info(name)
+    try:
+        spec = InputSpec.from_dict(meta["spec"])
+        model = create_model(name, spec=spec, **info.without_weights(options))
+    except (KeyError, TypeError, ValueError, BonedistError) as exc:
+        raise BonedistError(f"{best / 'meta.json'} does not describe a model this bonedist can build ({exc}); "
+                            f"re-train it, or evaluate it with the bonedist version that trained it "
+                            f"({meta.get('bonedist_version', 'unknown')})") from exc
     try:
         model.load_state_dict(load_file(str(best / "model.safetensors")))
     except Exception as exc:
-        raise BonedistError(f"checkpoint {best / 'model.safetensors'} does not load into {meta['model']}: {exc}") \
-            from exc
+        raise BonedistError(f"checkpoint {best / 'model.safetensors'} does not load into {name}: {exc}") from exc
     model.to(device).eval()
-    return TrainedModel(meta["model"], model, meta, InputPipeline(model.spec), Path(run_dir))
+    return TrainedModel(name, model, meta, InputPipeline(model.spec), Path(run_dir))
 
 
 def paper_weights(available: list[str]) -> dict[str, float] | None:

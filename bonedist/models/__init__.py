@@ -1,15 +1,20 @@
-"""The four bone-age models behind one registry.
+"""The bone-age models behind one registry: one file per model (its options, recipes and factory).
 
     from bonedist.models import create_model, list_models
-    model = create_model("xception", pretrained="weights/", freeze_backbone=True)
-    out = model(images, male)   # out["pred"]: (B,) z units
+    model = create_model("xception", inputs={"image_size": 256}, pretrained="weights/", freeze_backbone=True)
+    out = model(images, male)   # out["pred"]: (B,) z units; model.spec: what the data side prepares
 """
 
-# registration order is the order of every table and script: the three regressors, then agcnn
-from bonedist.models import regressors as _regressors  # noqa: F401, I001
+# registration order is the order of every table and script: the paper's four models first
+from bonedist.models import inception_v3 as _inception_v3  # noqa: F401, I001
+from bonedist.models import xception as _xception  # noqa: F401
+from bonedist.models import resnet50_patch as _resnet50_patch  # noqa: F401
 from bonedist.models import agcnn as _agcnn  # noqa: F401
-from bonedist.models.registry import create_model, list_models, model_info, register_model, unregister_model
-from bonedist.spec import InputSpec
+from bonedist.models import timm_regressor as _timm_regressor  # noqa: F401  (timm/ARCH on demand)
+from bonedist.models.registry import (ModelInfo, NoOptions, create_model, is_model, list_models, model_info,
+                                      register_model, unregister_model)
 from bonedist.models.task import Task
+from bonedist.spec import InputConfig, InputSpec
 
-__all__ = ["InputSpec", "Task", "create_model", "list_models", "model_info", "register_model", "unregister_model"]
+__all__ = ["InputConfig", "InputSpec", "ModelInfo", "NoOptions", "Task", "create_model", "is_model", "list_models",
+           "model_info", "register_model", "unregister_model"]

@@ -13,6 +13,7 @@ confined to the hand (the non-background pixels of the masked input), so markers
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import timm
@@ -23,7 +24,7 @@ from torch import nn
 from bonedist.models.attention import attention_boxes, crop_boxes
 from bonedist.models.registry import register_model
 from bonedist.models.task import Task
-from bonedist.spec import InputSpec
+from bonedist.options import option
 
 KERAS_LEAKY_SLOPE = 0.3  # Keras' LeakyReLU default alpha
 
@@ -69,26 +70,36 @@ AGCNN_TASK = Task(branches=("global", "local", "fusion"), weights={"global": 0.8
                   compilable=False)  # the union-find of the attention crop breaks graphs
 
 
+@dataclass
+class AGCNNOptions:
+    reduction: str = option("sum", "attention heat from the last feature map: channel sum (the paper) or max (Guan "
+                                   "et al.)", ("sum", "max"), "model")
+    threshold: str | float = option("otsu", "attention threshold: otsu, or a fixed share of the heat range",
+                                    group="model")
+    fusion_grad: str = option("isolated", "isolated: each branch learns from its own loss term (the paper); joint: "
+                                          "the whole loss through everything (Guan et al.)", ("isolated", "joint"),
+                              "model")
+    drop_rate: float = option(0.5, "dropout of the head's hidden layers", group="model", minimum=0, maximum=1)
+    leaky_slope: float = option(KERAS_LEAKY_SLOPE, "LeakyReLU slope (Keras' default 0.3)", group="model", minimum=0)
+    fusion_norm: bool = option(False, "layer-normalise each branch's pooled features before the Fusion head",
+                               group="model")
+    zero_init_residual: bool = option(False, "start every residual block as the identity", group="model")
+
+
 class AGCNN(nn.Module):
-    def __init__(self, image_size: int = 500, reduction: str = "sum", threshold: str | float = "otsu",
-                 fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE,
-                 fusion_norm: bool = False, hand_mask: bool = False, contrast: str = "none",
-                 zero_init_residual: bool = False):
+    def __init__(self, opts: AGCNNOptions):
         super().__init__()
-        if fusion_grad not in ("isolated", "joint"):
-            raise ValueError(f"fusion_grad must be 'isolated' (paper) or 'joint' (Guan et al.), got {fusion_grad!r}")
-        if reduction not in ("sum", "max"):
-            raise ValueError(f"reduction must be 'sum' (paper) or 'max' (Guan et al.), got {reduction!r}")
-        self.reduction, self.threshold, self.fusion_grad = reduction, threshold, fusion_grad
-        self.fusion_norm = fusion_norm
-        self.global_branch = AGBranch(1, drop_rate, leaky_slope, zero_init_residual)
-        self.local_branch = AGBranch(1, drop_rate, leaky_slope, zero_init_residual)
-        act = partial(nn.LeakyReLU, negative_slope=leaky_slope)
-        self.fusion = nn.Sequential(nn.Linear(2048 + 2048 + 1, 256), act(), nn.Dropout(drop_rate),
-                                    nn.Linear(256, 128), act(), nn.Dropout(drop_rate), nn.Linear(128, 1))
+        if isinstance(opts.threshold, str) and opts.threshold != "otsu":
+            raise ValueError(f"threshold must be 'otsu' or a number in (0, 1), got {opts.threshold!r}")
+        self.reduction, self.threshold, self.fusion_grad = opts.reduction, opts.threshold, opts.fusion_grad
+        self.fusion_norm = opts.fusion_norm
+        drop, slope, zero = opts.drop_rate, opts.leaky_slope, opts.zero_init_residual
+        self.global_branch = AGBranch(1, drop, slope, zero)
+        self.local_branch = AGBranch(1, drop, slope, zero)
+        act = partial(nn.LeakyReLU, negative_slope=slope)
+        self.fusion = nn.Sequential(nn.Linear(2048 + 2048 + 1, 256), act(), nn.Dropout(drop),
+                                    nn.Linear(256, 128), act(), nn.Dropout(drop), nn.Linear(128, 1))
         he_uniform_(self.fusion)
-        self.spec = InputSpec(image_size=image_size, input_size=image_size, channels=1, mean=(0.5,), std=(0.5,),
-                              hand_mask=hand_mask, contrast=contrast)
         self.stage: str | None = None
 
     def set_stage(self, stage: str | None) -> None:
@@ -142,14 +153,27 @@ class AGCNN(nn.Module):
                                    ("fusion", self.fusion))]
 
 
-@register_model(task=AGCNN_TASK, pretrained=False,
+def _recipes() -> dict:
+    """What AG-CNN adds to each preset's shared values."""
+    staged = {"reduction": "max", "fusion_norm": True}
+    return {
+        # from scratch, 16 epochs at a constant 1e-5 (the paper's three Adam optimizers: one group per branch)
+        "paper": lambda: {"epochs": 16, "lr": 1e-5, "scheduler": "constant", "early_stopping": 0,
+                          "model": {"reduction": "sum", "threshold": "otsu", "fusion_grad": "isolated"}},
+        # staged after Guan et al.: global branch, then local on the fixed global's crops, then the Fusion head
+        "improved": lambda: {"lr": 3e-4, "stages": [["global", 15], ["local", 10], ["fusion", 5]],
+                             "model": {**staged, "threshold": "otsu", "fusion_grad": "isolated"}},
+        "scratch": lambda: {"stages": [["global", 6], ["local", 4], ["fusion", 2]],
+                            "model": {**staged, "drop_rate": 0.1}},
+        "tiny": lambda: {"model": {"drop_rate": 0.1, "fusion_norm": True}},
+    }
+
+
+@register_model(options=AGCNNOptions, task=AGCNN_TASK, channels=(1,), recipes=_recipes(),
                 paper={"agcnn_global": (0.18, 0.43, 0.91), "agcnn_local": (0.79, 0.89, 0.57),
                        "agcnn_fusion": (0.22, 0.47, 0.89)})
-def agcnn(image_size: int = 500, reduction: str = "sum", threshold: str | float = "otsu",
-          fusion_grad: str = "isolated", drop_rate: float = 0.5, leaky_slope: float = KERAS_LEAKY_SLOPE,
-          fusion_norm: bool = False, hand_mask: bool = False, contrast: str = "none", zero_init_residual: bool = False,
-          pretrained: str | None = None, freeze_backbone: bool = False) -> AGCNN:
-    """The attention-guided three-branch CNN, trained from scratch (``pretrained`` must stay None).
+def agcnn(opts: AGCNNOptions, in_chans: int) -> AGCNN:
+    """The attention-guided three-branch CNN, trained from scratch (it takes no ImageNet weights).
 
     ``fusion_norm`` (not in the paper; no parameters) layer-normalises each branch's pooled features before the
     Fusion head, which otherwise starts from very large inputs and converges slowly in short runs.
@@ -157,7 +181,4 @@ def agcnn(image_size: int = 500, reduction: str = "sum", threshold: str | float 
     Keras initialisation, so each branch starts as a shallow network: trained from scratch at a high learning rate
     the Keras-initialised local branch did not recover in its stage (training MAE 90 months).
     """
-    if pretrained not in (None, "", "none") or freeze_backbone:
-        raise ValueError("agcnn is trained from scratch: it takes no pretrained weights and nothing is frozen")
-    return AGCNN(image_size, reduction, threshold, fusion_grad, drop_rate, leaky_slope, fusion_norm, hand_mask,
-                 contrast, zero_init_residual)
+    return AGCNN(opts)

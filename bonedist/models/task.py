@@ -2,28 +2,19 @@
 
 Every model's ``forward(image, male)`` returns ``{"pred": (B,)}`` in z units, plus named extras. Its task says what
 else there is, so that the engine, ``evaluate``, the report and ``predict`` never ask which model they hold (timm's
-task objects): a plain regressor, or a model with several predicting branches that may train in stages and may
-report attention crops (``boxes``, ``masks``).
+task objects): a plain regressor, or a model with several predicting branches that may train in stages (the model
+then has ``set_stage``) and may report attention crops (``boxes``, ``masks``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-LOSSES = ("mse", "l1", "huber")
-
-
-def pointwise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_delta: float = 1.0) -> torch.Tensor:
-    if kind == "mse":
-        return F.mse_loss(pred, target)
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    if kind == "huber":
-        return F.huber_loss(pred, target, delta=huber_delta)
-    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,22 +37,29 @@ class Task:
     attention: bool = False
     compilable: bool = True
 
-    def loss(self, output: dict[str, torch.Tensor], target: torch.Tensor, kind: str = "mse", huber_delta: float = 1.0,
+    def loss(self, output: dict[str, torch.Tensor], target: torch.Tensor, loss_fn: LossFn,
              stage: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss on z and its parts (detached, for logging). In a stage only that branch's term counts."""
+        """The training loss on z (in fp32) and its parts (detached, for logging). In a stage only that branch's
+        term counts."""
         if not self.branches:
-            loss = pointwise_loss(output["pred"].float(), target.float(), kind, huber_delta)
+            loss = loss_fn(output["pred"].float(), target.float())
             return loss, {"loss": loss.detach()}
         weights = {stage: 1.0} if stage else self.weights
-        parts = {name: pointwise_loss(output[name].float(), target.float(), kind, huber_delta) for name in weights}
+        parts = {name: loss_fn(output[name].float(), target.float()) for name in weights}
         loss = sum(weights[name] * parts[name] for name in weights)
         return loss, {"loss": loss.detach(), **{f"loss_{name}": value.detach() for name, value in parts.items()}}
 
-    def best_metric(self, stage: str | None = None) -> str:
-        """The validation metric that picks ``best/``: MAE, or the training stage's (else the main) branch loss."""
+    def best_metric(self, metric: str, stage: str | None = None) -> str:
+        """The validation metric that picks ``best/``: the loss's own (``metric``), of the training stage's branch
+        (else of the main branch) for a branched model."""
         if not self.branches:
-            return "val_mae_months"
-        return f"val_loss_{stage or self.main_branch}"
+            return f"val_{metric}"
+        return f"val_{metric}_{stage or self.main_branch}"
+
+    def enter_stage(self, model: nn.Module, stage: str | None) -> None:
+        """A staged model trains (and runs, in training mode) only what ``stage`` needs."""
+        if self.stages:
+            model.set_stage(stage)
 
     def columns(self, name: str) -> dict[str, str]:
         """Prediction columns of evaluation (column → output key): the model, and each branch."""

@@ -7,15 +7,22 @@ import math
 
 import torch
 
+SCHEDULES = ("plateau", "cosine", "constant")
+
 
 class Schedule:
-    """A scheduler with a uniform face: ``per_step``/``per_epoch`` say when the engine calls ``step``."""
+    """A scheduler with a uniform face: ``per_step``/``per_epoch`` say when the engine calls ``step``;
+    ``follow_clock`` tells a clock-aware schedule how much of the time budget is used."""
 
     def __init__(self, kind: str, inner=None, clock: dict | None = None):
         self.kind, self.inner = kind, inner
-        self.clock = clock if clock is not None else {"fraction": 0.0}  # a time budget's share used (engine sets)
+        self._clock = clock if clock is not None else {"fraction": 0.0}
         self.per_step = kind == "cosine"
         self.per_epoch = kind == "plateau"
+
+    def follow_clock(self, fraction: float) -> None:
+        """The share of the current stage's time budget used so far (0 without a budget)."""
+        self._clock["fraction"] = fraction
 
     def step(self, metric: float | None = None) -> None:
         if self.kind == "plateau":

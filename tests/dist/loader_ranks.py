@@ -11,20 +11,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from bonedist.data.source import DataConfig, EvalBatches, TrainBatches
+from bonedist.data.source import DataConfig, open_split
 
 
 def main() -> None:
     shards, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
-    cfg = DataConfig(shards=shards, batch_size=3, mode=mode, workers=2, balanced=False, seed=7)
-    train = TrainBatches(cfg, "train", accelerator.device, rank, world, progress=False)
+    cfg = DataConfig(shards=shards, batch_size=3, eval_batch_size=3, mode=mode, workers=2, balanced=False, seed=7)
+    train = open_split(cfg, "train", accelerator.device, rank, world, progress=False, training=True)
     record = {"rank": rank, "world": world, "distributed_type": str(accelerator.distributed_type), "epochs": []}
     for epoch in range(2):
         train.set_epoch(epoch)
         keys, batches = [], 0
-        for batch in train:
+        for batch in train.training():
             keys.extend(batch["key"])
             batches += 1
             # a collective per step: with uneven batch counts one rank would hang here
@@ -32,7 +32,7 @@ def main() -> None:
         record["epochs"].append({"keys": keys, "batches": batches, "len": len(train)})
     for split in ("validation", "test"):
         positions, keys = [], []
-        for batch in EvalBatches(cfg, split, accelerator.device, rank, world, mode=mode):
+        for batch in open_split(cfg, split, accelerator.device, rank, world).evaluation():
             positions.extend(batch["index"].tolist())
             keys.extend(batch["key"])
         gathered = gather_object(positions)  # variable length per rank: no padding, no truncation

@@ -1,0 +1,138 @@
+"""What the sex-input regressors share: a timm backbone with global average pooling, an encoded sex, a dense head to
+one z value; their common options; and the recipes of an ImageNet-backbone regressor under each preset.
+
+Every model: ``forward(image, male) -> {"pred": (B,)}`` in z units (z = (age - mu) / sigma); ``male`` is a float
+(B,) tensor, 1 for boys and 0 for girls. A model file (``xception.py``) adds its head, its options and its recipes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bonedist.models.backbones import create_backbone
+from bonedist.options import option
+
+MODEL = "model"
+
+
+@dataclass
+class BackboneOptions:
+    """Options of a regressor on a timm backbone that can start from ImageNet weights."""
+
+    pretrained: str | None = option(None, "backbone weights: none, default (the ImageNet tag), a timm tag, a "
+                                          "weights file or a `bonedist weights fetch` folder", group=MODEL)
+    freeze_backbone: bool = option(True, "freeze the backbone (the paper); --no-freeze fine-tunes it", group=MODEL,
+                                   flag="--freeze")
+    feature_norm: bool = option(False, "layer-normalise the pooled features before the head (keeps a small ReLU "
+                                       "head alive when the backbone trains)", group=MODEL)
+
+
+class BoneAgeModel(nn.Module):
+    """Shared plumbing: a backbone that can be frozen (kept in eval mode, as Keras does) and parameter groups."""
+
+    def __init__(self, backbone: nn.Module, freeze_backbone: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # frozen BatchNorm statistics, like a Keras layer with trainable=False
+        return self
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        backbone = {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in backbone]
+
+    def param_groups(self, lr: float, backbone_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: the head at ``lr``, an unfrozen backbone at ``backbone_lr`` (default ``lr``)."""
+        groups = [{"params": self.head_parameters(), "lr": lr, "weight_decay": weight_decay, "name": "head"}]
+        if self.backbone_parameters():
+            groups.append({"params": self.backbone_parameters(), "lr": backbone_lr if backbone_lr is not None else lr,
+                           "weight_decay": weight_decay, "name": "backbone"})
+        return groups
+
+
+class SexImageRegressor(BoneAgeModel):
+    """GAP features of a backbone, concatenated with an encoded sex, through a dense head to one z value.
+
+    ``head``: the head, or a function of the backbone's feature count that builds it.
+    """
+
+    def __init__(self, arch: str, head: nn.Module | Callable[[int], nn.Module], sex_encoder: nn.Module | None,
+                 opts: BackboneOptions, in_chans: int, min_input_size: int = 0, **backbone_kw):
+        super().__init__(create_backbone(arch, opts.pretrained, in_chans=in_chans, **backbone_kw),
+                         opts.freeze_backbone)
+        self.sex_encoder = sex_encoder
+        self.head = head if isinstance(head, nn.Module) else head(self.backbone.num_features)
+        self.feature_norm = opts.feature_norm
+        self.min_input_size = min_input_size
+        cfg = self.backbone.pretrained_cfg
+        mean, std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+        if in_chans == 1:  # a grayscale stem summed from RGB filters sees the mean of the RGB statistics
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        self.input_norm = (mean, std)
+
+    def forward(self, image: torch.Tensor, male: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(image)  # (B, F) after global average pooling
+        if self.feature_norm:
+            features = F.layer_norm(features, features.shape[1:])
+        sex = male.to(features.dtype).view(-1, 1)  # (B, 1)
+        if self.sex_encoder is not None:
+            sex = self.sex_encoder(sex)  # (B, 32)
+        return {"pred": self.head(torch.cat([features, sex], dim=1)).squeeze(1)}
+
+
+def mlp(sizes: list[int], act: type[nn.Module], dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(act())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def sigmoid_sex_encoder() -> nn.Sequential:
+    """The paper's sex branch: Dense(32, sigmoid)."""
+    return nn.Sequential(nn.Linear(1, 32), nn.Sigmoid())
+
+
+# -- recipes of an ImageNet-backbone regressor: what it adds to each preset's shared values ---------------------------
+
+IMAGENET = {"pretrained": "default"}
+SCRATCH = {"pretrained": None, "freeze_backbone": False, "feature_norm": True}
+
+
+def imagenet_recipes(paper: dict | None = None, improved: dict | None = None, scratch: dict | None = None,
+                     tiny: dict | None = None) -> dict:
+    """The four presets of a regressor whose backbone can start from ImageNet: ``paper`` freezes it, ``improved``
+    fine-tunes it (a tenth of the head's learning rate), ``scratch`` and ``tiny`` train it from random weights;
+    each argument adds the model's own differences (``input``, ``model`` and other fields)."""
+
+    def recipe(values: dict, extra: dict | None):
+        def make() -> dict:
+            out = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+            for key, value in (extra or {}).items():
+                out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+            return out
+
+        return make
+
+    return {"paper": recipe({"model": {**IMAGENET, "freeze_backbone": True}}, paper),
+            "improved": recipe({"model": {**IMAGENET, "freeze_backbone": False, "feature_norm": True},
+                                "backbone_lr": 1e-4}, improved),
+            "scratch": recipe({"model": SCRATCH}, scratch),
+            "tiny": recipe({"model": SCRATCH}, tiny)}

@@ -1,0 +1,22 @@
+"""Optimizers as registered components: ``--optimizer NAME`` → a torch optimizer over the model's parameter groups
+(a backbone at its own learning rate, one group per AG-CNN branch, ...). A new optimizer is one entry here."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def param_groups(model: nn.Module, lr: float, backbone_lr: float | None, weight_decay: float) -> list[dict]:
+    """The model's own groups when it has them (``param_groups``), else one group of every trainable parameter."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups(lr, backbone_lr, weight_decay)
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay,
+             "name": "all"}]
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.lr, cfg.backbone_lr, cfg.weight_decay)
+    return OPTIMIZERS[cfg.optimizer](groups, lr=cfg.lr)

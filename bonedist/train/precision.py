@@ -1,0 +1,92 @@
+"""Which precision and memory format a run uses: ``--precision auto`` chooses per device and model.
+
+- CUDA: bf16 autocast and channels_last (or what ``accelerate launch --mixed_precision`` asked for).
+- A CPU with bf16 matrix units (AMX or AVX-512 BF16, read from the CPU's flags, not assumed): the model's measured
+  choice, ``ModelInfo.cpu_precision`` (bf16 autocast and channels_last for the paper's CNNs, 2-2.8x fp32 eager on
+  2 cores; fp32 with channels_last for depthwise-heavy EfficientNets, where bf16 is slower). A measured table, not
+  a start-up autotune: the choice is the same on every run of a machine, so runs (and exact resume) reproduce, and no
+  run pays seconds of timing before it starts. The measurements are in the README (``bonedist bench train-step``).
+- Any other CPU: fp32, as before (``BONEDIST_CPU_BF16=0`` simulates one).
+
+Under autocast the weights and optimizer state stay fp32 and the loss is computed in fp32 (``Task.loss``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX tiles or AVX-512 BF16); ``BONEDIST_CPU_BF16=0`` says no."""
+    forced = os.environ.get("BONEDIST_CPU_BF16", "").strip().lower()
+    if forced in ("0", "off", "false", "no"):
+        return False
+    if forced in ("1", "on", "true", "yes"):
+        return True
+    return any(flag in _cpu_flags() for flag in BF16_FLAGS)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """``mixed``: Accelerate's ``mixed_precision`` ("no", "bf16", "fp16"); ``channels_last``: the memory format."""
+
+    mixed: str
+    channels_last: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "fp32" if self.mixed == "no" else self.mixed
+
+    def describe(self) -> str:
+        return f"{self.name}{' + channels_last' if self.channels_last else ''} ({self.reason})"
+
+
+def resolve_precision(requested: str, channels_last: bool | None, cuda: bool,
+                      cpu_choice: tuple[str, bool] = ("bf16", True)) -> Precision:
+    """The precision of a run: ``--precision`` when given; with ``auto`` the launcher's own choice (``accelerate
+    launch --mixed_precision`` or its config file) when there is one, else by device (above). ``channels_last``
+    (``--channels-last``) overrides the memory format that goes with it."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if requested != "auto":
+        mixed, fmt, reason = requested.replace("fp32", "no"), cuda, "--precision"
+    elif launcher:
+        mixed, fmt, reason = launcher, cuda, "accelerate launch --mixed_precision"
+    elif cuda:
+        mixed, fmt, reason = "bf16", True, "CUDA"
+    elif cpu_has_bf16_units():
+        mixed, fmt = cpu_choice[0].replace("fp32", "no"), cpu_choice[1]
+        reason = "this CPU has bf16 matrix units; the model's measured choice"
+    else:
+        mixed, fmt, reason = "no", False, "a CPU without bf16 matrix units"
+    if mixed == "fp16" and not cuda:
+        mixed, reason = "no", "fp16 autocast needs CUDA; fp32 on the CPU"
+    return Precision(mixed, fmt if channels_last is None else channels_last, reason)
+
+
+def autocast_for(precision: Precision, device: str | object):
+    """A context-manager factory running a forward pass in ``precision`` on ``device`` (None for fp32)."""
+    import torch
+
+    if precision.mixed == "no":
+        return None
+    dtype = torch.bfloat16 if precision.mixed == "bf16" else torch.float16
+    kind = getattr(device, "type", str(device))
+    return lambda: torch.autocast(kind, dtype=dtype)

@@ -1,0 +1,94 @@
+"""A trainer's state in and out of checkpoints: every component saves and restores itself through its own
+``state_dict`` (model, EMA, optimizer, scheduler, scaler, trainer state, RNG streams of every rank), and ``best/``
+gets what evaluation and prediction need (``meta.json``)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict
+
+import torch
+
+from bonedist import __version__
+from bonedist.train import checkpoint as ckpt
+from bonedist.train.state import TrainState
+
+
+def best_meta(trainer, metrics: dict | None = None) -> dict:
+    """What ``best/meta.json`` holds: how to rebuild the model and read its outputs (``bonedist.eval.runs``)."""
+    cfg = trainer.cfg
+    return {"model": cfg.model, "model_options": trainer.info.without_weights(asdict(cfg.options())),
+            "input": cfg.input.to_dict(), "spec": trainer.spec.to_dict(), "mu": trainer.scale.mu,
+            "sigma": trainer.scale.sigma, "offsets_z": dict(trainer.offsets), "train_mean_months": trainer.train_mean,
+            "epoch": trainer.state.epoch, "global_step": trainer.state.global_step, "metrics": metrics,
+            "precision": trainer.precision.name, "config": cfg.to_dict(), "bonedist_version": __version__,
+            "git": trainer.git, "pack": {"image_size": trainer.manifest["image_size"],
+                                         "resize_mode": trainer.manifest["resize_mode"]}}
+
+
+def save(trainer, best_metrics: dict | None = None) -> None:
+    """A step checkpoint (and ``best/`` first when ``best_metrics`` says this epoch improved), on rank 0."""
+    acc = trainer.accelerator
+    trainer.state.elapsed = trainer.elapsed()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    all_rng = _gather_rng(rng, trainer.world)
+    if acc.is_main_process:
+        tensors = ckpt.model_state(trainer.unwrapped)
+        ema = ckpt.model_state(trainer.ema.module) if trainer.ema is not None else None
+        saved = {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "ema": ema,
+                 "trainer": asdict(trainer.state), "rng": all_rng, "mu": trainer.scale.mu,
+                 "sigma": trainer.scale.sigma, "config": trainer.cfg.to_dict(), "git": trainer.git,
+                 "world": trainer.world}
+        meta = best_meta(trainer, best_metrics)
+        if best_metrics is not None:  # best/ is complete before any checkpoint says it exists
+            ckpt.save_best(trainer.run_dir, ema if ema is not None else tensors, meta, trainer.cfg.save_dtype)
+        ckpt.save_checkpoint(trainer.run_dir, trainer.state.global_step, saved, tensors, meta, trainer.cfg.keep_last)
+    acc.wait_for_everyone()
+
+
+def restore(trainer) -> str | None:
+    """Resume from ``--resume`` (auto: the latest checkpoint); returns the folder resumed from, or None."""
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        ckpt.recover_run_folder(trainer.run_dir)
+    acc.wait_for_everyone()
+    folder = ckpt.find_resume(trainer.run_dir, trainer.cfg.resume)
+    if folder is None:
+        return None
+    from safetensors.torch import load_file
+
+    saved = ckpt.load_state(folder)
+    if saved["world"] != trainer.world:
+        acc.print(f"warning: checkpoint written by {saved['world']} processes, resuming with {trainer.world}: data "
+                  f"order and RNG streams will differ from an unbroken run")
+    trainer.unwrapped.load_state_dict(load_file(str(folder / "model.safetensors")))
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    trainer.scheduler.load_state_dict(saved["scheduler"])
+    if saved["scaler"] is not None and acc.scaler is not None:
+        acc.scaler.load_state_dict(saved["scaler"])
+    if trainer.ema is not None and saved.get("ema") is not None:
+        trainer.ema.module.load_state_dict(saved["ema"])
+    trainer.state = TrainState(**saved["trainer"])
+    rng = saved["rng"][trainer.rank] if trainer.rank < len(saved["rng"]) else saved["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    state = rng["python"]
+    random.setstate((state[0], tuple(state[1]), state[2]))
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    if acc.is_main_process:
+        trainer.log.truncate_after(trainer.state.global_step)  # lines of the interrupted continuation
+    if trainer.state.best_epoch >= 0 and not (trainer.run_dir / "best" / "model.safetensors").is_file():
+        acc.print(f"warning: {trainer.run_dir / 'best'} is missing; it is written again at the next validation")
+        trainer.state.best = math.inf
+    return str(folder)
+
+
+def _gather_rng(rng: dict, world: int) -> list[dict]:
+    if world == 1:
+        return [rng]
+    from accelerate.utils import gather_object
+
+    return gather_object([rng])

@@ -1,0 +1,74 @@
+"""A training run in Weights & Biases (through Accelerate's tracker, rank 0 only): config, metric definitions with
+summaries that mean what they say, the dataset artifact it used, images of its inputs and attention crops, and the
+model it left in ``best/`` as an artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from bonedist.tracking import dataset_artifact, image_grid, model_artifact, use_artifact
+
+
+class TrainTracking:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.mode = trainer.tracking
+
+    def run(self):
+        t = self.trainer
+        if self.mode == "off" or not t.accelerator.is_main_process:
+            return None
+        return t.accelerator.get_tracker("wandb", unwrap=True)
+
+    def start(self) -> None:
+        t = self.trainer
+        if self.mode == "off":
+            return
+        cfg = t.cfg
+        job = os.environ.get("SLURM_JOB_ID")
+        name = f"{cfg.model}-{job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else cfg.model
+        t.accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), "resolved": t.resolved()},
+                                    init_kwargs={"wandb": {
+                                        "group": cfg.experiment, "name": name, "dir": str(t.run_dir),
+                                        "mode": self.mode, "job_type": "train", "tags": [cfg.model, cfg.preset]}})
+        run = self.run()
+        if run is None:
+            return
+        run.define_metric("epoch")
+        minimised = {"val_mae_months", "val_loss", t.best_name(), *(f"val_loss_{b}" for b in t.task.branches)}
+        for name in sorted(minimised):
+            run.define_metric(name, summary="min", step_metric="epoch")
+        run.define_metric("val_bias_months", summary="last", step_metric="epoch")
+        use_artifact(run, dataset_artifact(cfg.shards, t.manifest))
+
+    def finish(self) -> None:
+        """The model in best/ as an artifact of this run, and the epoch it was chosen at in the summary."""
+        t = self.trainer
+        run = self.run()
+        if run is None or not (t.run_dir / "best" / "meta.json").is_file():
+            return
+        meta = json.loads((t.run_dir / "best" / "meta.json").read_text())
+        metric = t.best_name(meta["epoch"] - 1)
+        run.summary.update({"best_epoch": meta["epoch"], f"best_{metric}": (meta.get("metrics") or {}).get(metric)})
+        run.log_artifact(model_artifact(t.run_dir, meta), aliases=["best", "latest"])
+
+    def log_images(self) -> None:
+        t = self.trainer
+        if self.mode == "off" or not t.accelerator.is_main_process:
+            return
+        import wandb
+
+        batch = t.sample_validation_batch()
+        x = t.pipe.train(batch["image"], step=0)
+        images = {"augmented_inputs": wandb.Image(image_grid(x), caption="training inputs after augmentation")}
+        if t.task.attention:
+            model = t.unwrapped.eval()
+            inputs = t.pipe.model_batch(batch)
+            with torch.no_grad():
+                out = model(inputs.image, inputs.male)
+            images["attention_boxes"] = wandb.Image(image_grid(inputs.image, out["boxes"]),
+                                                    caption=f"{t.cfg.model} attention crops (green)")
+        t.accelerator.log(images, step=t.state.global_step)
