@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bonedist import __version__, run_command
+from bonedist import BonedistError, __version__, run_command
 from bonedist.data.source import DATA_MODES
 from bonedist.tracking import WANDB_MODES
 
@@ -231,7 +231,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--n", type=int, default=400, help="training phantoms (validation and test: n/5 each)")
     p.add_argument("--budget", type=float, default=None,
-                   help="training minutes for all models together (default 3.2: under 5 minutes in all)")
+                   help="training minutes for all models together (default 2.0: about 3 minutes in all)")
     p.add_argument("--models", default=None, help="comma-separated (default: every model, `bonedist models`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true",
@@ -297,7 +297,30 @@ def _add_bench(sub) -> None:
     b.add_argument("--holdout", default=None, metavar="validation:N[,test:M]",
                    help="carve the splits the data lacks from its training table (as `pack --holdout`)")
     b.add_argument("--holdout-seed", type=int, default=0)
+    b.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="repeat the whole benchmark (training and evaluation) once per seed; rows as mean ± sd. A "
+                        "number N means seeds 0..N-1")
+    b.add_argument("--shares", default=None, metavar="MODEL=W,...",
+                   help="each model's relative share of the budget (default: equal shares)")
     b.set_defaults(func=_cmd_bench_accuracy)
+
+    b = bench.add_parser("compare", help="controlled comparisons of training settings, several seeds, on the "
+                                         "validation split")
+    b.add_argument("--data", required=True, type=Path, help="radiographs in an official RSNA/Kaggle layout")
+    b.add_argument("--model", required=True)
+    b.add_argument("--preset", default="scratch")
+    b.add_argument("--size", type=int, default=100, help="pack and train at this side (default 100)")
+    b.add_argument("--budget", type=float, default=5.0, help="training minutes of every run (default 5)")
+    b.add_argument("--seeds", default="0,1", metavar="S1,S2,...", help="seeds of every setting (default 0,1)")
+    b.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a setting to compare with the baseline, one value at a time (repeatable): a TrainConfig "
+                        "field (lr, batch_size, ema, loss, balanced, warmup_epochs, ...), input.FIELD, model.FIELD, "
+                        "or augment=FACTOR (the preset's augmentation ranges times FACTOR; 0: none)")
+    b.add_argument("--out", type=Path, default=Path("runs/compare"))
+    b.add_argument("--holdout", default=None, metavar="validation:N[,test:M]")
+    b.add_argument("--holdout-seed", type=int, default=0)
+    b.add_argument("--workers", type=int, default=0, help="packing processes (default: all cores)")
+    b.set_defaults(func=_cmd_bench_compare)
 
     b = bench.add_parser("train-loop", help="the engine's training loop beside the bare model step, by phase")
     b.add_argument("--model", required=True)
@@ -336,8 +359,47 @@ def _cmd_bench_accuracy(args) -> int:
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
     bench_accuracy(args.data, presets, size=args.size, budget=args.budget, models=parse_models(args.models),
                    out=args.out, pretrained=args.pretrained, wandb=args.wandb, workers=args.workers,
-                   overrides=overrides, holdout=parse_holdout(args.holdout), holdout_seed=args.holdout_seed)
+                   overrides=overrides, holdout=parse_holdout(args.holdout), holdout_seed=args.holdout_seed,
+                   seeds=parse_seeds(args.seeds), shares=parse_shares(args.shares))
     return 0
+
+
+def _cmd_bench_compare(args) -> int:
+    from bonedist.bench.compare import bench_compare
+    from bonedist.data.holdout import parse_holdout
+
+    bench_compare(args.data, args.model, preset=args.preset, size=args.size, budget=args.budget,
+                  seeds=parse_seeds(args.seeds), vary=args.vary, out=args.out, holdout=parse_holdout(args.holdout),
+                  holdout_seed=args.holdout_seed, workers=args.workers)
+    return 0
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,1,2`` or ``--seeds 3`` (seeds 0, 1, 2); None when not given."""
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BonedistError(f"--seeds {text!r}: expected integers such as 0,1,2 (or a count)") from None
+    return list(range(values[0])) if len(values) == 1 and "," not in text else values
+
+
+def parse_shares(text: str | None) -> dict | None:
+    """``--shares resnet18=2,xception=1`` → {"resnet18": 2.0, "xception": 1.0}."""
+    if not text:
+        return None
+    shares = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            shares[name.strip()] = float(value)
+        except ValueError:
+            raise BonedistError(f"--shares {text!r}: expected MODEL=WEIGHT pairs such as resnet18=2,xception=1") \
+                from None
+        if not sep:
+            raise BonedistError(f"--shares {text!r}: expected MODEL=WEIGHT pairs")
+    return shares
 
 
 def _cmd_bench_train_loop(args) -> int:
@@ -379,18 +441,24 @@ def _cmd_bench_attention(args) -> int:
 
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the models, one per line (for scripts)",
-                       description="Print every registered model, one name per line, in the order of the paper's "
-                                   "tables; with --details also its task and whether it takes ImageNet weights.",
-                       epilog="example: for m in $(bonedist models); do bonedist train --model $m ...; done")
+                       description="Print every registered model, one name per line, the paper's four first; with "
+                                   "--details also its task, weights, presets and options.",
+                       epilog="example: for m in $(bonedist models --preset scratch); do bonedist train --model $m "
+                              "--preset scratch ...; done")
     p.add_argument("--details", action="store_true",
                    help="also the weights it takes, its branches, the presets it has a recipe for and its options")
+    p.add_argument("--preset", default=None, help="only the models with a recipe for this preset")
     p.set_defaults(func=_cmd_models)
 
 
 def _cmd_models(args) -> int:
     from bonedist.models import list_models, model_info
 
-    for name in list_models():
+    if args.preset is not None:
+        from bonedist.train.presets import preset_values
+
+        preset_values(args.preset)  # an unknown preset is one line
+    for name in list_models(args.preset):
         info = model_info(name)
         if not args.details:
             print(name)
@@ -398,6 +466,8 @@ def _cmd_models(args) -> int:
         branches = f"branches {', '.join(info.task.branches)}" if info.task.branches else "one prediction"
         print(f"{name}\t{'ImageNet backbone or scratch' if info.pretrained else 'from scratch'}\t{branches}\t"
               f"presets {','.join(info.presets)}\toptions {','.join(info.option_names) or '-'}")
+    if args.details:
+        print("timm/ARCH\tany timm architecture, on demand\tone prediction\tpresets improved,scratch,tiny")
     return 0
 
 
@@ -490,7 +560,8 @@ SUB_EXAMPLES = {
     "bench loader": "bonedist bench loader --n 512 --workers 8",
     "bench augment": "bonedist bench augment --batch 32 --size 500",
     "bench all": "bonedist bench all --out bench.md",
-    "bench accuracy": "bonedist bench accuracy --data /data/rsna --preset scratch --size 64 --budget 60",
+    "bench accuracy": "bonedist bench accuracy --data /data/rsna --preset scratch --size 100 --budget 60 --seeds 2",
+    "bench compare": "bonedist bench compare --data /data/rsna --model resnet18 --vary lr=1e-3,4e-3 --vary ema=0.999",
     "bench train-loop": "bonedist bench train-loop --model xception --preset improved --size 500 --batch 32",
     "bench train-step": "bonedist bench train-step --model xception --batch 32 --size 500",
 }

@@ -32,7 +32,7 @@ section "bench attention" 40 "$PY" -m bonedist bench attention --batch 32 --size
 section "bench augment" 30 "$PY" -m bonedist bench augment --batch 32 --size 500
 section "bench loader" 90 "$PY" -m bonedist bench loader --n 384 --batch 32 --batches 16 --workers 8
 # The engine's real loop (improved preset: hand mask, augmentation, EMA, device cache) beside the bare step.
-for model in $("$PY" -m bonedist models); do
+for model in $("$PY" -m bonedist models --preset improved); do
   section "bench train-loop ${model} 500 px" 60 "$PY" -m bonedist bench train-loop --model "${model}" --size 500 \
     --batch 32 --steps 30
 done

@@ -4,7 +4,7 @@
 #   launch/train_all.sh SHARDS [EXPERIMENT] [-- extra `bonedist train` flags]
 #   PRESET=tiny launch/train_all.sh shards/phantoms demo -- --epochs 2
 #
-# Environment: PRESET (default paper), RUNS_DIR (default runs), MODELS (default: `bonedist models`), SPLIT (default test),
+# Environment: PRESET (default paper), RUNS_DIR (default runs), MODELS (default: `bonedist models --preset PRESET`), SPLIT (default test),
 # BONEDIST_PYTHON (default .venv/bin/python if present, else python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ RUNS_DIR=${RUNS_DIR:-runs}
 if [ -z "${BONEDIST_PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then BONEDIST_PYTHON=.venv/bin/python; else BONEDIST_PYTHON=python; fi
 fi
-MODELS=${MODELS:-$("$BONEDIST_PYTHON" -m bonedist models | tr '\n' ' ')}
+MODELS=${MODELS:-$("$BONEDIST_PYTHON" -m bonedist models --preset "$PRESET" | tr '\n' ' ')}
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 if [ "${GPUS:-0}" -ge 2 ]; then
   LAUNCH=(--config_file launch/accelerate/single_node.yaml --num_processes "$GPUS")

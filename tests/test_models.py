@@ -278,3 +278,17 @@ def test_a_preset_a_model_has_no_recipe_for_is_one_line():
             resolve_config("recipe_less", "x", "paper")
     finally:
         unregister_model("recipe_less")
+
+
+def test_any_timm_architecture_is_a_model_by_name():
+    from bonedist.train.config import resolve_config
+
+    cfg = resolve_config("timm/regnety_002", "x", "scratch", input={"image_size": 48})
+    model = create_model("timm/regnety_002", cfg.input, **cfg.model_options)
+    assert model.spec.channels == 1 and not model.freeze_backbone  # the scratch recipe of a modern regressor
+    out = model(torch.randn(2, 1, 48, 48), torch.tensor([1.0, 0.0]))
+    assert out["pred"].shape == (2,) and "timm/regnety_002" not in list_models()  # made on demand, not listed
+    with pytest.raises(BonedistError, match="timm has no architecture 'resnet51'"):
+        create_model("timm/resnet51")
+    with pytest.raises(BonedistError, match="no recipe for preset 'paper'"):
+        resolve_config("timm/regnety_002", "x", "paper")

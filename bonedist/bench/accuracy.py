@@ -13,80 +13,79 @@ by side). Runs in one process, on one GPU or on the CPU.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
 from bonedist import BonedistError
 
 
+def pack_for_bench(data: str | Path, shards: Path, size: int, workers: int = 0, holdout: dict | None = None,
+                   holdout_seed: int = 0) -> Path:
+    """``data`` packed at ``size`` into ``shards`` (resumable), with a train and a validation split."""
+    from bonedist.data.manifest import load_manifest
+    from bonedist.data.pack import PackOptions, pack_dataset
+
+    print(f"packing {data} at {size} px into {shards} (resumes if interrupted)")
+    options = PackOptions(size=size, workers=workers, holdout=holdout or {}, holdout_seed=holdout_seed)
+    _, code = pack_dataset(data, shards, options)
+    if code != 0:
+        raise BonedistError(f"packing {data} failed; see the messages above")
+    splits = load_manifest(shards)["splits"]
+    for needed in ("train", "validation"):
+        if needed not in splits:
+            raise BonedistError(f"--data {data}: no {needed} split found; the benchmark needs train and validation "
+                                f"(and ideally a labelled test split) in an official RSNA/Kaggle layout, or "
+                                f"--holdout validation:N,test:M to carve them from the training table")
+    return Path(shards)
+
+
 def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None, budget: float = 60.0,
                    models: list[str] | None = None, out: str | Path = "runs/bench-accuracy",
                    pretrained: str | None = None, wandb: str = "off", workers: int = 0,
-                   overrides: dict | None = None, holdout: dict | None = None, holdout_seed: int = 0) -> dict:
+                   overrides: dict | None = None, holdout: dict | None = None, holdout_seed: int = 0,
+                   seeds: list[int] | None = None, shares: dict | None = None) -> dict:
+    """See the module docstring. ``seeds``: the whole benchmark (training and evaluation, ``budget`` minutes each
+    time) once per seed, every row as mean ± standard deviation; ``shares``: each model's relative share of the
+    budget (default equal)."""
     from bonedist.data.manifest import load_manifest
-    from bonedist.data.pack import PackOptions, pack_dataset
-    from bonedist.eval.evaluate import EvalOptions, evaluate
-    from bonedist.models import is_model, list_models, model_info
-    from bonedist.train.config import resolve_config
-    from bonedist.train.engine import train_in_process
+    from bonedist.models import is_model, list_models
     from bonedist.train.presets import list_presets, preset_values
 
-    models = list(models or list_models())
     for preset in presets:
         if preset not in list_presets():
             raise BonedistError(f"--preset {preset!r}: presets are {', '.join(list_presets())}")
+    models = list(models or [m for m in list_models() if all(m in list_models(p) for p in presets)])
     unknown = [m for m in models if not is_model(m)]
     if unknown:
         raise BonedistError(f"--models: unknown {sorted(unknown)}; choose from {', '.join(list_models())}")
     if budget <= 0:
         raise BonedistError(f"--budget must be positive minutes, got {budget}")
+    given = shares or {}
+    shares = {m: float(given.get(m, 1.0)) for m in models}
+    if any(v <= 0 for v in shares.values()) or set(given) - set(models):
+        raise BonedistError(f"--shares: positive weights for models of the run ({', '.join(models)}), got {given}")
     size = size or max(preset_values(p).get("input", {}).get("image_size", 500) for p in presets)
+    seeds = list(seeds or [None])
     out = Path(out)
     start = time.perf_counter()
-
-    print(f"[1/3] packing {data} at {size} px into {out / 'shards'} (resumes if interrupted)")
-    options = PackOptions(size=size, workers=workers, holdout=holdout or {}, holdout_seed=holdout_seed)
-    manifest, code = pack_dataset(data, out / "shards", options)
-    if code != 0:
-        raise BonedistError(f"packing {data} failed; see the messages above")
-    manifest = load_manifest(out / "shards")
-    splits = manifest["splits"]
-    for needed in ("train", "validation"):
-        if needed not in splits:
-            raise BonedistError(f"--data {data}: no {needed} split found; bench accuracy needs train and validation "
-                                f"(and ideally a labelled test split) in an official RSNA/Kaggle layout, or "
-                                f"--holdout validation:N,test:M to carve them from the training table")
+    print(f"[1/3] {len(seeds)} seed(s) x {budget:g} training minutes each")
+    shards = pack_for_bench(data, out / "shards", size, workers, holdout, holdout_seed)
+    splits = load_manifest(shards)["splits"]
     split = "test" if splits.get("test", {}).get("labeled") else "validation"
     pack_seconds = time.perf_counter() - start
-
-    jobs = [(p, m) for p in presets for m in models]
-    print(f"[2/3] training {len(jobs)} run(s) in {budget:g} minutes: {', '.join(f'{p}/{m}' for p, m in jobs)}")
-    train_start, trained = time.perf_counter(), []
-    for i, (preset, model) in enumerate(jobs):
-        left = budget * 60.0 - (time.perf_counter() - train_start)
-        share = max(left, 0.0) / (len(jobs) - i) / 60.0
-        options = {"pretrained": pretrained} if pretrained is not None and model_info(model).pretrained else {}
-        # patches keep their share of the side (InputConfig.patch_share); Inception keeps its minimum
-        cfg = resolve_config(model, str(out / "shards"), preset, experiment=preset, runs_dir=str(out / "runs"),
-                             input={"image_size": size}, model_options=options, time_budget_min=max(share, 0.05),
-                             wandb=wandb, **(overrides or {}))
-        print(f"  {preset}/{model}: up to {cfg.epochs} epochs in {share:.1f} min")
+    per_seed, trained, train_seconds = [], [], 0.0
+    for seed in seeds:
+        runs = out / "runs" if seed is None else out / "runs" / f"seed{seed}"
         t0 = time.perf_counter()
-        code, _, _ = train_in_process(cfg)
-        if code != 0:
-            raise BonedistError(f"training {preset}/{model} stopped (exit {code}); run the same command to resume")
-        trained.append({"preset": preset, "model": model, "minutes": (time.perf_counter() - t0) / 60.0})
-    train_seconds = time.perf_counter() - train_start
-
-    print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
-    results, bias = {}, {}
-    for preset in presets:
-        result = evaluate(EvalOptions(runs=str(out / "runs" / preset), split=split, wandb=wandb, workers=workers or 2))
-        results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
-        bias[preset] = {name: m["bias_months"] for name, m in result["metrics"].items()}
+        trained += _train_jobs(shards, runs, presets, models, shares, budget, size, pretrained, wandb, overrides,
+                               seed)
+        train_seconds += time.perf_counter() - t0
+        per_seed.append(_evaluate_presets(runs, presets, split, splits, wandb, workers))
     summary = {"data": str(data), "size": size, "split": split, "n": splits[split]["count"], "presets": presets,
-               "models": models, "budget_min": budget, "pack_min": pack_seconds / 60.0,
-               "train_min": train_seconds / 60.0, "runs": trained, "mae_months": results, "bias_months": bias}
+               "models": models, "shares": shares, "budget_min": budget, "seeds": seeds,
+               "pack_min": pack_seconds / 60.0, "train_min": train_seconds / 60.0 / len(seeds), "runs": trained,
+               **_combine(per_seed)}
     (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
     table = format_table(summary)
     (out / "accuracy.md").write_text(table + "\n")
@@ -94,31 +93,102 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     return summary
 
 
+def _train_jobs(shards: Path, runs: Path, presets, models, shares, budget, size, pretrained, wandb, overrides,
+                seed) -> list[dict]:
+    """Every model of every preset within ``budget`` minutes, each its share of what is left when it starts."""
+    from bonedist.models import model_info
+    from bonedist.train.config import resolve_config
+    from bonedist.train.engine import train_in_process
+
+    jobs = [(p, m) for p in presets for m in models]
+    print(f"[2/3] training {len(jobs)} run(s) in {budget:g} minutes{'' if seed is None else f', seed {seed}'}: "
+          + ", ".join(f"{p}/{m} ({shares[m] / sum(shares[n] for _, n in jobs) * budget:.1f} min)" for p, m in jobs))
+    began, trained = time.perf_counter(), []
+    for i, (preset, model) in enumerate(jobs):
+        left = max(budget * 60.0 - (time.perf_counter() - began), 0.0)
+        share = left * shares[model] / sum(shares[m] for _, m in jobs[i:]) / 60.0
+        options = {"pretrained": pretrained} if pretrained is not None and model_info(model).pretrained else {}
+        extra = {**(overrides or {}), **({} if seed is None else {"seed": seed})}
+        # patches keep their share of the side (InputConfig.patch_share); Inception keeps its minimum
+        cfg = resolve_config(model, str(shards), preset, experiment=preset, runs_dir=str(runs),
+                             input={"image_size": size}, model_options=options, time_budget_min=max(share, 0.05),
+                             wandb=wandb, **extra)
+        print(f"  {preset}/{model}: up to {cfg.epochs} epochs in {share:.1f} min")
+        t0 = time.perf_counter()
+        code, _, _ = train_in_process(cfg)
+        if code != 0:
+            raise BonedistError(f"training {preset}/{model} stopped (exit {code}); run the same command to resume")
+        trained.append({"preset": preset, "model": model, "seed": seed, "minutes": (time.perf_counter() - t0) / 60})
+    return trained
+
+
+def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers) -> dict:
+    from bonedist.eval.evaluate import EvalOptions, evaluate
+
+    print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
+    results, bias = {}, {}
+    for preset in presets:
+        result = evaluate(EvalOptions(runs=str(runs / preset), split=split, wandb=wandb, workers=workers or 2))
+        results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
+        bias[preset] = {name: m["bias_months"] for name, m in result["metrics"].items()}
+    return {"mae_months": results, "bias_months": bias}
+
+
+def _combine(per_seed: list[dict]) -> dict:
+    """Each row's mean over the seeds (and its standard deviation with several)."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    out = {}
+    for key in ("mae_months", "bias_months"):
+        out[key], out[f"{key}_sd"] = {}, {}
+        for preset in per_seed[0][key]:
+            rows = {row for s in per_seed for row in s[key][preset]}
+            values = {row: [s[key][preset][row] for s in per_seed if row in s[key][preset]] for row in rows}
+            out[key][preset] = {row: float(sum(v) / len(v)) for row, v in values.items()}
+            out[f"{key}_sd"][preset] = {row: float(statistics.stdev(v)) if len(v) > 1 else 0.0
+                                        for row, v in values.items()}
+    out["per_seed"] = per_seed
+    return out
+
+
 def format_table(summary: dict) -> str:
-    """MAE and bias per model and ensemble, each MAE also as a share of the predict-the-mean baseline's."""
+    """MAE and bias per model and ensemble, each MAE also as a share of the predict-the-mean baseline's; with
+    several seeds each MAE is a mean ± standard deviation over them."""
     presets, results, bias = summary["presets"], summary["mae_months"], summary.get("bias_months", {})
+    spread = summary.get("mae_months_sd", {})
+    seeds = [s for s in summary.get("seeds", [None]) if s is not None]
     rows = []
     for preset in presets:
         rows += [r for r in results[preset] if r not in rows]
     rows.sort(key=lambda r: (r != "predict_the_mean", r.startswith("ensemble"), r))
+    width = 16 if not spread else 22
     lines = [f"accuracy on {summary['n']} {summary['split']} radiographs at {summary['size']} px; packing "
-             f"{summary['pack_min']:.1f} min, training {summary['train_min']:.1f} of {summary['budget_min']:g} min",
-             f"{'(months)':<26}" + "".join(f"{p + ' MAE':>16}{'bias':>8}{'/mean':>7}" for p in presets)]
+             f"{summary['pack_min']:.1f} min, training {summary['train_min']:.1f} of {summary['budget_min']:g} min"
+             + (f" per seed, seeds {','.join(map(str, seeds))} (mean ± sd)" if len(seeds) > 1 else ""),
+             f"{'(months)':<26}" + "".join(f"{p + ' MAE':>{width}}{'bias':>8}{'/mean':>7}" for p in presets)]
     for row in rows:
         line = f"{row:<26}"
         for preset in presets:
             value, base = results[preset].get(row), results[preset].get("predict_the_mean")
             if value is None:
-                line += f"{'-':>16}{'-':>8}{'-':>7}"
+                line += f"{'-':>{width}}{'-':>8}{'-':>7}"
                 continue
+            sd = spread.get(preset, {}).get(row)
+            text = f"{value:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
             shift = bias.get(preset, {}).get(row)
-            line += f"{value:>16.2f}" + (f"{shift:>+8.2f}" if shift is not None else f"{'-':>8}")
+            line += f"{text:>{width}}" + (f"{shift:>+8.2f}" if shift is not None else f"{'-':>8}")
             line += f"{value / base:>7.2f}" if base else f"{'-':>7}"
         lines.append(line)
     for preset in presets:
         base = results[preset].get("predict_the_mean")
+        members = {k: v for k, v in results[preset].items() if k != "predict_the_mean" and v is not None
+                   and not k.startswith("ensemble")}
         best = min((v, k) for k, v in results[preset].items() if k != "predict_the_mean" and v is not None)
         if base:
             lines.append(f"{preset}: best {best[1]} {best[0]:.2f} months = {best[0] / base:.2f}x the "
                          f"predict-the-mean baseline ({base:.2f}: the training split's mean age for everyone)")
+        if members and best[1].startswith("ensemble"):
+            member = min((v, k) for k, v in members.items())
+            lines.append(f"{preset}: {best[1]} = {best[0] / member[0]:.2f}x its best member ({member[1]} "
+                         f"{member[0]:.2f})")
     return "\n".join(lines)

@@ -70,7 +70,7 @@ def bench_all(quick: bool | None = None, verbose: bool = False) -> str:
         loop = bench_train_loop("xception", preset="improved", steps=8 if quick else 30)
     rows.append(("train loop xception (improved preset, cache)", "engine's loop", "bare model step",
                  loop["loop_images_per_s"], loop["bare_images_per_s"], "images/s"))
-    for model in list_models():
+    for model in list_models("scratch"):
         with sink:
             step = bench_train_step(model, steps=2 if quick else 5, size=96 if quick else None,
                                     batch=4 if quick else None)

@@ -233,3 +233,31 @@ def _tile(image: np.ndarray, meta: dict, cell: int) -> np.ndarray:
     label = f"{meta['id']} {'M' if meta['male'] else 'F'} {age_text} {meta['split'][:5]}"
     cv2.putText(tile, label, (3, cell + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1, cv2.LINE_AA)
     return tile
+
+
+def pack_identity(manifest: dict, splits: tuple[str, ...] = ("train", "validation")) -> dict:
+    """What a run trained on, as a resumed run checks it: image size and resize mode, the radiographs per split and
+    one digest over every shard's checksum (a re-pack of the same images at the same size gives the same digest)."""
+    digest = hashlib.sha256(f"{manifest['image_size']}:{manifest['resize_mode']}".encode())
+    counts = {}
+    for split in splits:
+        info = manifest["splits"].get(split, {"count": 0, "shards": []})
+        counts[split] = info["count"]
+        for shard in info["shards"]:
+            digest.update(f"{split}/{shard['name']}:{shard['count']}:{shard['sha256']}".encode())
+    return {"digest": digest.hexdigest()[:16], "image_size": manifest["image_size"],
+            "resize_mode": manifest["resize_mode"], "counts": counts}
+
+
+def pack_differences(saved: dict, current: dict) -> list[str]:
+    """How two ``pack_identity`` records differ, in words (empty: the same pack)."""
+    out = []
+    for key in ("image_size", "resize_mode"):
+        if saved.get(key) != current.get(key):
+            out.append(f"{key.replace('_', ' ')} {saved.get(key)} → {current.get(key)}")
+    for split, count in current.get("counts", {}).items():
+        if saved.get("counts", {}).get(split) != count:
+            out.append(f"{split} radiographs {saved.get('counts', {}).get(split)} → {count}")
+    if not out and saved.get("digest") != current.get("digest"):
+        out.append("the same sizes and counts but other images (shard checksums differ)")
+    return out

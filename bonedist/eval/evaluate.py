@@ -26,7 +26,7 @@ from bonedist.eval.runs import find_runs, load_trained, paper_weights
 from bonedist.inference import PATCH_AGGREGATES, gather_predictions, predict_batches
 from bonedist.options import check_fields, option
 from bonedist.tracking import WANDB_MODES
-from bonedist.train.precision import PRECISIONS, autocast_for, resolve_precision
+from bonedist.train.precision import PRECISIONS
 
 THUMBNAIL = 96  # px of the W&B predictions table's images
 
@@ -45,7 +45,7 @@ class EvalOptions:
     batch_size: int = option(16, "radiographs per batch", minimum=1)
     data_mode: str = option("auto", "cache the split, stream it, or choose by free memory", DATA_MODES)
     workers: int = option(2, "DataLoader workers per process (stream mode)", minimum=0)
-    precision: str = option("auto", "as in training: auto chooses per device and model", PRECISIONS)
+    precision: str = option("auto", "auto: bf16 on CUDA, fp32 on a CPU (bonedist.train.precision)", PRECISIONS)
     out: str | None = option(None, "report folder (default RUNS/report)")
     wandb: str = option("auto", "W&B: auto is offline without an API key or network", WANDB_MODES)
 
@@ -60,10 +60,6 @@ def evaluate(opts: EvalOptions) -> dict:
     for name in missing:
         acc.print(f"warning: no trained {name} under {opts.runs}; it is left out of the report and the ensembles")
     trained = {name: load_trained(path, acc.device) for name, path in found.items()}
-    autocasts = {}
-    for name, tm in trained.items():  # each model in the precision training would choose for it here
-        precision = resolve_precision(opts.precision, None, cuda, tm.info.cpu_precision)
-        autocasts[name] = autocast_for(precision, acc.device)
     shards = opts.shards or next(iter(trained.values())).meta["config"]["shards"]
     manifest = load_manifest(shards)
     if opts.split not in manifest["splits"]:
@@ -74,7 +70,7 @@ def evaluate(opts: EvalOptions) -> dict:
     verify_pack(shards, manifest, splits, acc.process_index, acc.num_processes)
     months, seen = {}, {}
     for split in splits:
-        months[split], kept = _predict_split(acc, trained, autocasts, shards, manifest, split, opts,
+        months[split], kept = _predict_split(acc, trained, shards, manifest, split, opts,
                                              thumbnails=split == opts.split and opts.wandb != "off")
         if split == opts.split:
             seen = kept
@@ -91,7 +87,7 @@ def evaluate(opts: EvalOptions) -> dict:
     return result
 
 
-def _predict_split(acc, trained, autocasts, shards, manifest, split, opts,
+def _predict_split(acc, trained, shards, manifest, split, opts,
                    thumbnails: bool) -> tuple[pd.DataFrame, dict]:
     """One row per radiograph in manifest order: truth and every model's (and branch's) prediction in months. The
     split is read once for all models; what was seen on the way: the first batch (``sample``, for the report's
@@ -100,7 +96,7 @@ def _predict_split(acc, trained, autocasts, shards, manifest, split, opts,
                      mode=opts.data_mode, workers=opts.workers)
     data = open_split(cfg, split, acc.device, acc.process_index, acc.num_processes, manifest,
                       progress=acc.is_local_main_process)
-    predictors = {name: tm.predictor(opts.flip, opts.aggregate, autocasts[name]) for name, tm in trained.items()}
+    predictors = {name: tm.predictor(opts.flip, opts.aggregate, opts.precision) for name, tm in trained.items()}
     seen: dict = {"thumbs": {}}
     local = predict_batches(predictors, data.evaluation(), observe=_keeper(seen, thumbnails))
     preds = gather_predictions(local, len(data.index))

@@ -23,7 +23,6 @@ from bonedist.data.images import ImageError, decode_gray8, not_a_radiograph, res
 from bonedist.data.layouts import parse_male
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
 from bonedist.models import list_models, model_info
-from bonedist.train.precision import autocast_for, resolve_precision
 
 
 def parse_sex(text: str) -> bool:
@@ -81,10 +80,8 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
     chrono = parse_age(chronological_age) if chronological_age else None
     found, _ = find_runs(runs)
     trained = {name: load_trained(path, "cpu") for name, path in found.items()}
-    # each run's own test-time flip and patch aggregation, in the precision evaluation would use on this CPU
-    predictors = {name: tm.predictor(autocast=autocast_for(resolve_precision("auto", None, False,
-                                                                              tm.info.cpu_precision), "cpu"))
-                  for name, tm in trained.items()}
+    # each run's own test-time flip and patch aggregation, in the precision evaluation uses on this CPU
+    predictors = {name: tm.predictor() for name, tm in trained.items()}
     weights, source = _weights(Path(runs), list(trained))
     pack = next(iter(trained.values())).meta["pack"]
     drawn = next((name for name, tm in trained.items() if tm.model.task.attention), None)

@@ -14,6 +14,7 @@ from bonedist.data.augment import InputPipeline
 from bonedist.inference import Predictor
 from bonedist.models import create_model, is_model, list_models, model_info
 from bonedist.spec import InputSpec
+from bonedist.train.precision import autocast_for, inference_precision
 
 
 @dataclass
@@ -37,8 +38,12 @@ class TrainedModel:
         return float(self.meta["sigma"])
 
     def months(self, z, key: str = "pred"):
-        """Predictions in z units → months, with the output offset the run refit on training radiographs."""
-        return self.mu + self.sigma * (z - float(self.meta.get("offsets_z", {}).get(key, 0.0)))
+        """Predictions in z units → months, with the calibration the run refit on training radiographs (a line, or
+        the offset that runs before 0.2 saved)."""
+        line = self.meta.get("calibration_z", {}).get(key)
+        if line is None:
+            line = (1.0, -float(self.meta.get("offsets_z", {}).get(key, 0.0)))
+        return self.mu + self.sigma * (line[0] * z + line[1])
 
     @property
     def train_mean(self) -> float:
@@ -58,9 +63,17 @@ class TrainedModel:
         """Test-time flip and patch aggregation: the given ones (command line), else the run's own."""
         return (self.flip if flip is None else flip), (self.aggregate if aggregate is None else aggregate)
 
-    def predictor(self, flip: bool | None = None, aggregate: str | None = None, autocast=None) -> Predictor:
+    def predictor(self, flip: bool | None = None, aggregate: str | None = None, precision: str = "auto") -> Predictor:
+        """The model as evaluation runs it: test-time flip and patch aggregation (the given ones, else the run's
+        own) in the precision and memory format ``inference_precision`` chooses for ``precision`` here."""
         flip, aggregate = self.settings(flip, aggregate)
-        return Predictor(self.model, self.pipe, flip, aggregate, autocast)
+        device = next(self.model.parameters()).device
+        chosen = inference_precision(precision, device.type == "cuda", self.info.cpu_precision)
+        pipe = self.pipe
+        if chosen.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            pipe = InputPipeline(self.model.spec, channels_last=True)
+        return Predictor(self.model, pipe, flip, aggregate, autocast_for(chosen, device))
 
 
 def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:

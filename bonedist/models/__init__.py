@@ -5,11 +5,13 @@
     out = model(images, male)   # out["pred"]: (B,) z units; model.spec: what the data side prepares
 """
 
-# registration order is the order of every table and script: the paper's four models first
+# registration order is the order of every table and script: the paper's four models, then the modern ones
 from bonedist.models import inception_v3 as _inception_v3  # noqa: F401, I001
 from bonedist.models import xception as _xception  # noqa: F401
 from bonedist.models import resnet50_patch as _resnet50_patch  # noqa: F401
 from bonedist.models import agcnn as _agcnn  # noqa: F401
+from bonedist.models import efficientnet as _efficientnet  # noqa: F401
+from bonedist.models import resnet as _resnet  # noqa: F401
 from bonedist.models import timm_regressor as _timm_regressor  # noqa: F401  (timm/ARCH on demand)
 from bonedist.models.registry import (ModelInfo, NoOptions, create_model, is_model, list_models, model_info,
                                       register_model, unregister_model)

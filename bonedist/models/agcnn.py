@@ -23,6 +23,7 @@ from torch import nn
 
 from bonedist.models.attention import attention_boxes, crop_boxes
 from bonedist.models.registry import register_model
+from bonedist.models.regressor import BF16_CL
 from bonedist.models.task import Task
 from bonedist.options import option
 
@@ -169,7 +170,7 @@ def _recipes() -> dict:
     }
 
 
-@register_model(options=AGCNNOptions, task=AGCNN_TASK, channels=(1,), recipes=_recipes(),
+@register_model(options=AGCNNOptions, task=AGCNN_TASK, channels=(1,), recipes=_recipes(), cpu_precision=BF16_CL,
                 paper={"agcnn_global": (0.18, 0.43, 0.91), "agcnn_local": (0.79, 0.89, 0.57),
                        "agcnn_fusion": (0.22, 0.47, 0.89)})
 def agcnn(opts: AGCNNOptions, in_chans: int) -> AGCNN:

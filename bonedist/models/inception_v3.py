@@ -8,6 +8,7 @@ from torch import nn
 
 from bonedist.models.registry import register_model
 from bonedist.models.regressor import (
+    BF16_CL,
     MODEL,
     BackboneOptions,
     SexImageRegressor,
@@ -27,7 +28,7 @@ class InceptionOptions(BackboneOptions):
 
 
 @register_model(options=InceptionOptions, channels=(3, 1), paper={"inception_v3": (0.19, 0.44, 0.89)},
-                paper_weight=0.1, recipes=imagenet_recipes(tiny={"input": {"image_size": 96}}))
+                paper_weight=0.1, cpu_precision=BF16_CL, recipes=imagenet_recipes(tiny={"input": {"image_size": 96}}))
 def inception_v3(opts: InceptionOptions, in_chans: int) -> SexImageRegressor:
     """sex -> Dense(32, sigmoid); concat; Dense(1000, tanh) x2 with dropout; Dense(1).
 

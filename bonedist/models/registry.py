@@ -124,8 +124,9 @@ def unregister_model(name: str) -> None:
     _MODELS.pop(name, None)
 
 
-def list_models() -> list[str]:
-    return [name for name, info in _MODELS.items() if info.listed]
+def list_models(preset: str | None = None) -> list[str]:
+    """The registered models in registration order (only those with a recipe for ``preset`` when given)."""
+    return [name for name, info in _MODELS.items() if info.listed and (preset is None or preset in info.recipes)]
 
 
 def model_info(name: str) -> ModelInfo:

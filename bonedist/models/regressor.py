@@ -18,6 +18,9 @@ from bonedist.models.backbones import create_backbone
 from bonedist.options import option
 
 MODEL = "model"
+# ``ModelInfo.cpu_precision`` of the paper's CNNs: bf16 autocast with channels_last on CPUs with bf16 matrix units
+# (measured with `bonedist bench train-step`, README "Precision")
+BF16_CL = ("bf16", True)
 
 
 @dataclass

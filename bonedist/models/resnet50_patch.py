@@ -10,13 +10,13 @@ from __future__ import annotations
 from torch import nn
 
 from bonedist.models.registry import register_model
-from bonedist.models.regressor import BackboneOptions, SexImageRegressor, imagenet_recipes, mlp
+from bonedist.models.regressor import BF16_CL, BackboneOptions, SexImageRegressor, imagenet_recipes, mlp
 
 PAPER_PATCH = 224 / 500  # the paper's 224-px patches of 500-px radiographs, as a share of the side
 
 
 @register_model(options=BackboneOptions, channels=(3, 1), paper={"resnet50_patch": (0.06, 0.24, 0.97)},
-                paper_weight=0.5, recipes=imagenet_recipes(
+                paper_weight=0.5, cpu_precision=BF16_CL, recipes=imagenet_recipes(
                     paper={"input": {"patch_share": PAPER_PATCH, "num_patches": 3}},
                     # the second-place team: 49 patches of 224 px, the 7 x 7 grid, the median
                     improved={"input": {"patch_share": PAPER_PATCH, "num_patches": 49, "eval_grid": 7},

@@ -5,11 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 from bonedist.models.registry import register_model
-from bonedist.models.regressor import BackboneOptions, SexImageRegressor, imagenet_recipes, mlp, sigmoid_sex_encoder
+from bonedist.models.regressor import (
+    BF16_CL,
+    BackboneOptions,
+    SexImageRegressor,
+    imagenet_recipes,
+    mlp,
+    sigmoid_sex_encoder,
+)
 
 
 @register_model(options=BackboneOptions, channels=(3, 1), paper={"xception": (0.18, 0.42, 0.91)}, paper_weight=0.1,
-                recipes=imagenet_recipes())
+                recipes=imagenet_recipes(), cpu_precision=BF16_CL)
 def xception(opts: BackboneOptions, in_chans: int) -> SexImageRegressor:
     """sex -> Dense(32, sigmoid); concat; Dense(10, ReLU); Dense(1).
 

@@ -22,6 +22,7 @@ from bonedist.train.optim import OPTIMIZERS
 from bonedist.train.precision import PRECISIONS
 from bonedist.train.presets import list_presets, preset_values
 from bonedist.train.schedule import SCHEDULES
+from bonedist.train.validation import CALIBRATIONS
 
 OPT, DATA, VAL, ENGINE, RUN = "optimisation", "data", "validation", "engine", "checkpoints and tracking"
 
@@ -62,7 +63,9 @@ class TrainConfig:
     ema: float = option(0.0, "EMA decay of the weights, validated and kept as best/ (0: off)", group=OPT, minimum=0)
     recalibrate: int = option(0, "training radiographs (a fixed random sample, seen as evaluation sees them) on "
                                  "which, before each validation, BatchNorm statistics are recomputed and the output "
-                                 "offset refit (0: off; see bonedist.train.batchnorm)", group=OPT, minimum=0)
+                                 "calibration refit (0: off; see bonedist.train.batchnorm)", group=OPT, minimum=0)
+    calibration: str = option("offset", "what is refit on those radiographs: the output's offset, or a line "
+                                        "(slope and offset, Deeplasia's)", CALIBRATIONS, OPT)
     # data
     data_mode: str = option("auto", "cache the split on the device, stream shards, or choose by free memory",
                             DATA_MODES, DATA)

@@ -67,6 +67,7 @@ class Trainer:
         self.git = ckpt.git_revision()
         # staged training leaves the fixed branches without gradients: DDP must look for unused parameters
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.stages else []
+        _allow_precision(self.precision.mixed)
         self.accelerator = Accelerator(cpu=not cuda, mixed_precision=self.precision.mixed,
                                        gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers,
                                        log_with="wandb" if self.tracking != "off" else None,
@@ -403,8 +404,8 @@ class Trainer:
         return self.validation.run()
 
     @property
-    def offsets(self) -> dict[str, float]:
-        return self.validation.offsets
+    def calibration(self) -> dict[str, tuple[float, float]]:
+        return self.validation.calibration
 
     def sample_validation_batch(self, n: int = 8) -> dict:
         """The first ``n`` validation radiographs (read once, for the images logged each epoch)."""
@@ -427,6 +428,16 @@ class Trainer:
                   f"command again (--resume auto) to continue")
         under_launcher = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun reports a non-zero child as a crash
         return 0 if under_launcher else EXIT_PREEMPTED
+
+
+def _allow_precision(mixed: str) -> None:
+    """Accelerate keeps one mixed precision per process; runs in one process (the demo, studies, benchmarks) may each
+    resolve their own, so a different one resets Accelerate's state (the process group is kept)."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def train_in_process(cfg: TrainConfig, announce: str = "") -> tuple[int, Path, bool]:

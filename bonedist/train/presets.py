@@ -75,6 +75,6 @@ def tiny() -> dict:
     """CPU tests and the demo: small images, random init, fine-tuned end to end, a few hundred steps."""
     return {"epochs": 3, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
             "scheduler": "cosine", "warmup_epochs": 0.2, "early_stopping": 0, "eval_batch_size": 32, "workers": 1,
-            "data_mode": "cache", "recalibrate": 1024, "log_every": 5, "input": {"image_size": 64},
+            "data_mode": "cache", "recalibrate": 256, "log_every": 5, "input": {"image_size": 64},
             "augment": {"rotation": 5.0, "translate": (0.05, 0.05), "scale": (1.0, 1.0), "shear": 0.0,
                         "hflip": 0.0}}

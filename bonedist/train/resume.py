@@ -20,7 +20,8 @@ def best_meta(trainer, metrics: dict | None = None) -> dict:
     cfg = trainer.cfg
     return {"model": cfg.model, "model_options": trainer.info.without_weights(asdict(cfg.options())),
             "input": cfg.input.to_dict(), "spec": trainer.spec.to_dict(), "mu": trainer.scale.mu,
-            "sigma": trainer.scale.sigma, "offsets_z": dict(trainer.offsets), "train_mean_months": trainer.train_mean,
+            "sigma": trainer.scale.sigma, "calibration_z": {k: list(v) for k, v in trainer.calibration.items()},
+            "train_mean_months": trainer.train_mean,
             "epoch": trainer.state.epoch, "global_step": trainer.state.global_step, "metrics": metrics,
             "precision": trainer.precision.name, "config": cfg.to_dict(), "bonedist_version": __version__,
             "git": trainer.git, "pack": {"image_size": trainer.manifest["image_size"],

@@ -4,19 +4,33 @@ offsets refit on a fixed sample of training radiographs, then exact metrics over
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from bonedist.inference import Predictor, gather_predictions, predict_batches
 from bonedist.train.batchnorm import recalibrate_batchnorm, training_norm_names
 
+CALIBRATIONS = ("offset", "linear")
+
+
+def fit_calibration(pred_z: np.ndarray, true_z: np.ndarray, kind: str) -> tuple[float, float]:
+    """(slope, intercept) mapping predictions onto truth, in z: ``offset`` only shifts (slope 1), so the mean error
+    is zero; ``linear`` (Deeplasia's) is the least-squares line of truth on prediction."""
+    if kind == "linear" and len(pred_z) > 2 and np.std(pred_z) > 1e-6:
+        slope, intercept = np.polyfit(pred_z, true_z, 1)
+        return float(slope), float(intercept)
+    return 1.0, float(np.mean(true_z - pred_z)) if len(pred_z) else 0.0
+
+
+def calibrate(z, line: tuple[float, float] | list[float]):
+    return line[0] * z + line[1]
+
 
 class Validation:
-    """``run()``: the validation metrics of the trainer's evaluated model; ``offsets``: each output's z offset,
-    refit by the last recalibration (kept in ``best/`` for ``evaluate`` and ``predict``)."""
+    """``run()``: the validation metrics of the trainer's evaluated model; ``calibration``: each output's z line
+    (slope, intercept), refit by the last recalibration (kept in ``best/`` for ``evaluate`` and ``predict``)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.offsets: dict[str, float] = {}
+        self.calibration: dict[str, tuple[float, float]] = {}
 
     def predictor(self) -> Predictor:
         """The evaluated model as validation (and recalibration) runs it."""
@@ -26,7 +40,8 @@ class Validation:
     def recalibrate(self) -> None:
         """Before a validation, on ``recalibrate`` clean training radiographs (the same batches every time, whatever
         the number of ranks), seen as evaluation sees them: the evaluated model's BatchNorm statistics are
-        recomputed, then each output's offset is refit so that its mean error on them is zero.
+        recomputed, then each output's calibration is refit on them: its offset, so that its mean error is zero
+        (``--calibration offset``), or a line (``linear``).
 
         Training never fixes that offset for the evaluation-mode function: batch statistics in training, population
         statistics after; a median under L1. Measured on real radiographs, which statistics are used moved the
@@ -41,12 +56,14 @@ class Validation:
                               t.accelerator.autocast)
         local = predict_batches(self.predictor(), t.recal_data)
         keys = ["pred", *t.task.branches]
+        if t.world > 1:  # every rank fits the same line on the whole sample
+            from accelerate.utils import gather_object
+
+            parts = [p for p in gather_object([local]) if p]
+            local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
         z_true = (local["age"] - t.scale.mu) / t.scale.sigma if local else np.zeros(0)
-        sums = torch.tensor([*(float(np.sum(local[k] - z_true)) if local else 0.0 for k in keys), float(len(z_true))],
-                            dtype=torch.float64, device=t.device)
-        if t.world > 1:
-            torch.distributed.all_reduce(sums)
-        self.offsets = {k: float(sums[i] / sums[-1]) for i, k in enumerate(keys)}
+        self.calibration = {k: fit_calibration(local[k] if local else np.zeros(0), z_true, t.cfg.calibration)
+                            for k in keys}
 
     def run(self) -> dict:
         """Exact metrics over the whole validation split (every sample once, across all ranks): MSE on z and MAE per
@@ -60,7 +77,7 @@ class Validation:
         for name in ("pred", *t.task.branches):
             if name not in preds:
                 continue
-            pred = preds[name] - self.offsets.get(name, 0.0)
+            pred = calibrate(preds[name], self.calibration.get(name, (1.0, 0.0)))
             suffix = "" if name == "pred" else f"_{name}"
             out[f"val_loss{suffix}"] = float(np.mean((pred - z_true) ** 2))
             out[f"val_mae_months{suffix}"] = float(np.mean(np.abs(pred - z_true)) * sigma)
