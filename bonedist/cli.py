@@ -57,6 +57,9 @@ def _add_pack(sub) -> None:
                    help="carve held-out splits from the training table, stratified by sex and age (N a count or a "
                         "fraction below 1), for data that comes without them (Kaggle's training set)")
     p.add_argument("--holdout-seed", type=int, default=0, help="which radiographs --holdout picks (default 0)")
+    p.add_argument("--max-pixels", type=float, default=None,
+                   help="skip images whose header declares more pixels than this, before decoding them (default "
+                        "64e6: every radiography detector fits; a decompression bomb does not)")
     g = p.add_argument_group("generic CSV (collections outside the official layouts)")
     g.add_argument("--csv", type=Path, default=None, help="table of images (path relative to ROOT or absolute)")
     g.add_argument("--id-col", default="id")
@@ -78,7 +81,8 @@ def _cmd_pack(args) -> int:
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     options = PackOptions(size=args.size, resize=args.resize, samples_per_shard=args.samples_per_shard,
                           workers=args.workers, strict=args.strict, splits=splits, progress=not args.quiet,
-                          holdout=parse_holdout(args.holdout), holdout_seed=args.holdout_seed)
+                          holdout=parse_holdout(args.holdout), holdout_seed=args.holdout_seed,
+                          **({"max_pixels": int(args.max_pixels)} if args.max_pixels else {}))
     generic = None
     if args.csv is not None:
         generic = GenericCSV(csv=args.csv, id_col=args.id_col, age_col=args.age_col or None, sex_col=args.sex_col,
@@ -164,15 +168,19 @@ def _add_predict(sub) -> None:
     p.add_argument("--chronological-age", default=None, help="e.g. 10y3m, 123m: also print the difference")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--heatmap", default=None, help="PNG with the AG-CNN attention box and mask")
+    p.add_argument("--max-pixels", type=float, default=None,
+                   help="refuse images whose header declares more pixels than this (default 64e6)")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
     import json
 
+    from bonedist.data.images import MAX_PIXELS
     from bonedist.eval.predict import format_result, predict_images
 
-    rows = predict_images(args.images, args.sex, args.runs, args.chronological_age, args.heatmap)
+    rows = predict_images(args.images, args.sex, args.runs, args.chronological_age, args.heatmap,
+                          int(args.max_pixels) if args.max_pixels else MAX_PIXELS)
     failed = [r for r in rows if "error" in r]
     if args.json:
         print(json.dumps(rows, indent=1))

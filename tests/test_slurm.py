@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, epoch_records
 
@@ -95,6 +96,43 @@ def test_usr1_preempts_requeues_and_the_job_finishes(train_shards, tmp_path):
     assert "resumed from" in log
     records = epoch_records(metrics.parent)
     assert [r["epoch"] for r in records] == [1, 2]
+
+
+def _release_requeued(job: str) -> None:
+    """Slurm holds a requeued batch job for ~2 minutes (Reason=BeginTime): release it to keep the test short."""
+    pending = wait_state(job, ("PENDING",), timeout=300, predicate=lambda i: int(i.get("Restarts", "0")) >= 1)
+    if pending.get("Reason") == "BeginTime":
+        time.sleep(3)  # slurmd refuses a credential issued in the second its predecessor was revoked
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=20)
+
+
+def test_sigterm_mid_epoch_requeues_and_ends_with_the_weights_of_an_unbroken_run(train_shards, tmp_path):
+    """`scancel --signal=TERM` (what preemption sends): the training processes save and stop, the launcher prints
+    no traceback, the job requeues itself and the requeued job ends exactly where an unbroken job ends."""
+    from safetensors.torch import load_file
+
+    args = "--epochs 2 --steps-per-epoch 10 --batch-size 4 --log-every 1 --data-mode cache"
+    unbroken = submit(tmp_path, "slurm-unbroken", train_shards, args)
+    info = wait_state(unbroken, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "slurm-unbroken.out").read_text(errors="replace")[-3000:]
+    job = submit(tmp_path, "slurm-term", train_shards, args)
+    metrics = tmp_path / "runs" / "slurm-term" / "xception" / "metrics.jsonl"
+    deadline = time.time() + 400
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"step"') >= 3):
+        time.sleep(0.2)
+    assert metrics.exists(), (tmp_path / "slurm-term.out").read_text(errors="replace")[-3000:]
+    subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=20)
+    _release_requeued(job)
+    info = wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600,
+                      predicate=lambda i: int(i.get("Restarts", "0")) >= 1)
+    log = (tmp_path / "slurm-term.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
+    assert "stopped by a signal" in log and "requeueing job" in log and "resumed from" in log
+    assert "Traceback" not in log and "SignalException" not in log, log[-3000:]
+    assert [r["epoch"] for r in epoch_records(metrics.parent)] == [1, 2]
+    final = {name: load_file(str(tmp_path / "runs" / name / "xception" / "checkpoints" / "step-00000020" /
+                                 "model.safetensors")) for name in ("slurm-unbroken", "slurm-term")}
+    assert all(torch.equal(final["slurm-unbroken"][k], final["slurm-term"][k]) for k in final["slurm-unbroken"])
 
 
 def test_train_all_submits_the_models_then_a_dependent_evaluation(train_shards, tmp_path):

@@ -29,6 +29,7 @@ import webdataset as wds
 from bonedist import BonedistError, __version__, free_gib, storage_full
 from bonedist.data.holdout import carve_holdout
 from bonedist.data.images import (
+    MAX_PIXELS,
     PNG_COMPRESSION,
     RESIZE_MODES,
     ImageError,
@@ -58,8 +59,11 @@ class PackOptions:
     progress: bool = True
     holdout: dict = field(default_factory=dict)  # {"validation": 600, "test": 0.1}: carved from train (holdout.py)
     holdout_seed: int = 0
+    max_pixels: int = MAX_PIXELS  # larger images (by their header) are skipped before any pixel is decoded
 
     def __post_init__(self):
+        if self.max_pixels < 1:
+            raise BonedistError(f"--max-pixels must be positive, got {self.max_pixels}")
         if not 32 <= self.size <= 4096:
             raise BonedistError(f"--size must be between 32 and 4096 pixels, got {self.size}")
         if self.resize not in RESIZE_MODES:
@@ -88,21 +92,23 @@ def default_workers() -> int:
 _worker: dict = {}
 
 
-def _init_worker(root: str, size: int, resize: str, ignore_sigint: bool) -> None:
+def _init_worker(root: str, size: int, resize: str, ignore_sigint: bool, max_pixels: int = MAX_PIXELS) -> None:
     if ignore_sigint:  # Ctrl-C is handled once, by the parent, which then terminates the pool
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker.update(root=Path(root), size=size, resize=resize, zips={})
+    _worker.update(root=Path(root), size=size, resize=resize, zips={}, max_pixels=max_pixels)
 
 
 def prepare_sample(record: dict) -> tuple[dict | None, str | None]:
     """Return ``(sample, None)`` ready for the tar writer, or ``(None, reason)`` for a bad image."""
     try:
         data = read_source(_worker["root"], record["source"], _worker["zips"])
-        image = decode_gray8(data)
+        image = decode_gray8(data, _worker.get("max_pixels", MAX_PIXELS))
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
         return None, f"unreadable file: {exc.__class__.__name__}: {exc}"
     except ImageError as exc:
         return None, str(exc)
+    except MemoryError:
+        return None, "out of memory while decoding (lower --max-pixels or --workers)"
     height, width = image.shape
     if (why := not_a_radiograph(image)) is not None:
         return None, why
@@ -306,7 +312,7 @@ def _run_workers(root, by_split, state, save_state, options, workers, out) -> No
         todo.append((split, start, by_split[split]))
     total = sum(len(records) - start for _, start, records in todo)
     done_before = sum(start for _, start, _ in todo)
-    init_args = (str(root), options.size, options.resize, workers > 1)
+    init_args = (str(root), options.size, options.resize, workers > 1, options.max_pixels)
     pool = mp.get_context("fork").Pool(workers, _init_worker, init_args) if workers > 1 else None
     if pool is None:
         _init_worker(*init_args)

@@ -59,7 +59,21 @@ def evaluate(opts: EvalOptions) -> dict:
     found, missing = find_runs(opts.runs)
     for name in missing:
         acc.print(f"warning: no trained {name} under {opts.runs}; it is left out of the report and the ensembles")
-    trained = {name: load_trained(path, acc.device) for name, path in found.items()}
+    out = Path(opts.out) if opts.out else Path(opts.runs) / "report"
+    if acc.is_main_process:  # a folder that cannot be written fails now, not after every prediction
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    trained = {}
+    for name, path in found.items():  # a broken best/ leaves its model out, with a line, not the evaluation
+        try:
+            trained[name] = load_trained(path, acc.device)
+        except BonedistError as exc:
+            acc.print(f"warning: {name} left out of the report and the ensembles: {exc}")
+            missing.append(name)
+    if not trained:
+        raise BonedistError(f"no trained model under {opts.runs} could be loaded (see the warnings above)")
     shards = opts.shards or next(iter(trained.values())).meta["config"]["shards"]
     manifest = load_manifest(shards)
     if opts.split not in manifest["splits"]:
@@ -76,8 +90,6 @@ def evaluate(opts: EvalOptions) -> dict:
             seen = kept
     if not acc.is_main_process:
         return {}
-    out = Path(opts.out) if opts.out else Path(opts.runs) / "report"
-    out.mkdir(parents=True, exist_ok=True)
     result = _score(months, opts.split, trained, missing, out)
     from bonedist.eval.report import write_report
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bonedist import BonedistError
-from bonedist.data.images import ImageError, decode_gray8, not_a_radiograph, resize_square
+from bonedist.data.images import MAX_PIXELS, ImageError, decode_gray8, not_a_radiograph, resize_square
 from bonedist.data.layouts import parse_male
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
 from bonedist.models import list_models, model_info
@@ -60,13 +60,18 @@ def _weights(runs: Path, names: list[str]) -> tuple[dict[str, float], str]:
     return {n: 1.0 / len(names) for n in names}, "equal"
 
 
-def _load_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def _load_image(path: Path, size: int, mode: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray,
+                                                                                         dict]:
+    if path.is_dir():
+        raise BonedistError(f"{path}: a folder, not an image file (give the images in it: {path}/*.png)")
     if not path.is_file():
         raise BonedistError(f"{path}: no such file")
     try:
-        original = decode_gray8(path.read_bytes())
+        original = decode_gray8(path.read_bytes(), max_pixels)
     except (ImageError, OSError) as exc:
         raise BonedistError(f"{path}: cannot read the image: {exc}") from exc
+    except MemoryError:
+        raise BonedistError(f"{path}: out of memory while decoding it (lower --max-pixels)") from None
     if (why := not_a_radiograph(original)) is not None:
         raise BonedistError(f"{path}: {why}")
     resized, geometry = resize_square(original, size, mode)
@@ -75,7 +80,7 @@ def _load_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, np.ndarra
 
 @torch.no_grad()
 def predict_images(images: list[str], sex: str, runs: str, chronological_age: str | None = None,
-                   heatmap: str | None = None) -> list[dict]:
+                   heatmap: str | None = None, max_pixels: int = MAX_PIXELS) -> list[dict]:
     male = parse_sex(sex)
     chrono = parse_age(chronological_age) if chronological_age else None
     found, _ = find_runs(runs)
@@ -92,15 +97,16 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
     for image_path in map(Path, images):
         try:  # a bad image gets its error; the others still get their results
             results.append(_predict_one(image_path, male, chrono, trained, predictors, weights, source, pack,
-                                        heatmap and drawn, heatmap, several=len(images) > 1))
+                                        heatmap and drawn, heatmap, several=len(images) > 1, max_pixels=max_pixels))
         except BonedistError as exc:
             results.append({"image": str(image_path), "error": str(exc)})
     return results
 
 
 def _predict_one(image_path: Path, male: bool, chrono: float | None, trained: dict, predictors: dict, weights: dict,
-                 source: str, pack: dict, drawn: str | None, heatmap: str | None, several: bool) -> dict:
-    original, resized, geometry = _load_image(image_path, pack["image_size"], pack["resize_mode"])
+                 source: str, pack: dict, drawn: str | None, heatmap: str | None, several: bool,
+                 max_pixels: int = MAX_PIXELS) -> dict:
+    original, resized, geometry = _load_image(image_path, pack["image_size"], pack["resize_mode"], max_pixels)
     batch = {"image": torch.from_numpy(resized).view(1, 1, *resized.shape), "male": torch.full((1,), float(male))}
     per_model, attention = {}, None
     for name, tm in trained.items():

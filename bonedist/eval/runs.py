@@ -68,7 +68,8 @@ class TrainedModel:
         own) in the precision and memory format ``inference_precision`` chooses for ``precision`` here."""
         flip, aggregate = self.settings(flip, aggregate)
         device = next(self.model.parameters()).device
-        chosen = inference_precision(precision, device.type == "cuda", self.info.cpu_precision)
+        chosen = inference_precision(precision, device.type == "cuda", self.info.cpu_precision,
+                                     discrete=self.model.task.attention)
         pipe = self.pipe
         if chosen.channels_last:
             self.model.to(memory_format=torch.channels_last)

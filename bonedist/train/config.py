@@ -101,6 +101,9 @@ class TrainConfig:
     keep_last: int = option(2, "step checkpoints kept", group=RUN, minimum=1)
     save_dtype: str = option("fp32", "precision of best/'s weights (fp16 halves them)", ("fp32", "fp16"), RUN)
     resume: str = option("auto", "auto (the latest checkpoint), never, or a checkpoint folder", group=RUN)
+    allow_changed_data: bool = option(False, "resume although the pack (its images, size or counts) or the preset "
+                                             "changed since the checkpoint was written (recorded in metrics.jsonl)",
+                                      group=RUN)
     wandb: str = option("auto", "W&B: auto is offline without an API key or network",
                         WANDB_MODES, RUN)
     wandb_project: str = option("bonedist", "W&B project", group=RUN)

@@ -37,6 +37,7 @@ from bonedist.train import checkpoint as ckpt
 from bonedist.train import resume
 from bonedist.train.clock import RunClock, max_over_ranks, sum_over_ranks
 from bonedist.train.config import TrainConfig
+from bonedist.train.lock import RunLock
 from bonedist.train.losses import build_loss
 from bonedist.train.optim import build_optimizer
 from bonedist.train.precision import resolve_precision
@@ -76,17 +77,18 @@ class Trainer:
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
         self.stop_requested = self.stop_requested_everywhere = False
         set_seed(cfg.seed)
+        self.manifest = load_manifest(cfg.shards)
+        if "validation" not in self.manifest["splits"]:
+            raise BonedistError(f"{cfg.shards} has no validation split: training selects checkpoints on it")
+        self.lock, self.resume_changes = RunLock(self.run_dir), []
+        self.resume_from = self._claim_run_folder()  # nothing is written before the folder is ours and fits
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": self.resolved()},
                                                                  indent=1, sort_keys=True) + "\n")
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
         acc.wait_for_everyone()
         acc.print(f"precision: {self.precision.describe()}")
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=acc.is_main_process)
-        self.manifest = load_manifest(cfg.shards)
-        if "validation" not in self.manifest["splits"]:
-            raise BonedistError(f"{cfg.shards} has no validation split: training selects checkpoints on it")
         verify_pack(cfg.shards, self.manifest, ["train", "validation"], self.rank, self.world)
         self._build_model()
         self._build_data()
@@ -98,6 +100,30 @@ class Trainer:
         self.tracker = TrainTracking(self)
         self.validation = Validation(self)
         self._validation_sample: dict | None = None
+
+    def _claim_run_folder(self) -> Path | None:
+        """Rank 0 takes the run folder's lock, repairs what a kill left and checks the checkpoint it would resume
+        from against this run (model, preset, pack); every rank learns the verdict, so all stop with one line."""
+        acc, problem, note, folder = self.accelerator, None, None, None
+        if acc.is_main_process:
+            try:
+                note = self.lock.acquire()
+                ckpt.recover_run_folder(self.run_dir)
+                folder = ckpt.find_resume(self.run_dir, self.cfg.resume)
+                if folder is not None:
+                    resume.check(self, folder)
+            except BonedistError as exc:
+                problem = str(exc)
+                self.lock.release()
+        if self.world > 1:
+            shared = [problem, str(folder) if folder else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            problem, folder = shared[0], Path(shared[1]) if shared[1] else None
+        if problem:
+            raise BonedistError(problem)
+        if note:
+            acc.print(f"note: {note}")
+        return folder
 
     def resolved(self) -> dict:
         """What ``auto`` settings became on this machine (saved in config.json and the W&B config)."""
@@ -184,7 +210,7 @@ class Trainer:
         last."""
         acc, cfg = self.accelerator, self.cfg
         self.tracker.start()
-        resumed = resume.restore(self)
+        resumed = resume.restore(self, self.resume_from)
         if resumed:
             acc.print(f"resumed from {resumed} (epoch {self.state.epoch + 1}, batch {self.state.batch_in_epoch}, "
                       f"step {self.state.global_step})")
@@ -206,6 +232,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.lock.release()
             if end:
                 acc.end_training()  # W&B finished, process group destroyed
             else:

@@ -92,12 +92,15 @@ def resolve_precision(requested: str, channels_last: bool | None, cuda: bool,
     return Precision(mixed, fmt if channels_last is None else channels_last, reason)
 
 
-def inference_precision(requested: str, cuda: bool, cpu_choice: tuple[str, bool] = ("fp32", False)) -> Precision:
+def inference_precision(requested: str, cuda: bool, cpu_choice: tuple[str, bool] = ("fp32", False),
+                        discrete: bool = False) -> Precision:
     """The precision of evaluation and prediction: as training with ``--precision`` given or on CUDA; with ``auto``
-    on a CPU fp32 (bf16 is not within 0.1 months of it), channels_last where the model trains with it."""
+    on a CPU fp32 (bf16 is not within 0.1 months of it), channels_last where the model trains with it, except for a
+    model that takes discrete decisions on float results (``discrete``: the AG-CNN's attention crop), which runs in
+    plain fp32 so that it crops exactly where fp32 does (channels_last moved one crop of 26 real radiographs)."""
     if requested != "auto" or cuda or launcher_precision():
         return resolve_precision(requested, None, cuda, cpu_choice)
-    fmt = cpu_choice[1] and cpu_has_bf16_units()  # the measured format choice applies to the machines measured
+    fmt = cpu_choice[1] and cpu_has_bf16_units() and not discrete  # measured on machines with those units
     return Precision("no", fmt, "evaluation on a CPU: fp32 (bf16 moves predictions by more than 0.1 months)")
 
 

@@ -4,21 +4,25 @@ gets what evaluation and prediction need (``meta.json``)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import asdict
 
 import torch
 
-from bonedist import __version__
+from bonedist import BonedistError, __version__
+from bonedist.data.manifest import pack_differences, pack_identity
 from bonedist.train import checkpoint as ckpt
 from bonedist.train.state import TrainState
 
 
 def best_meta(trainer, metrics: dict | None = None) -> dict:
-    """What ``best/meta.json`` holds: how to rebuild the model and read its outputs (``bonedist.eval.runs``)."""
+    """What ``best/meta.json`` (and each checkpoint's) holds: how to rebuild the model and read its outputs
+    (``bonedist.eval.runs``), and what it was trained on (``check`` compares it when resuming)."""
     cfg = trainer.cfg
-    return {"model": cfg.model, "model_options": trainer.info.without_weights(asdict(cfg.options())),
+    return {"pack_identity": pack_identity(trainer.manifest),
+            "model": cfg.model, "model_options": trainer.info.without_weights(asdict(cfg.options())),
             "input": cfg.input.to_dict(), "spec": trainer.spec.to_dict(), "mu": trainer.scale.mu,
             "sigma": trainer.scale.sigma, "calibration_z": {k: list(v) for k, v in trainer.calibration.items()},
             "train_mean_months": trainer.train_mean,
@@ -50,13 +54,35 @@ def save(trainer, best_metrics: dict | None = None) -> None:
     acc.wait_for_everyone()
 
 
-def restore(trainer) -> str | None:
-    """Resume from ``--resume`` (auto: the latest checkpoint); returns the folder resumed from, or None."""
+def check(trainer, folder) -> list[str]:
+    """Whether the checkpoint ``folder`` is one this run can continue: the same model (else one line naming both),
+    and the same preset and pack (image size, radiographs, shard checksums) unless ``--allow-changed-data``, which
+    is then recorded in metrics.jsonl. Returns what changed (allowed)."""
+    cfg = trainer.cfg
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BonedistError(f"cannot resume from {folder}: its meta.json cannot be read ({exc})") from exc
+    saved_cfg = meta.get("config") or {}
+    if meta.get("model") != cfg.model:
+        raise BonedistError(f"cannot resume {cfg.model} from {folder}: it is a checkpoint of {meta.get('model')} "
+                            f"(preset {saved_cfg.get('preset', '?')}); pass --resume never (or another --experiment) "
+                            f"to start {cfg.model} afresh")
+    changes = [f"preset {saved_cfg.get('preset')} → {cfg.preset}"] if saved_cfg.get("preset") != cfg.preset else []
+    if meta.get("pack_identity"):  # checkpoints before 0.2 did not record it
+        changes += pack_differences(meta["pack_identity"], pack_identity(trainer.manifest))
+    if changes and not cfg.allow_changed_data:
+        raise BonedistError(f"cannot resume from {folder}: {'; '.join(changes)} since it was written (the "
+                            f"normalisation and data position refer to what it trained on). Start a new run (--resume "
+                            f"never, or another --experiment), or pass --allow-changed-data to continue on purpose")
+    trainer.resume_changes = changes
+    return changes
+
+
+def restore(trainer, folder) -> str | None:
+    """Resume from ``folder`` (``--resume``, found and checked when the trainer claimed the run folder); returns
+    the folder resumed from, or None."""
     acc = trainer.accelerator
-    if acc.is_main_process:
-        ckpt.recover_run_folder(trainer.run_dir)
-    acc.wait_for_everyone()
-    folder = ckpt.find_resume(trainer.run_dir, trainer.cfg.resume)
     if folder is None:
         return None
     from safetensors.torch import load_file
@@ -65,7 +91,12 @@ def restore(trainer) -> str | None:
     if saved["world"] != trainer.world:
         acc.print(f"warning: checkpoint written by {saved['world']} processes, resuming with {trainer.world}: data "
                   f"order and RNG streams will differ from an unbroken run")
-    trainer.unwrapped.load_state_dict(load_file(str(folder / "model.safetensors")))
+    try:
+        trainer.unwrapped.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except RuntimeError as exc:  # the same model name with other options (a wider head, other channels)
+        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)[:200]
+        raise BonedistError(f"the checkpoint {folder} does not fit {trainer.cfg.model} with these options "
+                            f"({detail}); resume with the options it was trained with, or --resume never") from exc
     trainer.optimizer.load_state_dict(saved["optimizer"])
     trainer.scheduler.load_state_dict(saved["scheduler"])
     if saved["scaler"] is not None and acc.scaler is not None:
@@ -81,6 +112,10 @@ def restore(trainer) -> str | None:
         torch.cuda.set_rng_state(rng["cuda"])
     if acc.is_main_process:
         trainer.log.truncate_after(trainer.state.global_step)  # lines of the interrupted continuation
+        changes = trainer.resume_changes
+        if changes:  # --allow-changed-data: said in the log and kept in the metrics
+            trainer.log.write({"kind": "note", "step": trainer.state.global_step, "resumed_on_changed_data": changes})
+            acc.print(f"warning: resuming although {'; '.join(changes)} (--allow-changed-data)")
     if trainer.state.best_epoch >= 0 and not (trainer.run_dir / "best" / "model.safetensors").is_file():
         acc.print(f"warning: {trainer.run_dir / 'best'} is missing; it is written again at the next validation")
         trainer.state.best = math.inf
