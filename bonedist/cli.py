@@ -161,13 +161,22 @@ def _cmd_evaluate(args) -> int:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="bone age of radiographs with the trained ensemble")
-    p.add_argument("images", nargs="+", help="8/16-bit PNG or JPEG files")
-    p.add_argument("--sex", required=True, help="F or M")
+    p = sub.add_parser("predict", help="bone age of radiographs (files, a folder or a worklist) with the ensemble")
+    p.add_argument("images", nargs="*", help="PNG, JPEG or DICOM files, or one folder of them")
+    p.add_argument("--table", type=Path, default=None,
+                   help="a worklist CSV: an image (path or id) column, sex, optionally chronological_age")
+    p.add_argument("--image-dir", type=Path, default=None, help="where the table's images are (default: its folder)")
+    p.add_argument("--sex", default=None, help="F or M, for images without one (table or DICOM header)")
     p.add_argument("--runs", default="runs/default", help="runs/EXPERIMENT with trained models")
     p.add_argument("--chronological-age", default=None, help="e.g. 10y3m, 123m: also print the difference")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--heatmap", default=None, help="PNG with the AG-CNN attention box and mask")
+    p.add_argument("--coverage", type=float, default=0.9, help="of the prediction interval (default 0.9)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write one CSV row per image here and the same rows as JSON beside it (default for a "
+                        "table or folder: predictions.csv)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--heatmap", default=None, help="PNG with the AG-CNN attention box and mask (single images)")
+    p.add_argument("--batch-size", type=int, default=32, help="radiographs per batch (default 32)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
     p.add_argument("--max-pixels", type=float, default=None,
                    help="refuse images whose header declares more pixels than this (default 64e6)")
     p.set_defaults(func=_cmd_predict)
@@ -177,22 +186,71 @@ def _cmd_predict(args) -> int:
     import json
 
     from bonedist.data.images import MAX_PIXELS
-    from bonedist.eval.predict import format_result, predict_images
+    from bonedist.eval.predict import format_result, parse_age, parse_sex, predict_images
 
-    rows = predict_images(args.images, args.sex, args.runs, args.chronological_age, args.heatmap,
-                          int(args.max_pixels) if args.max_pixels else MAX_PIXELS)
+    max_pixels = int(args.max_pixels) if args.max_pixels else MAX_PIXELS
+    if args.heatmap:
+        if not args.images or args.table or not args.sex:
+            raise BonedistError("--heatmap draws single images: give image files and --sex")
+        rows = predict_images(args.images, args.sex, args.runs, args.chronological_age, args.heatmap, max_pixels,
+                              args.coverage)
+    else:
+        rows, out = _predict_work(args, max_pixels, parse_sex, parse_age)
+        if out is not None:
+            print(f"wrote {out[0]} and {out[1]}: {sum('error' not in r for r in rows)} of {len(rows)} radiographs "
+                  f"predicted")
     failed = [r for r in rows if "error" in r]
     if args.json:
         print(json.dumps(rows, indent=1))
-    else:
+    elif not args.out and len(rows) <= 50:
         good = [format_result(r) for r in rows if "error" not in r]
         if good:
             print("\n".join(good))
-    for row in failed:
+    for row in failed[:20]:
         print(f"bonedist predict: error: {row['error']}", file=sys.stderr)
     if failed:
         print(f"bonedist predict: {len(failed)} of {len(rows)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _predict_work(args, max_pixels, parse_sex, parse_age):
+    """A table, a folder or image files through the batched worklist path (every image exactly once, also under
+    `accelerate launch`)."""
+    from accelerate import PartialState
+
+    from bonedist.eval.predict import Ensemble
+    from bonedist.eval.worklist import (
+        WorkItem,
+        folder_items,
+        gather_rows,
+        predict_worklist,
+        read_worklist,
+        write_results,
+    )
+
+    if args.table is not None:
+        if args.images:
+            raise BonedistError("give either --table or images, not both")
+        items, default_out = read_worklist(args.table, args.image_dir), Path("predictions.csv")
+    elif len(args.images) == 1 and Path(args.images[0]).is_dir():
+        items, default_out = folder_items(Path(args.images[0])), Path("predictions.csv")
+        if not items:
+            raise BonedistError(f"{args.images[0]}: no PNG, JPEG or DICOM files in it")
+    elif args.images:
+        items, default_out = [WorkItem(i, Path(p), label=p) for i, p in enumerate(args.images)], None
+    else:
+        raise BonedistError("nothing to predict: give image files, a folder, or --table worklist.csv")
+    state = PartialState()
+    ensemble = Ensemble(args.runs, args.coverage, state.device)
+    default_male = parse_sex(args.sex) if args.sex else None
+    chrono = parse_age(args.chronological_age) if args.chronological_age else None
+    rows = predict_worklist(items, ensemble, args.batch_size, args.workers, max_pixels, default_male, chrono,
+                            state.process_index, state.num_processes, show_progress=len(items) > 50)
+    rows = gather_rows(rows, state.num_processes)
+    target = args.out or default_out
+    if target is None or not state.is_main_process:
+        return [{k: v for k, v in r.items() if k != "index"} for r in rows], None
+    return [{k: v for k, v in r.items() if k != "index"} for r in rows], write_results(rows, target)
 
 
 def _add_study(sub) -> None:

@@ -249,14 +249,14 @@ def test_cpu_evaluation_is_within_a_tenth_of_a_month_of_fp32_on_real_radiographs
     every model within 0.1 months, and the AG-CNN's attention crops the same boxes. (bf16 is not: it is shown.)"""
     import torch
 
-    from bonedist.eval.predict import _load_image
+    from bonedist.eval.predict import load_radiograph
     from bonedist.eval.runs import find_runs, load_trained
 
     found, _ = find_runs(trained_runs)
     trained = {name: load_trained(path) for name, path in found.items()}
     pack = next(iter(trained.values())).meta["pack"]
     paths = sorted((RSNA_SAMPLE / "boneage-training-dataset").glob("*.png"))
-    images = [_load_image(p, pack["image_size"], pack["resize_mode"])[1] for p in paths]
+    images = [load_radiograph(p, pack["image_size"], pack["resize_mode"])[1] for p in paths]
     batch = {"image": torch.from_numpy(np.stack(images))[:, None], "male": torch.tensor([1.0, 0.0] * 13)}
     for name, tm in trained.items():
         months = {}

@@ -12,7 +12,7 @@ import numpy as np
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 RESIZE_MODES = ("pad", "stretch")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its fixed CRC
 PNG_COMPRESSION = 3  # lossless either way; 3 packs ~10% smaller than OpenCV's default 1 and still decodes fast

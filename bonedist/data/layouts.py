@@ -169,16 +169,43 @@ def read_table(root: str | Path, generic: GenericCSV | None = None, splits: tupl
                 continue
             found_splits.add(layout.split)
             rows.extend(split_rows)
+        if not table.layouts and "test" in splits:
+            rows = _read_dicom_folder(root, files, table)
         if not table.layouts:
             known = ", ".join(sorted({layout.filename for layout in OFFICIAL_LAYOUTS}))
             raise BonedistError(
-                f"no known bone-age layout under {root}: looked for {known} (up to {MAX_DEPTH} folders deep); "
-                "for another collection pass --csv FILE with --id-col/--age-col/--sex-col"
+                f"no known bone-age layout under {root}: looked for {known} and DICOM files (up to {MAX_DEPTH} "
+                "folders deep); for another collection pass --csv FILE with --id-col/--age-col/--sex-col"
             )
     columns = ["id", "key", "split", "boneage_months", "male", "source", "origin"]
     records = pd.DataFrame(rows, columns=columns)
     table.records = _drop_duplicates(records, table.skipped)
     return table
+
+
+def _read_dicom_folder(root: Path, files: list[Path], table: Table) -> list[dict]:
+    """A folder of DICOM radiographs without a table (an archive export): each file is an unlabeled ``test``
+    sample, its sex from the header (PatientSex); ids are paths below the root without the suffix."""
+    from bonedist.data.dicom import header_facts
+
+    rows = []
+    for path in files:
+        if path.name.startswith(".") or (path.suffix and path.suffix.lower() != ".dcm"):
+            continue
+        facts = header_facts(path)
+        if facts is None:
+            continue
+        rel = _rel(root, path)
+        image_id = rel[: -len(path.suffix)] if path.suffix else rel
+        if facts["male"] is None:
+            table.skipped.append({"source": rel, "reason": "DICOM header has no PatientSex M or F"})
+            continue
+        rows.append({"id": image_id, "key": sample_key(image_id), "split": "test", "boneage_months": None,
+                     "male": facts["male"], "source": rel, "origin": rel})
+    if rows or table.skipped:
+        table.layouts.append({"split": "test", "layout": "dicom-folder", "file": f"{len(rows)} DICOM files, sex "
+                              f"from their headers (no table)", "used": True, "labeled": False})
+    return rows
 
 
 def _walk(root: Path) -> tuple[list[Path], list[Path]]:

@@ -27,13 +27,13 @@ import numpy as np
 import webdataset as wds
 
 from bonedist import BonedistError, __version__, free_gib, storage_full
+from bonedist.data.dicom import decode_radiograph
 from bonedist.data.holdout import carve_holdout
 from bonedist.data.images import (
     MAX_PIXELS,
     PNG_COMPRESSION,
     RESIZE_MODES,
     ImageError,
-    decode_gray8,
     encode_png,
     not_a_radiograph,
     resize_square,
@@ -102,7 +102,7 @@ def prepare_sample(record: dict) -> tuple[dict | None, str | None]:
     """Return ``(sample, None)`` ready for the tar writer, or ``(None, reason)`` for a bad image."""
     try:
         data = read_source(_worker["root"], record["source"], _worker["zips"])
-        image = decode_gray8(data, _worker.get("max_pixels", MAX_PIXELS))
+        image, facts = decode_radiograph(data, _worker.get("max_pixels", MAX_PIXELS))
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
         return None, f"unreadable file: {exc.__class__.__name__}: {exc}"
     except ImageError as exc:
@@ -124,9 +124,24 @@ def prepare_sample(record: dict) -> tuple[dict | None, str | None]:
         "resize_mode": _worker["resize"],
         "size": _worker["size"],
         **geometry,
+        **_dicom_meta(facts, record),
     }
     sample = {"__key__": record["key"], "png": encode_png(resized), "json": json.dumps(meta, sort_keys=True).encode()}
     return sample, None
+
+
+def _dicom_meta(facts: dict, record: dict) -> dict:
+    """What a DICOM header adds to a sample's metadata: pixel spacing, window, photometric interpretation, bits,
+    the chronological age, and a note when its sex contradicts the table's."""
+    if not facts:
+        return {}
+    meta = {"dicom": {k: facts[k] for k in ("pixel_spacing_mm", "window", "photometric", "bits_stored",
+                                            "transfer_syntax")},
+            "chronological_age_months": facts["age_months"]}
+    if facts["male"] is not None and facts["male"] != record["male"]:
+        meta["header_conflict"] = (f"DICOM PatientSex {'M' if facts['male'] else 'F'}, table "
+                                   f"{'M' if record['male'] else 'F'} (the table's is used)")
+    return meta
 
 
 def _prepare_indexed(item: tuple[int, dict]) -> tuple[int, dict | None, str | None]:
@@ -187,6 +202,7 @@ class _SplitWriter:
         self.writer: wds.ShardWriter | None = None
         self.handle = None
         self.current: list[list] = []  # [key, age, male] of the samples in the open shard
+        self.notes: list[dict] = []  # packed samples worth a word (a DICOM header contradicting the table)
         self.pending_skips: list[tuple[int, dict]] = []  # skips not yet attributed to a completed shard
         self.last_index = -1
 
@@ -203,8 +219,9 @@ class _SplitWriter:
         skips = [entry for index, entry in self.pending_skips if index < next_index]
         self.pending_skips = [(i, e) for i, e in self.pending_skips if i >= next_index]
         self.shards.append({"name": Path(fname).name, "count": len(self.current), "sha256": sha256_file(Path(fname)),
-                            "next_index": next_index, "skipped": skips, "samples": self.current})
-        self.current = []
+                            "next_index": next_index, "skipped": skips, "samples": self.current,
+                            "notes": self.notes})
+        self.current, self.notes = [], []
         self.save_state()
 
     def write(self, index: int, sample: dict) -> None:
@@ -220,6 +237,8 @@ class _SplitWriter:
         self.writer.write(sample)
         self.last_index = index
         self.current.append([sample["__key__"], meta["boneage_months"], meta["male"]])
+        if "header_conflict" in meta:
+            self.notes.append({"source": meta["source"], "note": meta["header_conflict"]})
 
     def skip(self, index: int, entry: dict) -> None:
         self.pending_skips.append((index, entry))
@@ -352,12 +371,13 @@ def _run_workers(root, by_split, state, save_state, options, workers, out) -> No
 
 
 def _finish(root: Path, out: Path, table, state: dict, options: PackOptions, by_split) -> tuple[dict, int]:
-    skipped = list(table.skipped)
+    skipped, notes = list(table.skipped), []
     splits = {}
     for split in SPLITS:
         shards = state["splits"].get(split, [])
         for shard in shards:
             skipped.extend(shard["skipped"])
+            notes.extend(shard.get("notes", []))
         skipped.extend(state.get("tail_skips", {}).get(split, []))
         if not by_split[split] and not shards:
             continue
@@ -387,6 +407,7 @@ def _finish(root: Path, out: Path, table, state: dict, options: PackOptions, by_
         "layouts": table.layouts,
         "splits": splits,
         "skipped": skipped,
+        "notes": notes,
         "totals": {"packed": packed, "skipped": len(skipped)},
         "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "progress")},
     }
@@ -406,6 +427,11 @@ def _report(out: Path, manifest: dict, failure: str | None, code: int) -> int:
         print(f"skipped {entry['source']}: {entry['reason']}", file=sys.stderr)
     if len(skipped) > 10:
         print(f"... and {len(skipped) - 10} more skipped (listed in {out / MANIFEST})", file=sys.stderr)
+    notes = manifest.get("notes", [])
+    for entry in notes[:10]:
+        print(f"note: {entry['source']}: {entry['note']}", file=sys.stderr)
+    if len(notes) > 10:
+        print(f"... and {len(notes) - 10} more notes (listed in {out / MANIFEST})", file=sys.stderr)
     per_split = ", ".join(f"{name} {info['count']}" for name, info in manifest["splits"].items())
     n_shards = sum(len(info["shards"]) for info in manifest["splits"].values())
     line = (f"packed {manifest['totals']['packed']} images into {n_shards} shards ({per_split}); "

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from bonedist import BonedistError
 from bonedist.data.manifest import load_manifest
 from bonedist.data.source import DATA_MODES, DataConfig, open_split, verify_pack
+from bonedist.eval.intervals import IntervalCalibration, choose_method, coverage_report
 from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
 from bonedist.inference import PATCH_AGGREGATES, gather_predictions, predict_batches
@@ -46,6 +47,8 @@ class EvalOptions:
     data_mode: str = option("auto", "cache the split, stream it, or choose by free memory", DATA_MODES)
     workers: int = option(2, "DataLoader workers per process (stream mode)", minimum=0)
     precision: str = option("auto", "auto: bf16 on CUDA, fp32 on a CPU (bonedist.train.precision)", PRECISIONS)
+    coverage: float = option(0.9, "nominal coverage of the prediction intervals reported (calibrated on the "
+                                  "validation split)", minimum=0.05, maximum=0.99)
     out: str | None = option(None, "report folder (default RUNS/report)")
     wandb: str = option("auto", "W&B: auto is offline without an API key or network", WANDB_MODES)
 
@@ -90,7 +93,7 @@ def evaluate(opts: EvalOptions) -> dict:
             seen = kept
     if not acc.is_main_process:
         return {}
-    result = _score(months, opts.split, trained, missing, out)
+    result = _score(months, opts.split, trained, missing, out, opts.coverage)
     from bonedist.eval.report import write_report
 
     write_report(out, result, months[opts.split], trained, seen.get("sample"), opts)
@@ -136,14 +139,15 @@ def _keeper(seen: dict, thumbnails: bool):
     return observe
 
 
-def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: Path) -> dict:
+def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: Path, coverage: float = 0.9) -> dict:
     table = months[split]
     models = list(trained)
     mu = float(np.mean([tm.mu for tm in trained.values()]))
     sigma = float(np.mean([tm.sigma for tm in trained.values()]))
     ensembles, notes = _ensembles(months, split, models)
-    for name, weights in ensembles.items():
-        table[f"ensemble_{name}"] = sum(w * table[m] for m, w in weights.items())
+    for frame in months.values():  # the reported split, and validation (intervals are calibrated there)
+        for name, weights in ensembles.items():
+            frame[f"ensemble_{name}"] = sum(w * frame[m] for m, w in weights.items())
     labeled = table["truth"].notna().all()
     result = {"split": split, "n": len(table), "models": models, "missing": missing, "mu": mu, "sigma": sigma,
               "ensembles": ensembles, "notes": notes, "labeled": bool(labeled), "metrics": {}}
@@ -155,9 +159,37 @@ def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: P
                                                                    sigma)
         for column in reported_columns(trained) + [f"ensemble_{name}" for name in ensembles]:
             result["metrics"][column] = regression_metrics(table[column], table["truth"], table["male"], mu, sigma)
+    columns = reported_columns(trained) + [f"ensemble_{name}" for name in ensembles]
+    calibrations = _interval_calibrations(months, split, columns, result["notes"], coverage)
+    if calibrations and labeled:
+        result["intervals"] = {c: coverage_report(cal["calibration"], table[c], table["truth"], table["male"],
+                                                  coverage) for c, cal in calibrations.items()}
     (out / "metrics.json").write_text(json.dumps(result, indent=1, default=_json_default))
     (out / "ensemble.json").write_text(json.dumps({"weights": ensembles, "split_fitted_on": "validation"}, indent=1))
+    (out / "intervals.json").write_text(json.dumps({"coverage": coverage, "split_fitted_on": "validation",
+                                                    "columns": {c: {"method": cal["calibration"].method,
+                                                                    "cross_fitted": cal["scores"],
+                                                                    **cal["calibration"].to_dict()}
+                                                                for c, cal in calibrations.items()}},
+                                                   default=_json_default))
     return result
+
+
+def _interval_calibrations(months: dict[str, pd.DataFrame], split: str, columns: list[str], notes: list,
+                           coverage: float) -> dict:
+    """Per model and ensemble: the conformal method chosen by cross-fitting on the validation split and its
+    calibration there (``bonedist.eval.intervals``); none when validation is the reported split or has no ages."""
+    val = months.get("validation")
+    if split == "validation" or val is None or val["truth"].isna().any():
+        notes.append("no prediction intervals: they are calibrated on a labelled validation split, never on the "
+                     "reported one")
+        return {}
+    out = {}
+    for column in columns:
+        method, scores = choose_method(val[column], val["truth"], val["male"], coverage)
+        out[column] = {"calibration": IntervalCalibration(method, val[column].tolist(), val["truth"].tolist(),
+                                                          val["male"].astype(bool).tolist()), "scores": scores}
+    return out
 
 
 def reported_columns(trained: dict) -> list[str]:

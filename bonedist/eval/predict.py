@@ -1,12 +1,15 @@
-"""``bonedist predict``: bone age of single radiographs with the trained ensemble, on the CPU if need be.
+"""``bonedist predict``: bone age of radiographs with the trained ensemble and its prediction interval, on a CPU if
+need be: single images, a worklist table, or a folder (``bonedist.eval.worklist``).
 
     bonedist predict hand.png --sex F --runs runs/rsna --chronological-age 10y3m
-    bonedist predict a.png b.jpg --sex M --json
-    bonedist predict hand.png --sex F --heatmap attention.png
+    bonedist predict a.png b.dcm --sex M --json
+    bonedist predict --table worklist.csv --runs runs/rsna --out results.csv
+    bonedist predict /archive/export/ --runs runs/rsna --out results.csv     # DICOM headers give sex and age
 
-Each image is preprocessed exactly as `bonedist pack` does (8/16-bit PNG or JPEG → 8-bit gray → the pack's size and
-resize mode), then run through every trained model; the ensemble uses the validation-fitted weights that
-`bonedist evaluate` saved (report/ensemble.json), else the paper's weights, else equal weights.
+Each image is preprocessed exactly as `bonedist pack` does (8/16-bit PNG, JPEG or DICOM → 8-bit gray → the pack's
+size and resize mode), then run through every trained model; the ensemble uses the validation-fitted weights that
+`bonedist evaluate` saved (report/ensemble.json), else the paper's weights, else equal weights, and its conformal
+interval calibration (report/intervals.json) gives the interval at ``--coverage``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import numpy as np
 import torch
 
 from bonedist import BonedistError
-from bonedist.data.images import MAX_PIXELS, ImageError, decode_gray8, not_a_radiograph, resize_square
+from bonedist.data.dicom import decode_radiograph
+from bonedist.data.images import MAX_PIXELS, ImageError, not_a_radiograph, resize_square
 from bonedist.data.layouts import parse_male
+from bonedist.eval.intervals import IntervalCalibration
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
 from bonedist.models import list_models, model_info
 
@@ -34,7 +39,7 @@ def parse_sex(text: str) -> bool:
 
 def parse_age(text: str) -> float:
     """'10y3m', '10y', '123m', '123' (months) or '10.25y' → months."""
-    t = text.strip().lower().replace(" ", "")
+    t = str(text).strip().lower().replace(" ", "")
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)y)?(?:(\d+(?:\.\d+)?)m?)?", t)
     if not t or not match or (match.group(1) is None and match.group(2) is None):
         raise BonedistError(f"--chronological-age {text!r}: expected forms like 10y3m, 10y, 123m or 123 (months)")
@@ -48,26 +53,14 @@ def years_months(months: float) -> str:
     return f"{total // 12} y {total % 12} m"
 
 
-def _weights(runs: Path, names: list[str]) -> tuple[dict[str, float], str]:
-    saved = runs / "report" / "ensemble.json"
-    if saved.is_file():
-        fitted = json.loads(saved.read_text())["weights"].get("fitted")
-        if fitted and set(fitted) <= set(names):
-            return fitted, "validation-fitted (report/ensemble.json)"
-    paper = paper_weights(names)
-    if paper and len(paper) == len(names):
-        return paper, "paper"
-    return {n: 1.0 / len(names) for n in names}, "equal"
-
-
-def _load_image(path: Path, size: int, mode: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray,
-                                                                                         dict]:
+def load_radiograph(path: Path, size: int, mode: str, max_pixels: int = MAX_PIXELS):
+    """(original 8-bit image, resized to the pack's size, resize geometry, DICOM header facts) of an image file."""
     if path.is_dir():
-        raise BonedistError(f"{path}: a folder, not an image file (give the images in it: {path}/*.png)")
+        raise BonedistError(f"{path}: a folder, not an image file (predict FOLDER reads all the images in it)")
     if not path.is_file():
         raise BonedistError(f"{path}: no such file")
     try:
-        original = decode_gray8(path.read_bytes(), max_pixels)
+        original, facts = decode_radiograph(path.read_bytes(), max_pixels)
     except (ImageError, OSError) as exc:
         raise BonedistError(f"{path}: cannot read the image: {exc}") from exc
     except MemoryError:
@@ -75,59 +68,118 @@ def _load_image(path: Path, size: int, mode: str, max_pixels: int = MAX_PIXELS) 
     if (why := not_a_radiograph(original)) is not None:
         raise BonedistError(f"{path}: {why}")
     resized, geometry = resize_square(original, size, mode)
-    return original, resized, geometry
+    return original, resized, geometry, facts
+
+
+class Ensemble:
+    """The trained models of a runs folder as one predictor: every model's months, the ensemble's, and its
+    conformal interval at ``coverage`` (when ``evaluate`` calibrated one)."""
+
+    def __init__(self, runs: str | Path, coverage: float = 0.9, device: str | torch.device = "cpu"):
+        if not 0.05 <= coverage <= 0.99:
+            raise BonedistError(f"--coverage must be between 0.05 and 0.99, got {coverage}")
+        self.runs, self.coverage = Path(runs), coverage
+        found, _ = find_runs(runs)
+        self.trained = {name: load_trained(path, device) for name, path in found.items()}
+        # each run's own test-time flip and patch aggregation, in the precision evaluation uses here
+        self.predictors = {name: tm.predictor() for name, tm in self.trained.items()}
+        self.weights, self.source, column = self._weights()
+        self.pack = next(iter(self.trained.values())).meta["pack"]
+        self.calibration = self._calibration(column)
+
+    def _weights(self) -> tuple[dict[str, float], str, str]:
+        names = list(self.trained)
+        saved = self.runs / "report" / "ensemble.json"
+        if saved.is_file():
+            fitted = json.loads(saved.read_text())["weights"].get("fitted")
+            if fitted and set(fitted) <= set(names):
+                return fitted, "validation-fitted (report/ensemble.json)", "ensemble_fitted"
+        if len(names) == 1:
+            task = self.trained[names[0]].model.task
+            return {names[0]: 1.0}, "one model", f"{names[0]}_{task.main_branch}" if task.main_branch else names[0]
+        paper = paper_weights(names)
+        if paper and len(paper) == len(names):
+            return paper, "paper", "ensemble_paper"
+        return {n: 1.0 / len(names) for n in names}, "equal", "ensemble_equal"
+
+    def _calibration(self, column: str) -> IntervalCalibration | None:
+        saved = self.runs / "report" / "intervals.json"
+        if not saved.is_file():
+            return None
+        entry = json.loads(saved.read_text()).get("columns", {}).get(column)
+        if entry is None:
+            return None
+        return IntervalCalibration(entry["method"], entry["predicted"], entry["truth"], entry["male"])
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, male: torch.Tensor) -> dict[str, np.ndarray]:
+        """A uint8 batch (B, 1, S, S) at the pack's size → months per model (``model/NAME``), ``bone_age`` and,
+        with a calibration, ``low`` and ``high``."""
+        batch = {"image": images, "male": male.float()}
+        out = {f"model/{name}": self.trained[name].months(self.predictors[name](batch)["pred"].cpu().numpy())
+               for name in self.trained}
+        out["bone_age"] = sum(w * out[f"model/{m}"] for m, w in self.weights.items())
+        if self.calibration is not None:
+            bounds = self.calibration.intervals(out["bone_age"], male.cpu().numpy().astype(bool), self.coverage)
+            out["low"], out["high"] = bounds[:, 0], bounds[:, 1]
+        return out
+
+
+def result_row(image: str, male: bool, chrono: float | None, values: dict, ensemble: Ensemble, index: int = 0) -> dict:
+    """One image's result, as printed, written to CSV/JSON and returned."""
+    bone_age = float(values["bone_age"][index])
+    models = {k.split("/", 1)[1]: round(float(v[index]), 2) for k, v in values.items() if k.startswith("model/")}
+    row = {"image": image, "sex": "M" if male else "F", "bone_age_months": round(bone_age, 2),
+           "bone_age": years_months(bone_age), "models": models, "ensemble": ensemble.source,
+           "weights": ensemble.weights}
+    if "low" in values:
+        row["interval"] = {"coverage": ensemble.coverage, "low_months": round(float(values["low"][index]), 2),
+                           "high_months": round(float(values["high"][index]), 2),
+                           "method": ensemble.calibration.method}
+    if chrono is not None:
+        row.update(chronological_age_months=round(chrono, 2), difference_months=round(bone_age - chrono, 2))
+        if "interval" in row:
+            row["chronological_outside_interval"] = not (row["interval"]["low_months"] <= chrono
+                                                         <= row["interval"]["high_months"])
+    return row
 
 
 @torch.no_grad()
 def predict_images(images: list[str], sex: str, runs: str, chronological_age: str | None = None,
-                   heatmap: str | None = None, max_pixels: int = MAX_PIXELS) -> list[dict]:
+                   heatmap: str | None = None, max_pixels: int = MAX_PIXELS, coverage: float = 0.9) -> list[dict]:
+    """Single images with one sex (and chronological age) for all: each gets its result or its error."""
     male = parse_sex(sex)
     chrono = parse_age(chronological_age) if chronological_age else None
-    found, _ = find_runs(runs)
-    trained = {name: load_trained(path, "cpu") for name, path in found.items()}
-    # each run's own test-time flip and patch aggregation, in the precision evaluation uses on this CPU
-    predictors = {name: tm.predictor() for name, tm in trained.items()}
-    weights, source = _weights(Path(runs), list(trained))
-    pack = next(iter(trained.values())).meta["pack"]
-    drawn = next((name for name, tm in trained.items() if tm.model.task.attention), None)
+    ensemble = Ensemble(runs, coverage)
+    drawn = next((name for name, tm in ensemble.trained.items() if tm.model.task.attention), None)
     if heatmap and drawn is None:
         raise BonedistError(f"--heatmap needs a trained model with attention crops under --runs "
                             f"({', '.join(m for m in list_models() if model_info(m).task.attention)})")
+    pack = ensemble.pack
     results = []
     for image_path in map(Path, images):
         try:  # a bad image gets its error; the others still get their results
-            results.append(_predict_one(image_path, male, chrono, trained, predictors, weights, source, pack,
-                                        heatmap and drawn, heatmap, several=len(images) > 1, max_pixels=max_pixels))
+            original, resized, geometry, _ = load_radiograph(image_path, pack["image_size"], pack["resize_mode"],
+                                                             max_pixels)
+            batch = torch.from_numpy(resized).view(1, 1, *resized.shape)
+            sexes = torch.full((1,), float(male))
+            row = result_row(str(image_path), male, chrono, ensemble.predict(batch, sexes), ensemble)
+            if heatmap:
+                row["heatmap"] = _draw(ensemble.trained[drawn], batch, sexes, original, geometry, pack, heatmap,
+                                       image_path, several=len(images) > 1)
+            results.append(row)
         except BonedistError as exc:
             results.append({"image": str(image_path), "error": str(exc)})
     return results
 
 
-def _predict_one(image_path: Path, male: bool, chrono: float | None, trained: dict, predictors: dict, weights: dict,
-                 source: str, pack: dict, drawn: str | None, heatmap: str | None, several: bool,
-                 max_pixels: int = MAX_PIXELS) -> dict:
-    original, resized, geometry = _load_image(image_path, pack["image_size"], pack["resize_mode"], max_pixels)
-    batch = {"image": torch.from_numpy(resized).view(1, 1, *resized.shape), "male": torch.full((1,), float(male))}
-    per_model, attention = {}, None
-    for name, tm in trained.items():
-        out = predictors[name](batch)
-        per_model[name] = float(tm.months(out["pred"][0]))
-        if name == drawn:  # boxes and masks come from one plain forward pass
-            inputs = tm.pipe.model_batch(batch)
-            attention = tm.model(inputs.image, inputs.male)
-    bone_age = float(sum(w * per_model[m] for m, w in weights.items()))
-    row = {"image": str(image_path), "sex": "M" if male else "F", "bone_age_months": round(bone_age, 2),
-           "bone_age": years_months(bone_age), "models": {k: round(v, 2) for k, v in per_model.items()},
-           "ensemble": source, "weights": weights}
-    if chrono is not None:
-        row.update(chronological_age_months=chrono, difference_months=round(bone_age - chrono, 2))
-    if heatmap:
-        target = Path(heatmap) if not several else Path(heatmap).with_name(
-            f"{Path(heatmap).stem}-{image_path.stem}{Path(heatmap).suffix}")
-        draw_heatmap(original, geometry, pack["image_size"], attention["boxes"][0], attention["masks"][0, 0],
-                     target)
-        row["heatmap"] = str(target)
-    return row
+def _draw(tm, batch, sexes, original, geometry, pack, heatmap: str, image_path: Path, several: bool) -> str:
+    inputs = tm.pipe.model_batch({"image": batch, "male": sexes})  # boxes and masks of one plain forward pass
+    attention = tm.model(inputs.image, inputs.male)
+    target = Path(heatmap) if not several else Path(heatmap).with_name(
+        f"{Path(heatmap).stem}-{image_path.stem}{Path(heatmap).suffix}")
+    draw_heatmap(original, geometry, pack["image_size"], attention["boxes"][0], attention["masks"][0, 0], target)
+    return str(target)
 
 
 def draw_heatmap(original: np.ndarray, geometry: dict, pack_size: int, box: torch.Tensor, mask: torch.Tensor,
@@ -155,7 +207,10 @@ def draw_heatmap(original: np.ndarray, geometry: dict, pack_size: int, box: torc
 
 
 def format_result(row: dict) -> str:
-    lines = [f"{row['image']} ({'male' if row['sex'] == 'M' else 'female'}): bone age {row['bone_age']} "
+    interval = row.get("interval")
+    span = (f" ({interval['coverage']:.0%} interval {years_months(interval['low_months'])} – "
+            f"{years_months(interval['high_months'])})" if interval else "")
+    lines = [f"{row['image']} ({'male' if row['sex'] == 'M' else 'female'}): bone age {row['bone_age']}{span} "
              f"({row['bone_age_months']:.1f} months), {row['ensemble']} ensemble"]
     for name, value in row["models"].items():
         lines.append(f"  {name:<16}{value:7.1f} months ({years_months(value)})")
@@ -164,6 +219,11 @@ def format_result(row: dict) -> str:
         trend = "advanced" if diff > 0 else "delayed" if diff < 0 else "equal to chronological age"
         lines.append(f"  chronological age {years_months(row['chronological_age_months'])}: bone age "
                      f"{trend} by {abs(diff):.1f} months" if diff else f"  {trend}")
+        if "chronological_outside_interval" in row:
+            outside = row["chronological_outside_interval"]
+            lines.append(f"  the chronological age lies {'outside' if outside else 'inside'} the "
+                         f"{interval['coverage']:.0%} interval: "
+                         + ("the bone age differs from it" if outside else "no difference shown at this coverage"))
     if "heatmap" in row:
         lines.append(f"  attention drawn in {row['heatmap']}")
     return "\n".join(lines)

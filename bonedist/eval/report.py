@@ -29,6 +29,8 @@ def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, sa
         prediction_columns = [c for c in result["metrics"] if c != "predict_the_mean"]
         figures += [_scatter(out, table, prediction_columns), _bland_altman(out, table, prediction_columns),
                     _age_bands(out, result, prediction_columns)]
+    if result.get("intervals"):
+        figures.append(_interval_figure(out, result["intervals"]))
     figures.append(_training_curves(out, trained))
     for name, tm in trained.items():
         if tm.model.task.attention and sample is not None:
@@ -74,11 +76,50 @@ def _markdown(result: dict, figures: list[Path], opts, trained: dict) -> str:
         for name, m in result["metrics"].items():
             bands = " | ".join(_fmt(v) for v in m["mae_by_age_band"].values())
             lines.append(f"| {name} | {_fmt(m['mae_male_months'])} | {_fmt(m['mae_female_months'])} | {bands} |")
-    lines += ["", "## Ensemble weights", ""]
+    lines += ["", "## Ensemble weights (fitted on the validation split)", ""]
     for name, weights in result["ensembles"].items():
         lines.append(f"- {name}: " + ", ".join(f"{m} {w:.3f}" for m, w in weights.items()))
+    lines += _interval_lines(result.get("intervals") or {})
     lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _interval_lines(intervals: dict) -> list[str]:
+    """The prediction intervals' coverage and width on the reported split (calibrated on validation)."""
+    if not intervals:
+        return []
+    nominal = next(iter(intervals.values()))["nominal"]
+    lines = ["", f"## {nominal:.0%} prediction intervals (conformal, calibrated on the validation split)", "",
+             "Coverage: the share of radiographs whose true bone age lies inside the interval; width in months. "
+             "Age bands by true age; bands with fewer than 50 radiographs in brackets.", "",
+             "| model | method | coverage | mean width | male | female | "
+             + " | ".join(f"{lo}-{hi} y" for lo, hi in AGE_BANDS_YEARS) + " |",
+             "|" + "---|" * (6 + len(AGE_BANDS_YEARS))]
+    for name, r in intervals.items():
+        bands = []
+        for band in r["age_bands"].values():
+            text = "-" if band["coverage"] is None else f"{band['coverage']:.0%} / {band['mean_width_months']:.1f}"
+            bands.append(text if band["n"] >= 50 or band["coverage"] is None else f"({text})")
+        lines.append(f"| {name} | {r['method']} | {r['coverage']:.1%} | {r['mean_width_months']:.1f} | "
+                     f"{r['male']['coverage']:.0%} | {r['female']['coverage']:.0%} | " + " | ".join(bands) + " |")
+    return lines
+
+
+def _interval_figure(out: Path, intervals: dict) -> Path:
+    """Coverage against nominal coverage for every model and ensemble, and the mean width by age band."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, r in intervals.items():
+        levels = [float(k) for k in r["by_nominal"]]
+        left.plot(levels, list(r["by_nominal"].values()), marker="o", label=name, lw=1)
+        bands = [(k, b["mean_width_months"]) for k, b in r["age_bands"].items() if b["mean_width_months"]]
+        right.plot([k for k, _ in bands], [w for _, w in bands], marker="o", label=name, lw=1)
+    left.plot([0.45, 1.0], [0.45, 1.0], color="gray", ls="--", lw=1)
+    left.set(xlabel="nominal coverage", ylabel="coverage on the reported split", title="calibration of the intervals")
+    right.set(xlabel="true age band", ylabel="mean interval width (months)", title="interval width by age")
+    for ax in (left, right):
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, out / "intervals.png")
 
 
 def _grid(n: int):
