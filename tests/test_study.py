@@ -67,6 +67,9 @@ def test_bench_accuracy_packs_trains_within_budget_and_reports_mae(tmp_path):
     assert summary["train_min"] < budget + 0.5, summary
     assert "predict-the-mean baseline" in result.stdout and "ensemble_fitted" in result.stdout
     assert (tmp_path / "out" / "runs" / "tiny" / "report" / "metrics.json").is_file()
+    intervals = summary["intervals"]["tiny"]["ensemble_fitted"]  # coverage and width printed beside the MAE
+    assert 0 <= intervals["coverage"] <= 1 and intervals["mean_width_months"] > 0
+    assert "90% prediction intervals" in result.stdout
 
 
 def test_bench_accuracy_needs_a_validation_split(tmp_path):

@@ -126,12 +126,24 @@ def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers) -> dic
     from bonedist.eval.evaluate import EvalOptions, evaluate
 
     print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
-    results, bias = {}, {}
+    results, bias, intervals = {}, {}, {}
     for preset in presets:
         result = evaluate(EvalOptions(runs=str(runs / preset), split=split, wandb=wandb, workers=workers or 2))
         results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
         bias[preset] = {name: m["bias_months"] for name, m in result["metrics"].items()}
-    return {"mae_months": results, "bias_months": bias}
+        intervals[preset] = {name: _interval_summary(r) for name, r in result.get("intervals", {}).items()}
+    return {"mae_months": results, "bias_months": bias, "intervals": intervals}
+
+
+def _interval_summary(report: dict) -> dict:
+    """Coverage and width of a row's intervals, with its worst sex and its worst age band of 50 or more."""
+    groups = {"male": report["male"], "female": report["female"],
+              **{band: g for band, g in report["age_bands"].items() if g["n"] >= 50}}
+    groups = {k: g for k, g in groups.items() if g["coverage"] is not None}
+    worst = min(groups, key=lambda k: groups[k]["coverage"]) if groups else None
+    return {"method": report["method"], "nominal": report["nominal"], "coverage": report["coverage"],
+            "mean_width_months": report["mean_width_months"], "worst_group": worst,
+            "worst_group_coverage": groups[worst]["coverage"] if worst else None}
 
 
 def _combine(per_seed: list[dict]) -> dict:
@@ -147,6 +159,7 @@ def _combine(per_seed: list[dict]) -> dict:
             out[key][preset] = {row: float(sum(v) / len(v)) for row, v in values.items()}
             out[f"{key}_sd"][preset] = {row: float(statistics.stdev(v)) if len(v) > 1 else 0.0
                                         for row, v in values.items()}
+    out["intervals"] = per_seed[-1].get("intervals", {})  # the last seed's (every seed's under per_seed)
     out["per_seed"] = per_seed
     return out
 
@@ -191,4 +204,15 @@ def format_table(summary: dict) -> str:
             member = min((v, k) for k, v in members.items())
             lines.append(f"{preset}: {best[1]} = {best[0] / member[0]:.2f}x its best member ({member[1]} "
                          f"{member[0]:.2f})")
+    for preset in presets:
+        rows = summary.get("intervals", {}).get(preset, {})
+        if not rows:
+            continue
+        nominal = next(iter(rows.values()))["nominal"]
+        lines.append(f"{preset}: {nominal:.0%} prediction intervals (conformal, calibrated on the validation split)"
+                     + (", last seed" if len(seeds) > 1 else "")
+                     + f"\n{'':<26}{'method':>11}{'coverage':>10}{'width':>8}  worst sex or age band (n>=50)")
+        for row, r in sorted(rows.items(), key=lambda kv: (kv[0].startswith("ensemble"), kv[0])):
+            worst = f"{r['worst_group']} {r['worst_group_coverage']:.1%}" if r["worst_group"] else "-"
+            lines.append(f"{row:<26}{r['method']:>11}{r['coverage']:>10.1%}{r['mean_width_months']:>8.1f}  {worst}")
     return "\n".join(lines)

@@ -184,6 +184,11 @@ def _interval_calibrations(months: dict[str, pd.DataFrame], split: str, columns:
         notes.append("no prediction intervals: they are calibrated on a labelled validation split, never on the "
                      "reported one")
         return {}
+    need = int(np.ceil(1.0 / (1.0 - coverage))) - 1
+    if len(val) < 2 * need:
+        notes.append(f"{coverage:.0%} prediction intervals from {len(val)} validation radiographs are wide: a "
+                     f"conformal interval needs {need} or more per group it calibrates (use a larger validation "
+                     "split)")
     out = {}
     for column in columns:
         method, scores = choose_method(val[column], val["truth"], val["male"], coverage)

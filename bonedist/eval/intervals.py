@@ -16,6 +16,7 @@ measured on the other (and the other way round) is chosen; ties go to the narrow
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -82,8 +83,10 @@ class IntervalCalibration:
                       bins=self._bins(cal_pred, cal_male))
         pred = np.atleast_1d(np.asarray(pred, float))
         male = np.broadcast_to(np.asarray(male, bool), pred.shape)
-        out = regressor.predict_int(pred, sigmas=self._sigmas(pred), bins=self._bins(pred, male),
-                                    confidence=coverage, y_min=AGE_RANGE[0], y_max=AGE_RANGE[1])
+        with warnings.catch_warnings():  # too few residuals in a bin: the interval is the whole age range
+            warnings.simplefilter("ignore", UserWarning)
+            out = regressor.predict_int(pred, sigmas=self._sigmas(pred), bins=self._bins(pred, male),
+                                        confidence=coverage, y_min=AGE_RANGE[0], y_max=AGE_RANGE[1])
         return np.nan_to_num(out, nan=AGE_RANGE[0], posinf=AGE_RANGE[1], neginf=AGE_RANGE[0])
 
     def to_dict(self) -> dict:
@@ -129,7 +132,8 @@ def choose_method(pred, truth, male, coverage: float = 0.9, seed: int = 0) -> tu
             band = np.digitize(pred[other], cal._edges)
             groups = [male[other], ~male[other], *[band == k for k in np.unique(band)]]
             gaps.append(abs(inside.mean() - coverage))
-            worst.append(max(coverage - inside[g].mean() for g in groups if g.sum() >= 20))
+            worst.append(max((coverage - inside[g].mean() for g in groups if g.sum() >= 20),
+                             default=coverage - inside.mean()))  # a small split: no group of 20
             widths.append(float((b[:, 1] - b[:, 0]).mean()))
         scores[method] = {"coverage_gap": float(np.mean(gaps)), "worst_group_shortfall": float(np.mean(worst)),
                           "mean_width_months": float(np.mean(widths))}
