@@ -200,6 +200,10 @@ def _cmd_predict(args) -> int:
             print(f"wrote {out[0]} and {out[1]}: {sum('error' not in r for r in rows)} of {len(rows)} radiographs "
                   f"predicted")
     failed = [r for r in rows if "error" in r]
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`: rank 0 speaks for all the rows
+        return 1 if failed else 0
     if args.json:
         print(json.dumps(rows, indent=1))
     elif not args.out and len(rows) <= 50:
@@ -244,7 +248,8 @@ def _predict_work(args, max_pixels, parse_sex, parse_age):
     ensemble = Ensemble(args.runs, args.coverage, state.device)
     default_male = parse_sex(args.sex) if args.sex else None
     chrono = parse_age(args.chronological_age) if args.chronological_age else None
-    rows = predict_worklist(items, ensemble, args.batch_size, args.workers, max_pixels, default_male, chrono,
+    workers = args.workers if len(items) >= 8 else 0  # starting decoder processes costs more than a few images
+    rows = predict_worklist(items, ensemble, args.batch_size, workers, max_pixels, default_male, chrono,
                             state.process_index, state.num_processes, show_progress=len(items) > 50)
     rows = gather_rows(rows, state.num_processes)
     target = args.out or default_out
@@ -397,6 +402,16 @@ def _add_bench(sub) -> None:
     b.add_argument("--device", default=None, help="cpu to force the CPU")
     b.set_defaults(func=_cmd_bench_train_loop)
 
+    b = bench.add_parser("predict", help="radiographs/s: a worklist in one predict call vs one call per image")
+    b.add_argument("--runs", required=True, help="runs/EXPERIMENT with trained models")
+    b.add_argument("--images", default=None, help="a folder of PNG, JPEG or DICOM files (default: the real "
+                   "sample radiographs next to the repository, else phantoms)")
+    b.add_argument("--n", type=int, default=1000, help="worklist rows (the images cycled; default 1000)")
+    b.add_argument("--single", type=int, default=20, help="one-image calls timed (default 20)")
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--workers", type=int, default=2, help="decoding processes of the worklist (default 2)")
+    b.set_defaults(func=_cmd_bench_predict)
+
     b = bench.add_parser("train-step", help="training images/s: fp32 eager vs the engine's defaults")
     b.add_argument("--model", required=True)
     b.add_argument("--preset", default="scratch", help="the model's recipe to time (default scratch)")
@@ -488,6 +503,13 @@ def _cmd_bench_loader(args) -> int:
     from bonedist.bench.loader import bench_loader
 
     bench_loader(n=args.n, batch_size=args.batch, batches=args.batches, workers=args.workers, device=args.device)
+    return 0
+
+
+def _cmd_bench_predict(args) -> int:
+    from bonedist.bench.predict import bench_predict
+
+    bench_predict(args.runs, args.images, n=args.n, single=args.single, batch_size=args.batch, workers=args.workers)
     return 0
 
 

@@ -212,8 +212,8 @@ def test_evaluation_tables_and_figures_go_to_wandb_offline(trained_runs, tmp_pat
     runs = list((tmp_path / "report" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     keys = set().union(*read_history(runs[0]))  # media and tables are logged as nested keys
-    for prefix in ("metrics", "predictions", "figures/pred_vs_true", "figures/bland_altman",
-                   "figures/agcnn_attention"):
+    for prefix in ("metrics", "predictions", "intervals", "figures/pred_vs_true", "figures/bland_altman",
+                   "figures/agcnn_attention", "figures/intervals"):
         assert any(k == prefix or k.startswith(prefix + "/") for k in keys), (prefix, sorted(keys)[:20])
     artifacts = read_artifacts(runs[0])
     used = sorted(a["name"] for a in artifacts if a["used"] and a["type"] == "model")
@@ -306,3 +306,94 @@ def test_evaluate_leaves_a_broken_model_out_and_refuses_an_unwritable_folder_bef
     blocked = run_cli("evaluate", "--runs", str(runs), "--wandb", "off", "--out", "/sys/bonedist-report")
     assert blocked.returncode == 2 and "cannot use /sys/bonedist-report" in blocked.stderr
     assert "Traceback" not in blocked.stderr and time.time() - started < 60
+
+
+def _worklist_images(folder):
+    """The real sample radiographs at a quarter of their side (decoding stays quick), with a DICOM of one of them
+    (header sex F) and the bad files a hospital export holds."""
+    from tests.test_clinical import write_dicom
+
+    folder.mkdir()
+    names = []
+    for path in sorted((RSNA_SAMPLE / "boneage-training-dataset").glob("*.png")):
+        gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(folder / path.name), cv2.resize(gray, (gray.shape[1] // 4, gray.shape[0] // 4)))
+        names.append(path.name)
+    write_dicom(folder / "header_sex.dcm", cv2.imread(str(folder / names[0]), cv2.IMREAD_GRAYSCALE)
+                .astype(np.uint16) * 257, sex="F", age="011Y")
+    write_dicom(folder / "no_pixels.dcm", np.zeros((4, 4), np.uint16), pixel_data=False)
+    (folder / "notes.png").write_text("not an image\n")
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_a_worklist_of_1000_rows_predicts_every_valid_row_and_names_every_bad_one(trained_runs, report, tmp_path):
+    names = _worklist_images(tmp_path / "images")
+    rows = [{"image": names[i % len(names)], "sex": "MF"[i % 2], "chronological_age": f"{60 + i % 120}"}
+            for i in range(1000)]
+    bad = {17: ("missing.png", "F", "no such file"), 230: ("notes.png", "M", "cannot read the image"),
+           401: ("no_pixels.dcm", "F", "without pixel data"), 777: (names[0], "X", "unknown sex 'X'")}
+    for i, (image, sex, _) in bad.items():
+        rows[i].update(image=image, sex=sex)
+    rows[500] = {"image": "header_sex.dcm", "sex": "", "chronological_age": ""}  # the header gives both
+    pd.DataFrame(rows).to_csv(tmp_path / "worklist.csv", index=False)
+    out = tmp_path / "out" / "results.csv"
+    result = run_cli("predict", "--table", str(tmp_path / "worklist.csv"), "--image-dir", str(tmp_path / "images"),
+                     "--runs", str(trained_runs), "--out", str(out), timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "4 of 1000 image(s) failed" in result.stderr and result.stderr.count("bonedist predict: error:") == 4
+    table = pd.read_csv(out, keep_default_na=False)
+    assert len(table) == 1000 and list(table["image"].str.split("/").str[-1]) == [r["image"] for r in rows]
+    failed = table["error"] != ""
+    assert set(np.flatnonzero(failed)) == set(bad)
+    for i, (_, _, message) in bad.items():
+        assert message in table["error"][i] and message in result.stderr, (i, table["error"][i])
+    good = table[~failed]
+    assert (good["bone_age_months"].astype(float) > 0).all()
+    assert (good["interval_low_months"].astype(float) <= good["bone_age_months"].astype(float)).all()
+    assert (good["bone_age_months"].astype(float) <= good["interval_high_months"].astype(float)).all()
+    assert {f"model_{m}" for m in ("xception", "resnet50_patch", "agcnn")} <= set(table.columns)
+    # the same image and sex predicts the same whatever batch it fell in
+    same = good[(good["image"].str.endswith(names[0])) & (good["sex"] == "M")]["bone_age_months"].astype(float)
+    assert len(same) > 10 and same.max() - same.min() < 0.02
+    header = table.iloc[500]
+    assert header["sex"] == "F" and float(header["chronological_age_months"]) == 132
+    assert float(header["difference_months"]) == pytest.approx(float(header["bone_age_months"]) - 132, abs=0.01)
+    as_json = json.loads(out.with_suffix(".json").read_text())
+    assert len(as_json) == 1000 and as_json[0]["interval"]["coverage"] == 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_a_folder_predicted_by_two_processes_gives_every_image_once(trained_runs, report, tmp_path):
+    names = _worklist_images(tmp_path / "images")
+    one = tmp_path / "one.csv"
+    result = run_cli("predict", str(tmp_path / "images"), "--sex", "M", "--runs", str(trained_runs), "--out",
+                     str(one))
+    assert result.returncode == 1, result.stderr[-2000:]  # notes.png and no_pixels.dcm fail, by name
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "launch/accelerate/cpu_2proc.yaml"), "--main_process_port", "29733", "-m", "bonedist",
+           "predict", str(tmp_path / "images"), "--sex", "M", "--runs", str(trained_runs), "--out",
+           str(tmp_path / "two.csv")]
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert two.returncode != 0 and "Traceback" not in two.stderr, two.stderr[-3000:]
+    a, b = pd.read_csv(one, keep_default_na=False), pd.read_csv(tmp_path / "two.csv", keep_default_na=False)
+    assert len(a) == len(names) + 3 and list(a["image"]) == list(b["image"])  # every image once, in order
+    assert list(a["error"] != "") == list(b["error"] != "") and (a["error"] != "").sum() == 2
+    good = a["error"] == ""
+    assert np.allclose(a["bone_age_months"][good].astype(float), b["bone_age_months"][good].astype(float),
+                       atol=0.05)
+    header = a[a["image"].str.endswith("header_sex.dcm")].iloc[0]
+    assert header["sex"] == "F"  # the header's sex wins over --sex, which is for images without one
+
+
+@pytest.mark.slow
+def test_bench_predict_times_the_worklist_beside_one_call_per_image(trained_runs, report):
+    result = run_cli("bench", "predict", "--runs", str(trained_runs), "--n", "60", "--single", "2", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = {line.split(":")[0]: float(line.rsplit("=", 1)[1].rstrip("/s")) for line in result.stdout.splitlines()
+             if " = " in line and line.endswith("/s")}
+    assert set(rates) == {"worklist (predict --table, batch 32, 2 decoding workers)",
+                          "one call per image (predict IMAGE)"}, result.stdout
+    assert all(v > 0 for v in rates.values()) and "worklist / one call per image:" in result.stdout

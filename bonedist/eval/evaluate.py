@@ -228,6 +228,20 @@ def _json_default(value):
     raise TypeError(type(value))
 
 
+def _intervals_table(intervals: dict):
+    """Coverage and mean width of every row's intervals: overall, per sex and per age band (W&B table)."""
+    import wandb
+
+    groups = ["all", "male", "female", *next(iter(intervals.values()))["age_bands"]]
+    data = []
+    for name, r in intervals.items():
+        for group in groups:
+            g = r if group == "all" else r[group] if group in ("male", "female") else r["age_bands"][group]
+            data.append([name, r["method"], r["nominal"], group, g["n"], g["coverage"], g["mean_width_months"]])
+    return wandb.Table(columns=["model", "method", "nominal", "group", "n", "coverage", "mean_width_months"],
+                       data=data)
+
+
 def _log_wandb(opts: EvalOptions, out: Path, result: dict, table: pd.DataFrame, trained: dict, shards: str,
                thumbs: dict) -> None:
     """One W&B run per evaluation: it uses the model artifacts it evaluated, logs the metrics table, the figures,
@@ -251,6 +265,7 @@ def _log_wandb(opts: EvalOptions, out: Path, result: dict, table: pd.DataFrame, 
     run.log({"metrics": wandb.Table(columns=["model", "mae_months", "bias_months", "rmse_months", "mse_z", "rmse_z",
                                              "pearson_r"], data=rows),
              "predictions": _predictions_table(table, thumbs, result),
+             **({"intervals": _intervals_table(result["intervals"])} if result.get("intervals") else {}),
              **{f"figures/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}})
     if result["labeled"]:
         run.summary.update({f"mae_months/{name}": m["mae_months"] for name, m in result["metrics"].items()})
