@@ -200,9 +200,7 @@ def _cmd_predict(args) -> int:
             print(f"wrote {out[0]} and {out[1]}: {sum('error' not in r for r in rows)} of {len(rows)} radiographs "
                   f"predicted")
     failed = [r for r in rows if "error" in r]
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # under `accelerate launch`: rank 0 speaks for all the rows
+    if not _process_state().is_main_process:  # under `accelerate launch`: rank 0 speaks for all the rows
         return 1 if failed else 0
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -217,11 +215,17 @@ def _cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def _process_state():
+    """This process's place under `accelerate launch` (gloo on a machine without CUDA, as training does)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _predict_work(args, max_pixels, parse_sex, parse_age):
     """A table, a folder or image files through the batched worklist path (every image exactly once, also under
     `accelerate launch`)."""
-    from accelerate import PartialState
-
     from bonedist.eval.predict import Ensemble
     from bonedist.eval.worklist import (
         WorkItem,
@@ -244,7 +248,7 @@ def _predict_work(args, max_pixels, parse_sex, parse_age):
         items, default_out = [WorkItem(i, Path(p), label=p) for i, p in enumerate(args.images)], None
     else:
         raise BonedistError("nothing to predict: give image files, a folder, or --table worklist.csv")
-    state = PartialState()
+    state = _process_state()
     ensemble = Ensemble(args.runs, args.coverage, state.device)
     default_male = parse_sex(args.sex) if args.sex else None
     chrono = parse_age(args.chronological_age) if args.chronological_age else None
