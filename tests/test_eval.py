@@ -384,8 +384,15 @@ def test_a_folder_predicted_by_two_processes_gives_every_image_once(trained_runs
     assert len(a) == len(names) + 3 and list(a["image"]) == list(b["image"])  # every image once, in order
     assert list(a["error"] != "") == list(b["error"] != "") and (a["error"] != "").sum() == 2
     good = a["error"] == ""
-    assert np.allclose(a["bone_age_months"][good].astype(float), b["bone_age_months"][good].astype(float),
-                       atol=0.05)
+
+    def differ(column):
+        return (a[column][good].astype(float) - b[column][good].astype(float)).abs() > 0.02
+
+    for model in ("xception", "resnet50_patch"):
+        assert not differ(f"model_{model}").any(), model
+    # other batches: the AG-CNN's discrete attention crop may flip on a radiograph whose heatmap sits on a threshold
+    # (as in test_two_process_evaluation_equals_one_process); at most one, and the ensemble moves only there
+    assert differ("model_agcnn").sum() <= 1 and list(differ("bone_age_months")) == list(differ("model_agcnn"))
     header = a[a["image"].str.endswith("header_sex.dcm")].iloc[0]
     assert header["sex"] == "F"  # the header's sex wins over --sex, which is for images without one
 
