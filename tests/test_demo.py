@@ -22,7 +22,9 @@ def test_demo_writes_the_report_and_stays_light(tmp_path):
     # the paper's models, whose numbers the report prints beside ours
     assert metrics["n"] == 8 and metrics["models"] == demo_models() == [m for m in list_models() if model_info(m).paper]
     assert "predict the mean (baseline)" in result.stdout and str(report / "report.md") in result.stdout
-    assert (report / "report.md").read_text().count("| agcnn_") == 6  # branches in both tables
+    text = (report / "report.md").read_text()
+    tables, _, intervals = text.partition("prediction intervals (conformal")
+    assert tables.count("| agcnn_") == 6 and intervals.count("| agcnn_") == 3  # branches in every table
     assert (out / "shards" / "manifest.json").exists() and not (out / "phantoms").exists()
     assert not list(out.glob("runs/demo/*/checkpoints"))  # only best/ is kept, in half precision
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
