@@ -89,14 +89,20 @@ class IntervalCalibration:
         nearest = np.argpartition(distance, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(pred), 0), int)
         return np.maximum(err[nearest].mean(axis=1) if k > 0 else np.ones(len(pred)), 1e-3)
 
+    def _regressor(self):
+        """The conformal regressor fitted on the calibration residuals, once (predict asks for every batch)."""
+        if getattr(self, "_fitted", None) is None:
+            from crepes import ConformalRegressor
+
+            cal_pred, cal_male = np.asarray(self.predicted, float), np.asarray(self.male, bool)
+            self._fitted = ConformalRegressor().fit(np.asarray(self.truth, float) - cal_pred,
+                                                    sigmas=self._sigmas(cal_pred, calibration=True),
+                                                    bins=self._bins(cal_pred, cal_male))
+        return self._fitted
+
     def intervals(self, pred, male, coverage: float = 0.9) -> np.ndarray:
         """(N, 2) lower and upper bounds (months) of the ``coverage`` intervals around predictions ``pred``."""
-        from crepes import ConformalRegressor
-
-        cal_pred, cal_male = np.asarray(self.predicted, float), np.asarray(self.male, bool)
-        regressor = ConformalRegressor()
-        regressor.fit(np.asarray(self.truth, float) - cal_pred, sigmas=self._sigmas(cal_pred, calibration=True),
-                      bins=self._bins(cal_pred, cal_male))
+        regressor = self._regressor()
         pred = np.atleast_1d(np.asarray(pred, float))
         male = np.broadcast_to(np.asarray(male, bool), pred.shape)
         with warnings.catch_warnings():  # too few residuals in a bin: the interval is the whole age range
