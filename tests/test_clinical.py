@@ -161,3 +161,37 @@ def test_conformal_intervals_cover_what_they_promise_in_every_group():
     assert list(report["by_nominal"]) == ["0.5", "0.6", "0.7", "0.8", "0.9", "0.95"]
     bounds = cal.intervals([5.0, 230.0], [True, False], 0.9)
     assert bounds.min() >= 0 and bounds.max() <= 240  # a bone age stays a bone age
+
+
+def _shrunk_to_the_mean(n: int, seed: int):
+    """A model that pulls every child towards the mean age (as models trained briefly from scratch do on RSNA):
+    the youngest are predicted older than they are, the oldest younger."""
+    rng = np.random.default_rng(seed)
+    truth = np.clip(rng.normal(127, 41, n), 1, 228)
+    male = rng.random(n) < 0.54
+    pred = 127 + 0.8 * (truth - 127) + rng.normal(0, 12 + 0.05 * truth, n)
+    return pred, truth, male
+
+
+def test_label_conditional_intervals_cover_every_true_age_band_of_a_model_that_shrinks_to_the_mean():
+    # 600 calibration radiographs (the benchmark's validation split) and 4,000 to measure on
+    pred, truth, male = _shrunk_to_the_mean(4600, 1)
+    cal_part, test_part = slice(0, 600), slice(600, None)
+    args = pred[cal_part].tolist(), truth[cal_part].tolist(), male[cal_part].tolist()
+    reports = {m: coverage_report(IntervalCalibration(m, *args), pred[test_part], truth[test_part], male[test_part],
+                                  0.9) for m in ("age", "true_age")}
+
+    def worst_band(report):
+        return min(b["coverage"] for b in report["age_bands"].values() if b["n"] >= 50)
+
+    assert worst_band(reports["age"]) < 0.85  # bins by predicted age under-cover the youngest (or the oldest)
+    assert worst_band(reports["true_age"]) >= 0.87  # bins by true age cover every band ...
+    assert 0.88 <= reports["true_age"]["coverage"] <= 0.93  # ... without over-covering overall
+    assert reports["true_age"]["male"]["coverage"] >= 0.87 and reports["true_age"]["female"]["coverage"] >= 0.87
+    # not by being wide everywhere: its own bands' lower and upper quantiles make the intervals asymmetric
+    assert reports["true_age"]["mean_width_months"] < 1.25 * reports["age"]["mean_width_months"]
+    method, scores = choose_method(*map(np.asarray, args))
+    assert method in ("true_age", "true_age_sex"), scores  # chosen by coverage in the true-age bands
+    bounds = IntervalCalibration("true_age", *args).intervals([0.0, 60.0, 127.0, 250.0], [True] * 4, 0.9)
+    assert (bounds[:, 0] <= bounds[:, 1]).all() and bounds.min() >= 0 and bounds.max() <= 240
+    assert bounds[2, 0] < 127 < bounds[2, 1]
