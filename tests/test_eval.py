@@ -53,6 +53,39 @@ def test_nnls_recovers_known_mixture_weights():
     assert np.allclose(weights, [0.6, 0.0, 0.4], atol=1e-6) and weights.sum() == pytest.approx(1.0)
 
 
+def test_the_ensemble_fit_check_tells_weights_that_generalise_from_overfitted_ones():
+    from bonedist.eval.evaluate import ensemble_fit_check
+
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(0, 228, 600)
+    good, other = truth + rng.normal(0, 10, 600), truth + rng.normal(0, 20, 600)
+    noise = rng.uniform(0, 228, (600, 1))  # a member that knows nothing
+    check = ensemble_fit_check(np.column_stack([good, other, noise]), truth, ["good", "other", "noise"])
+    assert check["folds"] == 5 and check["n"] == 600 and check["best_member"] == "good"
+    oof, inside = check["cross_validated_mae_months"], check["in_sample_mae_months"]
+    assert inside <= oof < check["best_member_mae_months"] < check["equal_mae_months"]  # it adds, out of fold too
+    assert check["weight_range"]["noise"][1] < 0.05 and check["weight_range"]["good"][0] > 0.6
+
+
+def test_the_calibration_check_fits_on_validation_and_scores_on_the_reported_split():
+    from bonedist.eval.evaluate import calibration_check
+
+    rng = np.random.default_rng(3)
+
+    def split(n):
+        truth = rng.uniform(0, 228, n)
+        return pd.DataFrame({"truth": truth, "m": 127 + 0.8 * (truth - 127) + 5 + rng.normal(0, 8, n)})
+
+    months = {"test": split(2000), "validation": split(600)}
+    check = calibration_check(months, "test", ["m"])["m"]
+    assert check["as_trained"]["bias_months"] > 4  # +5, and the pull towards 127 of ages centred at 114
+    assert abs(check["validation_offset"]["bias_months"]) < 1  # the offset removes the mean error ...
+    assert check["validation_linear"]["slope"] == pytest.approx(1 / 0.8, rel=0.05)  # ... the line the shrinkage
+    assert check["validation_linear"]["mae_months"] < check["validation_offset"]["mae_months"] < \
+        check["as_trained"]["mae_months"]
+    assert calibration_check(months, "validation", ["m"]) == {}  # never fitted on the split it is scored on
+
+
 @pytest.mark.parametrize("text, months", [("10y3m", 123), ("10y", 120), ("123m", 123), ("123", 123),
                                           ("10.5y", 126)])
 def test_chronological_age_forms(text, months):

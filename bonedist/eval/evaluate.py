@@ -144,13 +144,13 @@ def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: P
     models = list(trained)
     mu = float(np.mean([tm.mu for tm in trained.values()]))
     sigma = float(np.mean([tm.sigma for tm in trained.values()]))
-    ensembles, notes = _ensembles(months, split, models)
+    ensembles, notes, fit = _ensembles(months, split, models)
     for frame in months.values():  # the reported split, and validation (intervals are calibrated there)
         for name, weights in ensembles.items():
             frame[f"ensemble_{name}"] = sum(w * frame[m] for m, w in weights.items())
     labeled = table["truth"].notna().all()
     result = {"split": split, "n": len(table), "models": models, "missing": missing, "mu": mu, "sigma": sigma,
-              "ensembles": ensembles, "notes": notes, "labeled": bool(labeled), "metrics": {}}
+              "ensembles": ensembles, "ensemble_fit": fit, "notes": notes, "labeled": bool(labeled), "metrics": {}}
     if not labeled:
         result["notes"].append(f"split {split!r} has no bone ages (Kaggle's test CSV): predictions only")
     else:
@@ -159,6 +159,7 @@ def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: P
                                                                    sigma)
         for column in reported_columns(trained) + [f"ensemble_{name}" for name in ensembles]:
             result["metrics"][column] = regression_metrics(table[column], table["truth"], table["male"], mu, sigma)
+        result["calibration_check"] = calibration_check(months, split, reported_columns(trained))
     columns = reported_columns(trained) + [f"ensemble_{name}" for name in ensembles]
     calibrations = _interval_calibrations(months, split, columns, result["notes"], coverage)
     if calibrations and labeled:
@@ -173,6 +174,32 @@ def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: P
                                                                 for c, cal in calibrations.items()}},
                                                    default=_json_default))
     return result
+
+
+def calibration_check(months: dict[str, pd.DataFrame], split: str, columns: list[str]) -> dict:
+    """Would a correction fitted on the validation split help on the reported one? Per model (or branch): its MAE and
+    bias as trained (with the calibration its run fitted on training radiographs, ``--calibration``), after an
+    offset fitted on validation, and after a line fitted there (Deeplasia's slope and offset). A measurement for
+    choosing the recipe; nothing reported elsewhere uses these corrections."""
+    from bonedist.train.validation import fit_calibration
+
+    val = months.get("validation")
+    if split == "validation" or val is None or val["truth"].isna().any():
+        return {}
+    table, out = months[split], {}
+    for column in columns:
+        row = {"as_trained": _mae_bias(table[column], table["truth"])}
+        for kind in ("offset", "linear"):
+            slope, intercept = fit_calibration(val[column].to_numpy(), val["truth"].to_numpy(), kind)
+            row[f"validation_{kind}"] = {**_mae_bias(slope * table[column] + intercept, table["truth"]),
+                                         "slope": slope, "intercept_months": intercept}
+        out[column] = row
+    return out
+
+
+def _mae_bias(pred, truth) -> dict:
+    error = np.asarray(pred, float) - np.asarray(truth, float)
+    return {"mae_months": float(np.abs(error).mean()), "bias_months": float(error.mean())}
 
 
 def _interval_calibrations(months: dict[str, pd.DataFrame], split: str, columns: list[str], notes: list,
@@ -202,8 +229,8 @@ def reported_columns(trained: dict) -> list[str]:
     return [row for name, tm in trained.items() for row in tm.model.task.reported(name)]
 
 
-def _ensembles(months: dict[str, pd.DataFrame], split: str, models: list[str]) -> tuple[dict, list[str]]:
-    ensembles, notes = {}, []
+def _ensembles(months: dict[str, pd.DataFrame], split: str, models: list[str]) -> tuple[dict, list[str], dict]:
+    ensembles, notes, fit = {}, [], {}
     paper = paper_weights(models)
     if paper:
         ensembles["paper"] = paper
@@ -217,7 +244,37 @@ def _ensembles(months: dict[str, pd.DataFrame], split: str, models: list[str]) -
         else:
             weights = fit_ensemble_weights(val[models].to_numpy(), val["truth"].to_numpy())
             ensembles["fitted"] = {m: float(w) for m, w in zip(models, weights)}
-    return ensembles, notes
+            fit = ensemble_fit_check(val[models].to_numpy(), val["truth"].to_numpy(), models)
+            notes.append(f"ensemble_fitted: {fit['folds']}-fold cross-validated MAE on validation "
+                         f"{fit['cross_validated_mae_months']:.2f} months (fitted on all of it: "
+                         f"{fit['in_sample_mae_months']:.2f}; equal weights {fit['equal_mae_months']:.2f}; best "
+                         f"member {fit['best_member']} {fit['best_member_mae_months']:.2f}); weights over the folds "
+                         + ", ".join(f"{m} {lo:.2f}-{hi:.2f}" for m, (lo, hi) in fit["weight_range"].items()))
+    return ensembles, notes, fit
+
+
+def ensemble_fit_check(preds: np.ndarray, truth: np.ndarray, models: list[str], folds: int = 5,
+                       seed: int = 0) -> dict:
+    """Whether the validation-fitted weights generalise: their MAE on each fold of the validation split when fitted
+    on the other folds (out of fold), beside the MAE fitted on all of it, equal weights and the best member, and the
+    range of each weight over the folds (weights that swing between folds are not to be trusted)."""
+    preds, truth = np.asarray(preds, float), np.asarray(truth, float)
+    order = np.random.default_rng(seed).permutation(len(truth))
+    oof, fold_weights = np.empty(len(truth)), []
+    for part in np.array_split(order, folds):
+        rest = np.setdiff1d(order, part)
+        w = fit_ensemble_weights(preds[rest], truth[rest])
+        oof[part] = preds[part] @ w
+        fold_weights.append(w)
+    member = np.abs(preds - truth[:, None]).mean(axis=0)
+    fold_weights = np.array(fold_weights)
+    return {"folds": folds, "n": len(truth),
+            "cross_validated_mae_months": float(np.abs(oof - truth).mean()),
+            "in_sample_mae_months": float(np.abs(preds @ fit_ensemble_weights(preds, truth) - truth).mean()),
+            "equal_mae_months": float(np.abs(preds.mean(axis=1) - truth).mean()),
+            "best_member": models[int(member.argmin())], "best_member_mae_months": float(member.min()),
+            "weight_range": {m: (float(fold_weights[:, i].min()), float(fold_weights[:, i].max()))
+                             for i, m in enumerate(models)}}
 
 
 def _json_default(value):

@@ -79,6 +79,26 @@ def _markdown(result: dict, figures: list[Path], opts, trained: dict) -> str:
     lines += ["", "## Ensemble weights (fitted on the validation split)", ""]
     for name, weights in result["ensembles"].items():
         lines.append(f"- {name}: " + ", ".join(f"{m} {w:.3f}" for m, w in weights.items()))
+    fit = result.get("ensemble_fit") or {}
+    if fit:
+        lines += ["", f"Do the fitted weights generalise? {fit['folds']}-fold cross-validation on the validation split "
+                  f"({fit['n']} radiographs): MAE {_fmt(fit['cross_validated_mae_months'])} months out of fold, "
+                  f"{_fmt(fit['in_sample_mae_months'])} fitted on all of it; equal weights "
+                  f"{_fmt(fit['equal_mae_months'])}, best member {fit['best_member']} "
+                  f"{_fmt(fit['best_member_mae_months'])}. Each weight over the folds: "
+                  + ", ".join(f"{m} {lo:.2f}-{hi:.2f}" for m, (lo, hi) in fit["weight_range"].items()) + "."]
+    check = result.get("calibration_check") or {}
+    if check:
+        lines += ["", "## Calibration check (a correction fitted on the validation split, scored here)", "",
+                  "What each model's error would be with an offset or a line (Deeplasia's slope and offset) fitted on "
+                  "the validation split, beside the calibration its run fitted on training radiographs. Nothing "
+                  "else in this report uses these corrections.", "",
+                  "| model | MAE as trained | bias | offset: MAE | bias | line: MAE | bias | slope |", "|" + "---|" * 8]
+        for name, c in check.items():
+            t, o, line = c["as_trained"], c["validation_offset"], c["validation_linear"]
+            lines.append(f"| {name} | {_fmt(t['mae_months'])} | {_fmt(t['bias_months'])} | {_fmt(o['mae_months'])} | "
+                         f"{_fmt(o['bias_months'])} | {_fmt(line['mae_months'])} | {_fmt(line['bias_months'])} | "
+                         f"{_fmt(line['slope'], 3)} |")
     lines += _interval_lines(result.get("intervals") or {})
     lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures]
     return "\n".join(lines) + "\n"
