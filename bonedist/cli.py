@@ -363,7 +363,9 @@ def _add_bench(sub) -> None:
     b.add_argument("--preset", default="improved", help="a preset, or several comma-separated (e.g. paper,improved)")
     b.add_argument("--size", type=int, default=None, help="pack and train at this side (default: the preset's, 500)")
     b.add_argument("--budget", type=float, default=60.0, help="training minutes for all runs together (default 60)")
-    b.add_argument("--models", default=None, help="comma-separated (default: every model, `bonedist models`)")
+    b.add_argument("--models", default=None,
+                   help="comma-separated, the same in every preset (default: each preset's default model list with "
+                        "its budget shares, `bonedist models --preset P --shares`)")
     b.add_argument("--out", type=Path, default=Path("runs/bench-accuracy"))
     b.add_argument("--pretrained", default=None, help="backbone weights (none, a file or a weights folder)")
     b.add_argument("--batch-size", type=int, default=None)
@@ -376,7 +378,8 @@ def _add_bench(sub) -> None:
                    help="repeat the whole benchmark (training and evaluation) once per seed; rows as mean ± sd. A "
                         "number N means seeds 0..N-1")
     b.add_argument("--shares", default=None, metavar="MODEL=W,...",
-                   help="each model's relative share of the budget (default: equal shares)")
+                   help="each model's relative share of the budget (default: the preset's shares for its default "
+                        "list, equal shares for --models)")
     b.set_defaults(func=_cmd_bench_accuracy)
 
     b = bench.add_parser("compare", help="controlled comparisons of training settings, several seeds, on the "
@@ -539,21 +542,28 @@ def _add_models(sub) -> None:
                               "--preset scratch ...; done")
     p.add_argument("--details", action="store_true",
                    help="also the weights it takes, its branches, the presets it has a recipe for and its options")
-    p.add_argument("--preset", default=None, help="only the models with a recipe for this preset")
+    p.add_argument("--preset", default=None,
+                   help="the preset's default model list (what `bench accuracy` and the launch scripts train; "
+                        "--all: every model with a recipe for it)")
+    p.add_argument("--all", action="store_true", help="with --preset: every model with a recipe for it")
+    p.add_argument("--shares", action="store_true",
+                   help="with --preset: each model's share of a benchmark's budget beside its name")
     p.set_defaults(func=_cmd_models)
 
 
 def _cmd_models(args) -> int:
-    from bonedist.models import list_models, model_info
+    from bonedist.models import default_models, list_models, model_info
 
+    names = {m: None for m in list_models()}
     if args.preset is not None:
         from bonedist.train.presets import preset_values
 
         preset_values(args.preset)  # an unknown preset is one line
-    for name in list_models(args.preset):
+        names = {m: None for m in list_models(args.preset)} if args.all else default_models(args.preset)
+    for name, share in names.items():
         info = model_info(name)
         if not args.details:
-            print(name)
+            print(f"{name}\t{share:g}" if args.shares and share is not None else name)
             continue
         branches = f"branches {', '.join(info.task.branches)}" if info.task.branches else "one prediction"
         print(f"{name}\t{'ImageNet backbone or scratch' if info.pretrained else 'from scratch'}\t{branches}\t"

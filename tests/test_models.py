@@ -26,6 +26,33 @@ def _trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def test_each_preset_has_a_default_model_list_with_budget_shares():
+    from bonedist.bench.accuracy import plan_jobs
+    from bonedist.models import default_models
+    from tests.conftest import run_cli
+
+    # the paper's four stay the paper preset's; scratch trains what its comparison chose (README), with shares
+    assert list(default_models("paper")) == ["inception_v3", "xception", "resnet50_patch", "agcnn"]
+    scratch = default_models("scratch")
+    assert set(scratch) == {"resnet18", "efficientnet_b0"} and scratch["resnet18"] > scratch["efficientnet_b0"]
+    assert set(default_models("tiny")) == set(list_models("tiny"))  # a preset no model names: every model
+    jobs = plan_jobs(["scratch", "paper"])
+    assert [(p, m) for p, m, _ in jobs] == [("scratch", m) for m in scratch] + [("paper", m) for m in
+                                                                               default_models("paper")]
+    assert plan_jobs(["scratch"], ["xception", "resnet18"]) == [("scratch", "xception", 1.0),
+                                                                ("scratch", "resnet18", 1.0)]
+    assert dict((m, w) for _, m, w in plan_jobs(["scratch"], shares={"resnet18": 5})) == {
+        "efficientnet_b0": scratch["efficientnet_b0"], "resnet18": 5.0}
+    with pytest.raises(BonedistError, match="--shares"):
+        plan_jobs(["scratch"], shares={"xception": 1})  # not a model of the run
+    with pytest.raises(BonedistError, match="presets are"):
+        plan_jobs(["nope"])
+    listed = run_cli("models", "--preset", "scratch", "--shares")
+    assert listed.returncode == 0 and {line.split("\t")[0] for line in listed.stdout.split()[::2]} == set(scratch)
+    every = run_cli("models", "--preset", "scratch", "--all")
+    assert every.stdout.split() == list_models("scratch")
+
+
 def test_registry_lists_the_papers_models_first_and_rejects_unknown():
     assert list_models()[:4] == ["inception_v3", "xception", "resnet50_patch", "agcnn"]  # the paper's order
     assert [model_info(m).pretrained for m in list_models()[:4]] == [True, True, True, False]

@@ -70,6 +70,13 @@ def test_bench_accuracy_packs_trains_within_budget_and_reports_mae(tmp_path):
     intervals = summary["intervals"]["tiny"]["ensemble_fitted"]  # coverage and width printed beside the MAE
     assert 0 <= intervals["coverage"] <= 1 and intervals["mean_width_months"] > 0
     assert "90% prediction intervals" in result.stdout
+    fit = summary["ensemble_fit"]["tiny"]  # the fitted weights, and whether they generalise out of fold
+    assert set(fit["weights"]) == {"xception", "resnet50_patch"} and fit["cross_validated_mae_months"] > 0
+    assert "cross-validated MAE on validation" in result.stdout
+    check = summary["calibration_check"]["tiny"]["xception"]  # offset and line fitted on validation, scored on test
+    assert {"as_trained", "validation_offset", "validation_linear", "slope"} <= set(check)
+    assert "a correction fitted on validation" in result.stdout
+    assert summary["shares"] == {"tiny/xception": 1.0, "tiny/resnet50_patch": 1.0}
 
 
 def test_bench_accuracy_needs_a_validation_split(tmp_path):

@@ -3,8 +3,9 @@
     bonedist bench accuracy --data /data/rsna --preset improved --budget 240
     bonedist bench accuracy --data /data/rsna --preset paper,improved --size 384 --budget 120 --pretrained weights/
 
-Packs ``--data`` (resumable) into OUT/shards, trains every model of every preset (runs in OUT/runs/PRESET/MODEL)
-with an equal share of the time budget (what one model leaves unused goes to the next), evaluates each preset on
+Packs ``--data`` (resumable) into OUT/shards, trains each preset's default model list (``bonedist models --preset
+P``; ``--models`` names others) in OUT/runs/PRESET/MODEL, each its share of the time budget (the preset's shares
+for its default list, ``--shares`` or equal; what one model leaves unused goes to the next), evaluates each preset on
 the test split (the validation split when the test split has no ages) with `bonedist evaluate`, and prints the MAE
 of every model and ensemble beside the predict-the-mean baseline measured on the same images (and the presets side
 by side). Runs in one process, on one GPU or on the CPU.
@@ -16,6 +17,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+import numpy as np
 
 from bonedist import BonedistError
 
@@ -45,26 +48,18 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
                    pretrained: str | None = None, wandb: str = "off", workers: int = 0,
                    overrides: dict | None = None, holdout: dict | None = None, holdout_seed: int = 0,
                    seeds: list[int] | None = None, shares: dict | None = None) -> dict:
-    """See the module docstring. ``seeds``: the whole benchmark (training and evaluation, ``budget`` minutes each
-    time) once per seed, every row as mean ± standard deviation; ``shares``: each model's relative share of the
-    budget (default equal)."""
+    """See the module docstring. ``models``: the same models in every preset (default: each preset's default model
+    list, ``bonedist models --preset P``, with its budget shares); ``seeds``: the whole benchmark (training and
+    evaluation, ``budget`` minutes each time) once per seed, every row as mean ± standard deviation; ``shares``: each
+    model's relative share of the budget (default: the preset's shares for its default list, else equal)."""
     from bonedist.data.manifest import load_manifest
-    from bonedist.models import is_model, list_models
-    from bonedist.train.presets import list_presets, preset_values
+    from bonedist.train.presets import preset_values
 
-    for preset in presets:
-        if preset not in list_presets():
-            raise BonedistError(f"--preset {preset!r}: presets are {', '.join(list_presets())}")
-    models = list(models or [m for m in list_models() if all(m in list_models(p) for p in presets)])
-    unknown = [m for m in models if not is_model(m)]
-    if unknown:
-        raise BonedistError(f"--models: unknown {sorted(unknown)}; choose from {', '.join(list_models())}")
     if budget <= 0:
         raise BonedistError(f"--budget must be positive minutes, got {budget}")
-    given = shares or {}
-    shares = {m: float(given.get(m, 1.0)) for m in models}
-    if any(v <= 0 for v in shares.values()) or set(given) - set(models):
-        raise BonedistError(f"--shares: positive weights for models of the run ({', '.join(models)}), got {given}")
+    jobs = plan_jobs(presets, models, shares)
+    models = list(dict.fromkeys(m for _, m, _ in jobs))
+    shares = {f"{p}/{m}": w for p, m, w in jobs}
     size = size or max(preset_values(p).get("input", {}).get("image_size", 500) for p in presets)
     seeds = list(seeds or [None])
     out = Path(out)
@@ -78,8 +73,7 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     for seed in seeds:
         runs = out / "runs" if seed is None else out / "runs" / f"seed{seed}"
         t0 = time.perf_counter()
-        trained += _train_jobs(shards, runs, presets, models, shares, budget, size, pretrained, wandb, overrides,
-                               seed)
+        trained += _train_jobs(shards, runs, jobs, budget, size, pretrained, wandb, overrides, seed)
         train_seconds += time.perf_counter() - t0
         per_seed.append(_evaluate_presets(runs, presets, split, splits, wandb, workers))
     summary = {"data": str(data), "size": size, "split": split, "n": splits[split]["count"], "presets": presets,
@@ -93,20 +87,44 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     return summary
 
 
-def _train_jobs(shards: Path, runs: Path, presets, models, shares, budget, size, pretrained, wandb, overrides,
-                seed) -> list[dict]:
-    """Every model of every preset within ``budget`` minutes, each its share of what is left when it starts."""
+def plan_jobs(presets: list[str], models: list[str] | None = None,
+              shares: dict | None = None) -> list[tuple[str, str, float]]:
+    """(preset, model, share of the budget) for every run: ``models`` in every preset at equal shares, or each
+    preset's default model list with its shares (``models.default_models``); ``shares`` overrides by model."""
+    from bonedist.models import default_models, is_model, list_models
+    from bonedist.train.presets import list_presets
+
+    for preset in presets:
+        if preset not in list_presets():
+            raise BonedistError(f"--preset {preset!r}: presets are {', '.join(list_presets())}")
+    unknown = [m for m in models or [] if not is_model(m)]
+    if unknown:
+        raise BonedistError(f"--models: unknown {sorted(unknown)}; choose from {', '.join(list_models())}")
+    given = shares or {}
+    rosters = {p: ({m: 1.0 for m in models} if models else default_models(p)) for p in presets}
+    jobs = [(p, m, float(given.get(m, share))) for p in presets for m, share in rosters[p].items()]
+    names = list(dict.fromkeys(m for _, m, _ in jobs))
+    if any(w <= 0 for _, _, w in jobs) or set(given) - set(names):
+        raise BonedistError(f"--shares: positive weights for models of the run ({', '.join(names)}), got {given}")
+    return jobs
+
+
+def _train_jobs(shards: Path, runs: Path, jobs: list[tuple[str, str, float]], budget, size, pretrained, wandb,
+                overrides, seed) -> list[dict]:
+    """Every (preset, model, share) job within ``budget`` minutes, each its share of what is left when it starts
+    (what a run leaves unused, ending at its last epoch early, goes to the runs after it)."""
     from bonedist.models import model_info
     from bonedist.train.config import resolve_config
     from bonedist.train.engine import train_in_process
 
-    jobs = [(p, m) for p in presets for m in models]
-    print(f"[2/3] training {len(jobs)} run(s) in {budget:g} minutes{'' if seed is None else f', seed {seed}'}: "
-          + ", ".join(f"{p}/{m} ({shares[m] / sum(shares[n] for _, n in jobs) * budget:.1f} min)" for p, m in jobs))
+    total = sum(w for _, _, w in jobs)
+    print(f"[2/3] training {len(jobs)} run(s) in {budget:g} minutes{'' if seed is None else f', seed {seed}'}, "
+          f"the budget split by share: " + ", ".join(f"{p}/{m} (share {w:g}: {w / total * budget:.1f} min)"
+                                                       for p, m, w in jobs))
     began, trained = time.perf_counter(), []
-    for i, (preset, model) in enumerate(jobs):
+    for i, (preset, model, weight) in enumerate(jobs):
         left = max(budget * 60.0 - (time.perf_counter() - began), 0.0)
-        share = left * shares[model] / sum(shares[m] for _, m in jobs[i:]) / 60.0
+        share = left * weight / sum(w for _, _, w in jobs[i:]) / 60.0
         options = {"pretrained": pretrained} if pretrained is not None and model_info(model).pretrained else {}
         extra = {**(overrides or {}), **({} if seed is None else {"seed": seed})}
         # patches keep their share of the side (InputConfig.patch_share); Inception keeps its minimum
@@ -126,13 +144,18 @@ def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers) -> dic
     from bonedist.eval.evaluate import EvalOptions, evaluate
 
     print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
-    results, bias, intervals = {}, {}, {}
+    results, bias, intervals, weights, checks = {}, {}, {}, {}, {}
     for preset in presets:
         result = evaluate(EvalOptions(runs=str(runs / preset), split=split, wandb=wandb, workers=workers or 2))
         results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
         bias[preset] = {name: m["bias_months"] for name, m in result["metrics"].items()}
         intervals[preset] = {name: _interval_summary(r) for name, r in result.get("intervals", {}).items()}
-    return {"mae_months": results, "bias_months": bias, "intervals": intervals}
+        if "fitted" in result["ensembles"]:
+            weights[preset] = {"weights": result["ensembles"]["fitted"], **result.get("ensemble_fit", {})}
+        checks[preset] = {name: {kind: c[kind]["mae_months"] for kind in c} | {
+            "slope": c["validation_linear"]["slope"]} for name, c in result.get("calibration_check", {}).items()}
+    return {"mae_months": results, "bias_months": bias, "intervals": intervals, "ensemble_fit": weights,
+            "calibration_check": checks}
 
 
 def _interval_summary(report: dict) -> dict:
@@ -160,6 +183,12 @@ def _combine(per_seed: list[dict]) -> dict:
             out[f"{key}_sd"][preset] = {row: float(statistics.stdev(v)) if len(v) > 1 else 0.0
                                         for row, v in values.items()}
     out["intervals"] = per_seed[-1].get("intervals", {})  # the last seed's (every seed's under per_seed)
+    out["ensemble_fit"] = per_seed[-1].get("ensemble_fit", {})
+    out["calibration_check"] = {  # each MAE's mean over the seeds
+        preset: {row: {k: float(np.mean([s["calibration_check"][preset][row][k] for s in per_seed]))
+                       for k in c} for row, c in rows.items()
+                 if all(row in s.get("calibration_check", {}).get(preset, {}) for s in per_seed)}
+        for preset, rows in per_seed[-1].get("calibration_check", {}).items()}
     out["per_seed"] = per_seed
     return out
 
@@ -204,6 +233,20 @@ def format_table(summary: dict) -> str:
             member = min((v, k) for k, v in members.items())
             lines.append(f"{preset}: {best[1]} = {best[0] / member[0]:.2f}x its best member ({member[1]} "
                          f"{member[0]:.2f})")
+    for preset, fit in summary.get("ensemble_fit", {}).items():
+        if "cross_validated_mae_months" not in fit:
+            continue
+        lines.append(f"{preset}: ensemble_fitted weights (validation" + (", last seed" if len(seeds) > 1 else "")
+                     + "): " + ", ".join(f"{m} {w:.2f}" for m, w in fit["weights"].items())
+                     + f"; {fit['folds']}-fold cross-validated MAE on validation "
+                     f"{fit['cross_validated_mae_months']:.2f} (equal {fit['equal_mae_months']:.2f}, best member "
+                     f"{fit['best_member']} {fit['best_member_mae_months']:.2f})")
+    for preset, rows in summary.get("calibration_check", {}).items():
+        if rows:
+            lines.append(f"{preset}: MAE with a correction fitted on validation (as trained / offset / line, slope)"
+                         + (", mean over the seeds" if len(seeds) > 1 else "") + ": "
+                         + "; ".join(f"{row} {c['as_trained']:.2f} / {c['validation_offset']:.2f} / "
+                                     f"{c['validation_linear']:.2f}, {c['slope']:.3f}" for row, c in rows.items()))
     for preset in presets:
         rows = summary.get("intervals", {}).get(preset, {})
         if not rows:

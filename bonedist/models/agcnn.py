@@ -164,7 +164,8 @@ def _recipes() -> dict:
         # staged after Guan et al.: global branch, then local on the fixed global's crops, then the Fusion head
         "improved": lambda: {"lr": 3e-4, "stages": [["global", 15], ["local", 10], ["fusion", 5]],
                              "model": {**staged, "threshold": "otsu", "fusion_grad": "isolated"}},
-        "scratch": lambda: {"stages": [["global", 6], ["local", 4], ["fusion", 2]],
+        # 12 epochs with warmups of 3.6 as measured before the preset went to 30 epochs (warmup is per stage)
+        "scratch": lambda: {"epochs": 12, "warmup_epochs": 3.6, "stages": [["global", 6], ["local", 4], ["fusion", 2]],
                             "model": {**staged, "drop_rate": 0.1}},
         "tiny": lambda: {"model": {"drop_rate": 0.1, "fusion_norm": True}},
     }

@@ -44,6 +44,8 @@ class ModelInfo:
         cpu_precision: ``(precision, channels_last)`` the engine uses with ``--precision auto`` on a CPU that has
             bf16 matrix units (a measured choice per architecture, see ``bonedist.train.precision``; fp32 for a
             model nobody measured).
+        roster: per preset whose default model list it is in, its relative share of a benchmark's time budget
+            (``default_models``); a preset no model names here defaults to every model with a recipe for it.
     """
 
     name: str
@@ -56,6 +58,7 @@ class ModelInfo:
     paper_weight: float = 0.0
     cpu_precision: tuple[str, bool] = ("fp32", False)
     listed: bool = True  # in list_models() (and so in every default model list); False for models made on demand
+    roster: dict = field(default_factory=dict)
 
     @property
     def option_names(self) -> list[str]:
@@ -127,6 +130,15 @@ def unregister_model(name: str) -> None:
 def list_models(preset: str | None = None) -> list[str]:
     """The registered models in registration order (only those with a recipe for ``preset`` when given)."""
     return [name for name, info in _MODELS.items() if info.listed and (preset is None or preset in info.recipes)]
+
+
+def default_models(preset: str) -> dict[str, float]:
+    """The models a preset trains when none are named (``bench accuracy``, ``bonedist models --preset``), each with
+    its relative share of a time budget: those whose ``roster`` names the preset (chosen by measurement, see the
+    README), or, when none does, every model with a recipe for it at equal shares."""
+    chosen = {name: float(info.roster[preset]) for name, info in _MODELS.items() if info.listed
+              and preset in info.roster and preset in info.recipes}
+    return chosen or {name: 1.0 for name in list_models(preset)}
 
 
 def model_info(name: str) -> ModelInfo:

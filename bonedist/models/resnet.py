@@ -9,7 +9,9 @@ from bonedist.models.timm_regressor import TimmOptions, modern_recipes, timm_reg
 CPU_PRECISION = ("bf16", True)  # 1.98x fp32 eager at 100 px on 2 AMX cores (`bonedist bench train-step`)
 
 
-@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=modern_recipes())
+# the scratch preset's default list: the best learner per CPU-minute gets two shares of a benchmark's budget
+@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=modern_recipes(),
+                roster={"scratch": 2.0})
 def resnet18(opts: TimmOptions, in_chans: int):
     """ResNet-18 (11.2 M parameters, 512 features) → sex-aware head."""
     return timm_regressor("resnet18", opts, in_chans)
