@@ -24,7 +24,7 @@ def test_demo_writes_the_report_and_stays_light(tmp_path):
     assert "predict the mean (baseline)" in result.stdout and str(report / "report.md") in result.stdout
     text = (report / "report.md").read_text()
     tables, _, intervals = text.partition("prediction intervals (conformal")
-    assert tables.count("| agcnn_") == 6 and intervals.count("| agcnn_") == 3  # branches in every table
+    assert tables.count("| agcnn_") == 9 and intervals.count("| agcnn_") == 3  # metrics, bands, calibration check
     assert (out / "shards" / "manifest.json").exists() and not (out / "phantoms").exists()
     assert not list(out.glob("runs/demo/*/checkpoints"))  # only best/ is kept, in half precision
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -91,7 +91,7 @@ def test_a_model_registered_in_one_place_evaluates_and_predicts(tiny_net, train_
     result = evaluate(EvalOptions(runs=str(tmp_path / "new"), split="test", wandb="off", workers=0))
     assert result["models"] == ["tiny_net"] and {"predict_the_mean", "tiny_net"} <= set(result["metrics"])
     report = (tmp_path / "new" / "report" / "report.md").read_text()
-    assert report.count("| tiny_net |") == 3  # metrics, by age band, intervals
+    assert report.count("| tiny_net |") == 4  # metrics, by age band, calibration check, intervals
 
     image = sorted((RSNA_SAMPLE / "boneage-training-dataset").glob("*.png"))[0] if RSNA_SAMPLE.is_dir() else None
     if image is None:
