@@ -145,7 +145,7 @@ def test_conformal_intervals_cover_what_they_promise_in_every_group():
     pred, truth, male = _heteroscedastic(5200, 0)
     cal_part, test_part = slice(0, 1200), slice(1200, None)
     method, scores = choose_method(pred[cal_part], truth[cal_part], male[cal_part])
-    assert set(scores) == set(METHODS) and method in ("age", "age_sex", "normalised")  # not one width for all
+    assert set(scores) == set(METHODS) and method != "standard", scores  # not one width for all
     cal = IntervalCalibration(method, pred[cal_part].tolist(), truth[cal_part].tolist(), male[cal_part].tolist())
     report = coverage_report(cal, pred[test_part], truth[test_part], male[test_part], 0.9)
     assert 0.88 <= report["coverage"] <= 0.92
@@ -195,3 +195,26 @@ def test_label_conditional_intervals_cover_every_true_age_band_of_a_model_that_s
     bounds = IntervalCalibration("true_age", *args).intervals([0.0, 60.0, 127.0, 250.0], [True] * 4, 0.9)
     assert (bounds[:, 0] <= bounds[:, 1]).all() and bounds.min() >= 0 and bounds.max() <= 240
     assert bounds[2, 0] < 127 < bounds[2, 1]
+
+
+def _rsna_like_validation(n: int, seed: int):
+    """A shrink-to-the-mean model on the RSNA age mix: about 10 % of children aged 2-6 y, so that a 600-radiograph
+    validation split holds some 55-70 of them, and half of it fewer than a Mondrian band needs."""
+    rng = np.random.default_rng(seed)
+    young = rng.random(n) < 0.1
+    truth = np.where(young, rng.uniform(24, 72, n), np.clip(rng.normal(145, 32, n), 72, 228))
+    male = rng.random(n) < 0.54
+    pred = 127 + 0.75 * (truth - 127) + rng.normal(0, 10 + 0.04 * truth, n)
+    return pred, truth, male
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_method_is_chosen_out_of_fold_so_a_small_young_band_still_decides(seed):
+    # choosing by calibrations on halves of 600 merged the 2-6 y band away and picked age or true_age_sex in three of
+    # these six draws, whose 2-6 y coverage on 4,000 more radiographs was then 82-85 %
+    pred, truth, male = _rsna_like_validation(4600, seed)
+    method, scores = choose_method(pred[:600], truth[:600], male[:600])
+    assert method == "true_age", scores
+    cal = IntervalCalibration(method, pred[:600].tolist(), truth[:600].tolist(), male[:600].tolist())
+    report = coverage_report(cal, pred[600:], truth[600:], male[600:], 0.9)
+    assert report["age_bands"]["2-6y"]["coverage"] >= 0.85 and 0.87 <= report["coverage"] <= 0.93  # 600: +-1.2 %

@@ -1,9 +1,9 @@
 """Prediction intervals for bone ages: split conformal prediction (crepes' ``ConformalRegressor``) calibrated on the
 validation split's residuals, never on the reported split.
 
-The width may depend on what the residuals depend on. Four ways are fitted and the one whose coverage is closest
-to the nominal one, in every sex and predicted-age band, when calibrated on one half of the validation split and
-measured on the other (and the other way round) is chosen; ties go to the narrower intervals:
+The width may depend on what the residuals depend on. Seven ways are fitted and the one whose out-of-fold coverage
+on the validation split (each radiograph's interval calibrated on the other four fifths) is closest to the nominal
+one, overall and in the worst sex or true-age band, is chosen; ties go to the narrower intervals:
 
 - ``standard``: one width for everyone;
 - ``age``: Mondrian by predicted-age band (a width per band: errors grow with age on RSNA);
@@ -39,9 +39,10 @@ METHODS = ("standard", "age", "age_sex", "normalised", "local", "true_age", "tru
 LABEL_CONDITIONAL = ("true_age", "true_age_sex")
 NEIGHBOURS = 25  # ``local``: validation radiographs whose predicted ages are nearest
 MIN_PER_BIN = 40  # calibration residuals per Mondrian bin; smaller bands are merged into their neighbour
-IN_SAMPLE_MARGIN = 0.01  # the level is tuned on the calibration radiographs themselves: a little optimistic
 AGE_RANGE = (0.0, 240.0)  # months: intervals are clipped to what a bone age can be
 NOMINALS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+CROSS_FOLDS, CROSS_REPEATS = 5, 3  # choose_method: out-of-fold coverage from calibrations on 4/5 of the radiographs
+MIN_GROUP = 20  # choose_method: a sex or age band with fewer radiographs does not decide
 
 
 def _band_edges(pred: np.ndarray, min_count: int) -> list[float]:
@@ -147,21 +148,33 @@ class IntervalCalibration:
         return np.clip(out, *AGE_RANGE)
 
     def _band_level(self, coverage: float) -> float:
-        """The per-band level of the label-conditional methods that gives ``coverage`` over all the calibration
-        radiographs: the hull of the admitted ages also covers some radiographs outside their own band's quantiles,
-        so the nominal level in every band over-covers (93-94 % for 90 % on phantoms of the RSNA age mix)."""
+        """The per-band level of the label-conditional methods that gives ``coverage`` on radiographs the calibration
+        has not seen: the hull of the admitted ages also covers some radiographs outside their own band's quantiles,
+        so the nominal level in every band over-covers (93-94 % for 90 % on phantoms of the RSNA age mix). From 5 %
+        above the nominal level, the level is lowered in steps of 0.5 % while the calibration radiographs'
+        out-of-fold coverage (each one's interval from the other four fifths, a fixed partition) stays at or above
+        ``coverage``. Tuned in sample instead (with a 1 % margin for its optimism), a real 600-radiograph validation
+        split was covered 90.2-91.0 % out of fold and the test split 91.2-92.4 %."""
         levels = getattr(self, "_levels", None)
         if levels is None:
             levels = self._levels = {}
         if coverage not in levels:
             pred, truth = np.asarray(self.predicted, float), np.asarray(self.truth, float)
             male = np.asarray(self.male, bool)
-            chosen = coverage
-            for level in np.arange(coverage, max(coverage - 0.2, 0.05), -0.005):
-                b = self._label_conditional(pred, male, float(level))
-                if ((truth >= b[:, 0]) & (truth <= b[:, 1])).mean() < coverage + IN_SAMPLE_MARGIN:
+            fold = np.random.default_rng(0).permutation(len(pred)) % CROSS_FOLDS
+            parts = [IntervalCalibration(self.method, pred[fold != k].tolist(), truth[fold != k].tolist(),
+                                         male[fold != k].tolist()) for k in range(CROSS_FOLDS)]
+            chosen = None
+            for level in np.arange(min(coverage + 0.05, 0.995), max(coverage - 0.2, 0.05), -0.005):
+                inside = np.zeros(len(pred), bool)
+                for k, part in enumerate(parts):
+                    held = fold == k
+                    if held.any():
+                        b = part._label_conditional(pred[held], male[held], float(level))
+                        inside[held] = (truth[held] >= b[:, 0]) & (truth[held] <= b[:, 1])
+                if inside.mean() < coverage and chosen is not None:
                     break
-                chosen = float(level)
+                chosen = float(level)  # the first (highest) level stays even where it falls short
             levels[coverage] = chosen
         return levels[coverage]
 
@@ -204,31 +217,42 @@ def coverage_report(cal: IntervalCalibration, pred, truth, male, coverage: float
             "male": group(male), "female": group(~male), "age_bands": bands, "by_nominal": levels}
 
 
-def choose_method(pred, truth, male, coverage: float = 0.9, seed: int = 0, repeats: int = 5) -> tuple[str, dict]:
-    """The method whose coverage is closest to ``coverage`` overall and in its worst sex or true-age group
-    when calibrated on one half of these (validation) radiographs and measured on the other, both ways; then the
-    narrower; ``repeats`` random halvings (seeded) average out which radiographs fell in which half. Returns the
-    method and each method's cross-fitted scores."""
+def choose_method(pred, truth, male, coverage: float = 0.9, seed: int = 0, folds: int = CROSS_FOLDS,
+                  repeats: int = CROSS_REPEATS) -> tuple[str, dict]:
+    """The method whose coverage is closest to ``coverage`` overall and in its worst sex or true-age group, measured
+    out of fold on these (validation) radiographs; then the narrower.
+
+    Each radiograph gets its interval from a calibration on the other ``folds - 1`` folds (``repeats`` seeded
+    partitions), and a group's coverage is its share of covered radiographs over all of them. Two things this
+    avoids, both measured on a real 600-radiograph validation split: calibrating on halves leaves bands too small to
+    keep (2-6 y fell below ``MIN_PER_BIN`` and merged with 6-10 y, so the label-conditional methods looked as bad as
+    the rest there), and a worst group taken per half, of some 30 radiographs, is mostly noise. Returns the method
+    and each method's out-of-fold scores."""
     pred, truth, male = np.asarray(pred, float), np.asarray(truth, float), np.asarray(male, bool)
     rng = np.random.default_rng(seed)
-    halvings = [rng.permutation(len(pred)) % 2 == 0 for _ in range(repeats)]
+    partitions = [rng.permutation(len(pred)) % folds for _ in range(repeats)]
+    groups = [g for g in (male, ~male, *[(truth >= lo * 12) & (truth < hi * 12) for lo, hi in AGE_BANDS_YEARS])
+              if g.sum() >= MIN_GROUP]
     scores = {}
     for method in METHODS:
-        gaps, worst, widths = [], [], []
-        for fit_on in [h for halves in halvings for h in (halves, ~halves)]:
-            cal = IntervalCalibration(method, pred[fit_on].tolist(), truth[fit_on].tolist(), male[fit_on].tolist())
-            other = ~fit_on
-            b = cal.intervals(pred[other], male[other], coverage)
-            inside = (truth[other] >= b[:, 0]) & (truth[other] <= b[:, 1])
-            true = truth[other]
-            groups = [male[other], ~male[other],
-                      *[(true >= lo * 12) & (true < hi * 12) for lo, hi in AGE_BANDS_YEARS]]
-            gaps.append(abs(inside.mean() - coverage))
-            worst.append(max((coverage - inside[g].mean() for g in groups if g.sum() >= 20),
-                             default=coverage - inside.mean()))  # a small split: no group of 20
-            widths.append(float((b[:, 1] - b[:, 0]).mean()))
-        scores[method] = {"coverage_gap": float(np.mean(gaps)), "worst_group_shortfall": float(np.mean(worst)),
-                          "mean_width_months": float(np.mean(widths))}
+        inside = np.zeros((repeats, len(pred)))
+        width = np.zeros((repeats, len(pred)))
+        for r, fold in enumerate(partitions):
+            for k in range(folds):
+                held, fit_on = fold == k, fold != k
+                if not held.any():
+                    continue
+                cal = IntervalCalibration(method, pred[fit_on].tolist(), truth[fit_on].tolist(),
+                                          male[fit_on].tolist())
+                b = cal.intervals(pred[held], male[held], coverage)
+                inside[r, held] = (truth[held] >= b[:, 0]) & (truth[held] <= b[:, 1])
+                width[r, held] = b[:, 1] - b[:, 0]
+        covered = inside.mean(axis=0)
+        scores[method] = {"coverage": float(covered.mean()),
+                          "coverage_gap": float(abs(covered.mean() - coverage)),
+                          "worst_group_shortfall": float(max((coverage - covered[g].mean() for g in groups),
+                                                             default=coverage - covered.mean())),
+                          "mean_width_months": float(width.mean())}
     best = min(METHODS, key=lambda m: (round(scores[m]["coverage_gap"] + max(scores[m]["worst_group_shortfall"], 0),
                                              2), scores[m]["mean_width_months"]))
     return best, scores
