@@ -57,6 +57,18 @@ def _band_edges(pred: np.ndarray, min_count: int) -> list[float]:
         edges.pop(min(i, len(edges) - 1))  # merge the band with its upper neighbour (the last with its lower)
 
 
+def _out_of_fold(fold: np.ndarray, truth: np.ndarray, bounds) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each radiograph's interval covers its truth, and its width, when ``bounds(fit_on, held)`` calibrates
+    on the other folds of ``fold`` (a fold number per radiograph) and gives the held-out fold's (N, 2) bounds."""
+    inside, width = np.zeros(len(truth), bool), np.zeros(len(truth))
+    for k in np.unique(fold):
+        held = fold == k
+        b = bounds(~held, held)
+        inside[held] = (truth[held] >= b[:, 0]) & (truth[held] <= b[:, 1])
+        width[held] = b[:, 1] - b[:, 0]
+    return inside, width
+
+
 @dataclass
 class IntervalCalibration:
     """A conformal calibration of one model or ensemble: ``method``, the validation predictions, truths and sexes."""
@@ -162,16 +174,14 @@ class IntervalCalibration:
             pred, truth = np.asarray(self.predicted, float), np.asarray(self.truth, float)
             male = np.asarray(self.male, bool)
             fold = np.random.default_rng(0).permutation(len(pred)) % CROSS_FOLDS
-            parts = [IntervalCalibration(self.method, pred[fold != k].tolist(), truth[fold != k].tolist(),
-                                         male[fold != k].tolist()) for k in range(CROSS_FOLDS)]
+            parts = {k: IntervalCalibration(self.method, pred[fold != k].tolist(), truth[fold != k].tolist(),
+                                            male[fold != k].tolist()) for k in np.unique(fold)}
             chosen = None
             for level in np.arange(min(coverage + 0.05, 0.995), max(coverage - 0.2, 0.05), -0.005):
-                inside = np.zeros(len(pred), bool)
-                for k, part in enumerate(parts):
-                    held = fold == k
-                    if held.any():
-                        b = part._label_conditional(pred[held], male[held], float(level))
-                        inside[held] = (truth[held] >= b[:, 0]) & (truth[held] <= b[:, 1])
+                def bounds(fit_on, held, level=float(level)):
+                    return parts[fold[held][0]]._label_conditional(pred[held], male[held], level)
+
+                inside, _ = _out_of_fold(fold, truth, bounds)
                 if inside.mean() < coverage and chosen is not None:
                     break
                 chosen = float(level)  # the first (highest) level stays even where it falls short
@@ -235,18 +245,11 @@ def choose_method(pred, truth, male, coverage: float = 0.9, seed: int = 0, folds
               if g.sum() >= MIN_GROUP]
     scores = {}
     for method in METHODS:
-        inside = np.zeros((repeats, len(pred)))
-        width = np.zeros((repeats, len(pred)))
-        for r, fold in enumerate(partitions):
-            for k in range(folds):
-                held, fit_on = fold == k, fold != k
-                if not held.any():
-                    continue
-                cal = IntervalCalibration(method, pred[fit_on].tolist(), truth[fit_on].tolist(),
-                                          male[fit_on].tolist())
-                b = cal.intervals(pred[held], male[held], coverage)
-                inside[r, held] = (truth[held] >= b[:, 0]) & (truth[held] <= b[:, 1])
-                width[r, held] = b[:, 1] - b[:, 0]
+        def bounds(fit_on, held, method=method):
+            cal = IntervalCalibration(method, pred[fit_on].tolist(), truth[fit_on].tolist(), male[fit_on].tolist())
+            return cal.intervals(pred[held], male[held], coverage)
+
+        inside, width = map(np.array, zip(*(_out_of_fold(fold, truth, bounds) for fold in partitions)))
         covered = inside.mean(axis=0)
         scores[method] = {"coverage": float(covered.mean()),
                           "coverage_gap": float(abs(covered.mean() - coverage)),
