@@ -378,8 +378,11 @@ def _add_bench(sub) -> None:
                    help="repeat the whole benchmark (training and evaluation) once per seed; rows as mean ± sd. A "
                         "number N means seeds 0..N-1")
     b.add_argument("--shares", default=None, metavar="MODEL=W,...",
-                   help="each model's relative share of the budget (default: the preset's shares for its default "
-                        "list, equal shares for --models)")
+                   help="each model's relative share of the budget, per run (default: the preset's shares for its "
+                        "default list, equal shares for --models)")
+    b.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="train every model N times, each run another seed (MODEL, MODEL-2, ...; seed + 1000 k) and "
+                        "a separate ensemble member (default: the preset's for its default list, else 1)")
     b.set_defaults(func=_cmd_bench_accuracy)
 
     b = bench.add_parser("compare", help="controlled comparisons of training settings, several seeds, on the "
@@ -448,7 +451,7 @@ def _cmd_bench_accuracy(args) -> int:
     bench_accuracy(args.data, presets, size=args.size, budget=args.budget, models=parse_models(args.models),
                    out=args.out, pretrained=args.pretrained, wandb=args.wandb, workers=args.workers,
                    overrides=overrides, holdout=parse_holdout(args.holdout), holdout_seed=args.holdout_seed,
-                   seeds=parse_seeds(args.seeds), shares=parse_shares(args.shares))
+                   seeds=parse_seeds(args.seeds), shares=parse_shares(args.shares), replicas=args.replicas)
     return 0
 
 
@@ -547,23 +550,50 @@ def _add_models(sub) -> None:
                         "--all: every model with a recipe for it)")
     p.add_argument("--all", action="store_true", help="with --preset: every model with a recipe for it")
     p.add_argument("--shares", action="store_true",
-                   help="with --preset: each model's share of a benchmark's budget beside its name")
+                   help="with --preset: each model's share of a benchmark's budget beside its name (per run, and "
+                        "'xN' when it trains N runs of different seeds)")
+    p.add_argument("--runs", action="store_true",
+                   help="one line per training run, MODEL<TAB>RUN<TAB>SEED (what the launch scripts read): the "
+                        "preset's default list with its seed replicas, or --models, each --replicas times")
+    p.add_argument("--models", default=None, help="with --runs: these models (comma- or space-separated)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="with --runs: N runs of every model (RUN MODEL, MODEL-2, ...; seed SEED + 1000 k)")
+    p.add_argument("--seed", type=int, default=0, help="with --runs: the first run's seed (default 0)")
     p.set_defaults(func=_cmd_models)
 
 
+def _print_runs(args) -> int:
+    """``bonedist models --runs``: each run a launch script trains, as MODEL, RUN (its folder) and SEED."""
+    from bonedist.bench.accuracy import plan_jobs
+    from bonedist.models import replica_run
+
+    models = [m for m in (args.models or "").replace(",", " ").split() if m] or None
+    for job in plan_jobs([args.preset or "paper"], models, replicas=args.replicas):
+        run, seed = replica_run(job.model, job.replica, args.seed)
+        print(f"{job.model}\t{run}\t{seed}")
+    return 0
+
+
 def _cmd_models(args) -> int:
-    from bonedist.models import default_models, list_models, model_info
+    from bonedist.models import default_roster, list_models, model_info
+
+    if args.runs:
+        return _print_runs(args)
 
     names = {m: None for m in list_models()}
     if args.preset is not None:
         from bonedist.train.presets import preset_values
 
         preset_values(args.preset)  # an unknown preset is one line
-        names = {m: None for m in list_models(args.preset)} if args.all else default_models(args.preset)
-    for name, share in names.items():
+        names = {m: None for m in list_models(args.preset)} if args.all else default_roster(args.preset)
+    for name, entry in names.items():
         info = model_info(name)
         if not args.details:
-            print(f"{name}\t{share:g}" if args.shares and share is not None else name)
+            if args.shares and entry is not None:
+                share, runs = entry
+                print(f"{name}\t{share:g}" + (f" x{runs}" if runs > 1 else ""))
+            else:
+                print(name)
             continue
         branches = f"branches {', '.join(info.task.branches)}" if info.task.branches else "one prediction"
         print(f"{name}\t{'ImageNet backbone or scratch' if info.pretrained else 'from scratch'}\t{branches}\t"

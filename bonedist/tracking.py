@@ -130,16 +130,17 @@ def dataset_artifact(shards: str | Path, manifest: dict):
 
 
 def model_artifact(run_dir: str | Path, meta: dict):
-    """A run's ``best/`` as a ``model`` artifact named EXPERIMENT-MODEL: meta.json as a file, the weights by reference,
+    """A run's ``best/`` as a ``model`` artifact named EXPERIMENT-RUN (RUN: the model's name unless the run has its
+    own): meta.json as a file, the weights by reference,
     what evaluation and prediction need (config, mu/sigma, input spec, metrics) as metadata."""
     import wandb
 
     best = Path(run_dir).resolve() / "best"
     config = meta.get("config", {})
-    artifact = wandb.Artifact(_artifact_name(f"{config.get('experiment', 'default')}-{meta['model']}"), type="model",
-                              metadata={k: meta.get(k) for k in ("model", "model_options", "spec", "mu", "sigma",
-                                                                 "train_mean_months", "epoch", "global_step",
-                                                                 "metrics", "pack", "bonedist_version", "git")}
+    name = _artifact_name(f"{config.get('experiment', 'default')}-{meta.get('run', meta['model'])}")
+    kept = ("model", "run", "model_options", "spec", "mu", "sigma", "train_mean_months", "epoch", "global_step",
+            "metrics", "pack", "bonedist_version", "git")
+    artifact = wandb.Artifact(name, type="model", metadata={k: meta.get(k) for k in kept}
                               | {"preset": config.get("preset")})
     artifact.add_file(str(best / "meta.json"))
     artifact.add_reference(f"file://{best / 'model.safetensors'}", name="model.safetensors")

@@ -440,3 +440,33 @@ def test_bench_predict_times_the_worklist_beside_one_call_per_image(trained_runs
     assert set(rates) == {"worklist (predict --table, batch 32, 2 decoding workers)",
                           "one call per image (predict IMAGE)"}, result.stdout
     assert all(v > 0 for v in rates.values()) and "worklist / one call per image:" in result.stdout
+
+
+def test_another_seed_of_a_model_is_a_row_and_an_ensemble_member_of_its_own(train_shards, tmp_path):
+    runs = tmp_path / "runs"
+    base = ("--model", "xception", "--shards", str(train_shards), "--preset", "tiny", "--epochs", "1",
+            "--steps-per-epoch", "4", "--experiment", "exp")
+    for extra in ([], ["--run-name", "xception-2", "--seed", "1000"]):
+        result = run_train(*base, *extra, runs=runs)
+        assert result.returncode == 0, result.stderr[-2000:]
+    metas = {r: json.loads((runs / "exp" / r / "best" / "meta.json").read_text()) for r in ("xception", "xception-2")}
+    assert [(m["model"], m["run"], m["config"]["seed"]) for m in metas.values()] == [("xception", "xception", 0),
+                                                                                     ("xception", "xception-2", 1000)]
+    result = run_cli("evaluate", "--runs", str(runs / "exp"), "--wandb", "off")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((runs / "exp" / "report" / "metrics.json").read_text())
+    assert metrics["models"] == ["xception", "xception-2"] and "xception" not in metrics["missing"]
+    assert metrics["ensembles"]["equal"] == {"xception": 0.5, "xception-2": 0.5}
+    assert set(metrics["ensembles"]["fitted"]) == {"xception", "xception-2"}
+    assert metrics["ensembles"]["paper"] == {"xception": 1.0}  # the paper's ensemble: each model's own run only
+    table = pd.read_csv(runs / "exp" / "report" / "predictions.csv")
+    assert not np.allclose(table["xception"], table["xception-2"])  # another seed, other weights
+    assert "| xception-2 |" in (runs / "exp" / "report" / "report.md").read_text()
+    image = next((train_shards.parent / "raw").rglob("*.png"))
+    result = run_cli("predict", str(image), "--sex", "F", "--runs", str(runs / "exp"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads(result.stdout)[0]["models"]) == {"xception", "xception-2"}
+    for name, message in (("../escape", "letters, digits"), ("resnet18", "another model's name")):
+        result = run_train(*base, "--run-name", name, runs=runs)
+        assert result.returncode == 2 and "--run-name" in result.stderr and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

@@ -37,14 +37,19 @@ def test_each_preset_has_a_default_model_list_with_budget_shares():
     assert set(scratch) == {"resnet18", "efficientnet_b0"} and scratch["resnet18"] > scratch["efficientnet_b0"]
     assert set(default_models("tiny")) == set(list_models("tiny"))  # a preset no model names: every model
     jobs = plan_jobs(["scratch", "paper"])
-    assert [(p, m) for p, m, _ in jobs] == [("scratch", m) for m in scratch] + [("paper", m) for m in
-                                                                               default_models("paper")]
-    assert plan_jobs(["scratch"], ["xception", "resnet18"]) == [("scratch", "xception", 1.0),
-                                                                ("scratch", "resnet18", 1.0)]
-    assert dict((m, w) for _, m, w in plan_jobs(["scratch"], shares={"resnet18": 5})) == {
-        "efficientnet_b0": scratch["efficientnet_b0"], "resnet18": 5.0}
+    assert [(j.preset, j.model) for j in jobs if j.replica == 0] == [("scratch", m) for m in scratch] + [
+        ("paper", m) for m in default_models("paper")]
+    assert [(j.model, j.share, j.run, j.replica) for j in plan_jobs(["scratch"], ["xception", "resnet18"])] == [
+        ("xception", 1.0, "xception", 0), ("resnet18", 1.0, "resnet18", 0)]
+    twice = plan_jobs(["scratch"], ["resnet18", "timm/resnet34"], replicas=2)  # seed replicas: separate runs
+    assert [(j.run, j.replica) for j in twice] == [("resnet18", 0), ("resnet18-2", 1), ("timm/resnet34", 0),
+                                                   ("timm-resnet34-2", 1)]
+    assert {(j.model, j.share) for j in plan_jobs(["scratch"], shares={"resnet18": 5})} == {
+        ("efficientnet_b0", scratch["efficientnet_b0"]), ("resnet18", 5.0)}
     with pytest.raises(BonedistError, match="--shares"):
         plan_jobs(["scratch"], shares={"xception": 1})  # not a model of the run
+    with pytest.raises(BonedistError, match="--replicas 0"):
+        plan_jobs(["scratch"], replicas=0)
     with pytest.raises(BonedistError, match="presets are"):
         plan_jobs(["nope"])
     listed = run_cli("models", "--preset", "scratch", "--shares")

@@ -128,14 +128,16 @@ def test_train_all_script_trains_then_evaluates(train_shards, tmp_path):
 
     from tests.conftest import REPO
 
-    env = {**os.environ, "PRESET": "tiny", "RUNS_DIR": str(tmp_path), "MODELS": "xception",
+    env = {**os.environ, "PRESET": "tiny", "RUNS_DIR": str(tmp_path), "MODELS": "xception", "REPLICAS": "2",
            "BONEDIST_PYTHON": sys.executable, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(["bash", str(REPO / "launch" / "train_all.sh"), str(train_shards), "script", "--",
                              "--epochs", "1", "--steps-per-epoch", "3", "--wandb", "off"],
                             capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "script" / "report" / "metrics.json").read_text())
-    assert metrics["models"] == ["xception"] and metrics["n"] == 60
+    assert metrics["models"] == ["xception", "xception-2"] and metrics["n"] == 60  # two seeds, two members
+    seeds = [json.loads((tmp_path / "script" / r / "config.json").read_text())["seed"] for r in metrics["models"]]
+    assert seeds == [0, 1000]
 
 
 @pytest.mark.slow

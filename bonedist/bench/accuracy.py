@@ -4,11 +4,12 @@
     bonedist bench accuracy --data /data/rsna --preset paper,improved --size 384 --budget 120 --pretrained weights/
 
 Packs ``--data`` (resumable) into OUT/shards, trains each preset's default model list (``bonedist models --preset
-P``; ``--models`` names others) in OUT/runs/PRESET/MODEL, each its share of the time budget (the preset's shares
-for its default list, ``--shares`` or equal; what one model leaves unused goes to the next), evaluates each preset on
-the test split (the validation split when the test split has no ages) with `bonedist evaluate`, and prints the MAE
-of every model and ensemble beside the predict-the-mean baseline measured on the same images (and the presets side
-by side). Runs in one process, on one GPU or on the CPU.
+P``; ``--models`` names others) in OUT/runs/PRESET/RUN, each run its share of the time budget (the preset's
+shares for its default list, ``--shares`` or equal; what one run leaves unused goes to the next; a model the list
+trains twice, or ``--replicas 2``, runs again as MODEL-2 with another seed, a separate ensemble member), evaluates
+each preset on the test split (the validation split when the test split has no ages) with `bonedist evaluate`, and
+prints the MAE of every run and ensemble beside the predict-the-mean baseline measured on the same images (and the
+presets side by side). Runs in one process, on one GPU or on the CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,19 +49,21 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
                    models: list[str] | None = None, out: str | Path = "runs/bench-accuracy",
                    pretrained: str | None = None, wandb: str = "off", workers: int = 0,
                    overrides: dict | None = None, holdout: dict | None = None, holdout_seed: int = 0,
-                   seeds: list[int] | None = None, shares: dict | None = None) -> dict:
+                   seeds: list[int] | None = None, shares: dict | None = None, replicas: int | None = None) -> dict:
     """See the module docstring. ``models``: the same models in every preset (default: each preset's default model
     list, ``bonedist models --preset P``, with its budget shares); ``seeds``: the whole benchmark (training and
     evaluation, ``budget`` minutes each time) once per seed, every row as mean ± standard deviation; ``shares``: each
-    model's relative share of the budget (default: the preset's shares for its default list, else equal)."""
+    model's relative share of the budget (default: the preset's shares for its default list, else equal);
+    ``replicas``: runs per model, each another seed and a separate ensemble member (default: the preset's for its
+    default list, else one)."""
     from bonedist.data.manifest import load_manifest
     from bonedist.train.presets import preset_values
 
     if budget <= 0:
         raise BonedistError(f"--budget must be positive minutes, got {budget}")
-    jobs = plan_jobs(presets, models, shares)
-    models = list(dict.fromkeys(m for _, m, _ in jobs))
-    shares = {f"{p}/{m}": w for p, m, w in jobs}
+    jobs = plan_jobs(presets, models, shares, replicas)
+    models = list(dict.fromkeys(j.model for j in jobs))
+    shares = {f"{j.preset}/{j.run}": j.share for j in jobs}
     size = size or max(preset_values(p).get("input", {}).get("image_size", 500) for p in presets)
     seeds = list(seeds or [None])
     out = Path(out)
@@ -87,11 +91,23 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     return summary
 
 
-def plan_jobs(presets: list[str], models: list[str] | None = None,
-              shares: dict | None = None) -> list[tuple[str, str, float]]:
-    """(preset, model, share of the budget) for every run: ``models`` in every preset at equal shares, or each
-    preset's default model list with its shares (``models.default_models``); ``shares`` overrides by model."""
-    from bonedist.models import default_models, is_model, list_models
+class Job(NamedTuple):
+    """One training run of a benchmark: ``run`` is its folder and row (the model's name, or ``MODEL-2`` ... for
+    another seed of it, ``models.replica_run``), ``share`` its relative share of the budget."""
+
+    preset: str
+    model: str
+    share: float
+    run: str
+    replica: int = 0
+
+
+def plan_jobs(presets: list[str], models: list[str] | None = None, shares: dict | None = None,
+              replicas: int | None = None) -> list[Job]:
+    """Every run: ``models`` in every preset at equal shares, or each preset's default model list with its shares
+    and seed replicas (``models.default_roster``); ``shares`` overrides by model (the share of each of its runs),
+    ``replicas`` the number of runs of every model (each another seed, a separate ensemble member)."""
+    from bonedist.models import default_roster, is_model, list_models, replica_run
     from bonedist.train.presets import list_presets
 
     for preset in presets:
@@ -100,43 +116,49 @@ def plan_jobs(presets: list[str], models: list[str] | None = None,
     unknown = [m for m in models or [] if not is_model(m)]
     if unknown:
         raise BonedistError(f"--models: unknown {sorted(unknown)}; choose from {', '.join(list_models())}")
+    if replicas is not None and replicas < 1:
+        raise BonedistError(f"--replicas {replicas}: at least one run per model")
     given = shares or {}
-    rosters = {p: ({m: 1.0 for m in models} if models else default_models(p)) for p in presets}
-    jobs = [(p, m, float(given.get(m, share))) for p in presets for m, share in rosters[p].items()]
-    names = list(dict.fromkeys(m for _, m, _ in jobs))
-    if any(w <= 0 for _, _, w in jobs) or set(given) - set(names):
+    rosters = {p: ({m: (1.0, 1) for m in models} if models else default_roster(p)) for p in presets}
+    jobs = [Job(p, m, float(given.get(m, share)), replica_run(m, k)[0], k) for p in presets
+            for m, (share, n) in rosters[p].items() for k in range(replicas or n)]
+    names = list(dict.fromkeys(j.model for j in jobs))
+    if any(j.share <= 0 for j in jobs) or set(given) - set(names):
         raise BonedistError(f"--shares: positive weights for models of the run ({', '.join(names)}), got {given}")
     return jobs
 
 
-def _train_jobs(shards: Path, runs: Path, jobs: list[tuple[str, str, float]], budget, size, pretrained, wandb,
-                overrides, seed) -> list[dict]:
-    """Every (preset, model, share) job within ``budget`` minutes, each its share of what is left when it starts
-    (what a run leaves unused, ending at its last epoch early, goes to the runs after it)."""
-    from bonedist.models import model_info
+def _train_jobs(shards: Path, runs: Path, jobs: list[Job], budget, size, pretrained, wandb, overrides,
+                seed) -> list[dict]:
+    """Every job within ``budget`` minutes, each its share of what is left when it starts (what a run leaves
+    unused, ending at its last epoch early, goes to the runs after it)."""
+    from bonedist.models import model_info, replica_run
     from bonedist.train.config import resolve_config
     from bonedist.train.engine import train_in_process
 
-    total = sum(w for _, _, w in jobs)
+    total = sum(j.share for j in jobs)
     print(f"[2/3] training {len(jobs)} run(s) in {budget:g} minutes{'' if seed is None else f', seed {seed}'}, "
-          f"the budget split by share: " + ", ".join(f"{p}/{m} (share {w:g}: {w / total * budget:.1f} min)"
-                                                       for p, m, w in jobs))
+          f"the budget split by share: " + ", ".join(f"{j.preset}/{j.run} (share {j.share:g}: "
+                                                       f"{j.share / total * budget:.1f} min)" for j in jobs))
     began, trained = time.perf_counter(), []
-    for i, (preset, model, weight) in enumerate(jobs):
+    for i, job in enumerate(jobs):
         left = max(budget * 60.0 - (time.perf_counter() - began), 0.0)
-        share = left * weight / sum(w for _, _, w in jobs[i:]) / 60.0
-        options = {"pretrained": pretrained} if pretrained is not None and model_info(model).pretrained else {}
+        share = left * job.share / sum(j.share for j in jobs[i:]) / 60.0
+        options = {"pretrained": pretrained} if pretrained is not None and model_info(job.model).pretrained else {}
         extra = {**(overrides or {}), **({} if seed is None else {"seed": seed})}
+        base = resolve_config(job.model, str(shards), job.preset, **extra).seed
+        run, run_seed = replica_run(job.model, job.replica, base)
         # patches keep their share of the side (InputConfig.patch_share); Inception keeps its minimum
-        cfg = resolve_config(model, str(shards), preset, experiment=preset, runs_dir=str(runs),
+        cfg = resolve_config(job.model, str(shards), job.preset, experiment=job.preset, runs_dir=str(runs),
                              input={"image_size": size}, model_options=options, time_budget_min=max(share, 0.05),
-                             wandb=wandb, **extra)
-        print(f"  {preset}/{model}: up to {cfg.epochs} epochs in {share:.1f} min")
+                             wandb=wandb, **{**extra, "seed": run_seed, "run_name": run})
+        print(f"  {job.preset}/{run}: up to {cfg.epochs} epochs in {share:.1f} min, seed {run_seed}")
         t0 = time.perf_counter()
         code, _, _ = train_in_process(cfg)
         if code != 0:
-            raise BonedistError(f"training {preset}/{model} stopped (exit {code}); run the same command to resume")
-        trained.append({"preset": preset, "model": model, "seed": seed, "minutes": (time.perf_counter() - t0) / 60})
+            raise BonedistError(f"training {job.preset}/{run} stopped (exit {code}); run the same command to resume")
+        trained.append({"preset": job.preset, "model": job.model, "run": run, "seed": run_seed,
+                        "minutes": (time.perf_counter() - t0) / 60})
     return trained
 
 

@@ -71,7 +71,7 @@ def evaluate(opts: EvalOptions) -> dict:
     trained = {}
     for name, path in found.items():  # a broken best/ leaves its model out, with a line, not the evaluation
         try:
-            trained[name] = load_trained(path, acc.device)
+            trained[name] = load_trained(path, acc.device, name)
         except BonedistError as exc:
             acc.print(f"warning: {name} left out of the report and the ensembles: {exc}")
             missing.append(name)
@@ -144,7 +144,7 @@ def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: P
     models = list(trained)
     mu = float(np.mean([tm.mu for tm in trained.values()]))
     sigma = float(np.mean([tm.sigma for tm in trained.values()]))
-    ensembles, notes, fit = _ensembles(months, split, models)
+    ensembles, notes, fit = _ensembles(months, split, trained)
     for frame in months.values():  # the reported split, and validation (intervals are calibrated there)
         for name, weights in ensembles.items():
             frame[f"ensemble_{name}"] = sum(w * frame[m] for m, w in weights.items())
@@ -229,9 +229,9 @@ def reported_columns(trained: dict) -> list[str]:
     return [row for name, tm in trained.items() for row in tm.model.task.reported(name)]
 
 
-def _ensembles(months: dict[str, pd.DataFrame], split: str, models: list[str]) -> tuple[dict, list[str], dict]:
-    ensembles, notes, fit = {}, [], {}
-    paper = paper_weights(models)
+def _ensembles(months: dict[str, pd.DataFrame], split: str, trained: dict) -> tuple[dict, list[str], dict]:
+    ensembles, notes, fit, models = {}, [], {}, list(trained)
+    paper = paper_weights(trained)
     if paper:
         ensembles["paper"] = paper
     if len(models) > 1:

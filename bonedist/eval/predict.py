@@ -80,7 +80,7 @@ class Ensemble:
             raise BonedistError(f"--coverage must be between 0.05 and 0.99, got {coverage}")
         self.runs, self.coverage = Path(runs), coverage
         found, _ = find_runs(runs)
-        self.trained = {name: load_trained(path, device) for name, path in found.items()}
+        self.trained = {name: load_trained(path, device, name) for name, path in found.items()}
         # each run's own test-time flip and patch aggregation, in the precision evaluation uses here
         self.predictors = {name: tm.predictor() for name, tm in self.trained.items()}
         self.weights, self.source, column = self._weights()
@@ -97,7 +97,7 @@ class Ensemble:
         if len(names) == 1:
             task = self.trained[names[0]].model.task
             return {names[0]: 1.0}, "one model", f"{names[0]}_{task.main_branch}" if task.main_branch else names[0]
-        paper = paper_weights(names)
+        paper = paper_weights({n: self.trained[n] for n in names})
         if paper and len(paper) == len(names):
             return paper, "paper", "ensemble_paper"
         return {n: 1.0 / len(names) for n in names}, "equal", "ensemble_equal"

@@ -15,7 +15,6 @@ import torch  # noqa: E402
 
 from bonedist.data.layouts import OLDEST_RSNA_AGE  # noqa: E402
 from bonedist.eval.metrics import AGE_BANDS_YEARS  # noqa: E402
-from bonedist.models import model_info  # noqa: E402
 from bonedist.tracking import read_metrics  # noqa: E402
 
 
@@ -61,7 +60,8 @@ def _markdown(result: dict, figures: list[Path], opts, trained: dict) -> str:
         lines += ["", "## Models, their branches and ensembles (paper's Tables 6-7 beside ours)", "",
                   "| model | MAE (months) | 95% CI | RMSE (months) | MSE (z) | RMSE (z) | r | paired t p | "
                   "within 12 m | paper MSE | paper RMSE | paper P |", "|" + "---|" * 12]
-        paper_rows = {row: v for name in trained for row, v in model_info(name).paper.items()}
+        paper_rows = {row: v for name, tm in trained.items() if name == tm.model_name  # its own run, not a seed
+                      for row, v in tm.info.paper.items()}
         for name, m in result["metrics"].items():
             paper = paper_rows.get(name, (None, None, None))
             ci = m.get("mae_ci95_months")

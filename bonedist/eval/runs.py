@@ -1,4 +1,7 @@
-"""Loading trained runs (``runs/EXPERIMENT/MODEL/best``) for evaluation and prediction."""
+"""Loading trained runs (``runs/EXPERIMENT/RUN/best``) for evaluation and prediction.
+
+A run is named by its folder: the model's name (``resnet18``, ``timm/resnet34``), or a name of its own given with
+``--run-name`` (``resnet18-2``: another seed of the same model, a separate row and ensemble member)."""
 
 from __future__ import annotations
 
@@ -19,15 +22,20 @@ from bonedist.train.precision import autocast_for, inference_precision
 
 @dataclass
 class TrainedModel:
-    name: str
+    name: str  # the run's: its row in evaluate's tables and ensembles
     model: torch.nn.Module
     meta: dict
     pipe: InputPipeline
     run_dir: Path
 
     @property
+    def model_name(self) -> str:
+        """The registered model it is (``name`` unless the run has a name of its own)."""
+        return str(self.meta["model"])
+
+    @property
     def info(self):
-        return model_info(self.name)
+        return model_info(self.model_name)
 
     @property
     def mu(self) -> float:
@@ -78,26 +86,39 @@ class TrainedModel:
 
 
 def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
-    """The best checkpoint of each model under ``runs`` and the models that have none."""
+    """The best checkpoint of each run under ``runs`` (name → folder, the registry's order of their models, then by
+    name) and the registered models that have no run."""
     runs = Path(runs)
     if not runs.is_dir():
         raise BonedistError(f"--runs {runs}: no such folder (train first: bonedist train ... --experiment NAME)")
-    trained = {}
+    trained, models = {}, {}
     for meta in sorted(runs.glob("*/best/meta.json")) + sorted(runs.glob("*/*/best/meta.json")):  # timm/ARCH too
         run_dir = meta.parent.parent
         name = run_dir.relative_to(runs).as_posix()
-        if (meta.parent / "model.safetensors").is_file() and is_model(name):
-            trained[name] = run_dir
+        model = _model_of(meta, name)
+        if (meta.parent / "model.safetensors").is_file() and is_model(model):
+            trained[name], models[name] = run_dir, model
     order = {name: i for i, name in enumerate(list_models())}  # the registry's order, then models made on demand
-    found = {name: trained[name] for name in sorted(trained, key=lambda n: (order.get(n, len(order)), n))}
-    missing = [name for name in list_models() if name not in found]
+    found = {name: trained[name] for name in sorted(trained, key=lambda n: (order.get(models[n], len(order)),
+                                                                            models[n], n != models[n], n))}
+    missing = [name for name in list_models() if name not in models.values()]
     if not found:
-        raise BonedistError(f"no trained model under {runs}: expected {runs}/MODEL/best/model.safetensors for "
-                            f"one of {', '.join(list_models())}")
+        raise BonedistError(f"no trained model under {runs}: expected {runs}/RUN/best/model.safetensors for "
+                            f"one of {', '.join(list_models())} (RUN: the model's name or the run's own)")
     return found, missing
 
 
-def load_trained(run_dir: Path, device: torch.device | str = "cpu") -> TrainedModel:
+def _model_of(meta: Path, name: str) -> str:
+    """The model a run's ``best/meta.json`` names (a run folder named as its model when it cannot be read: loading
+    it then says what is wrong)."""
+    try:
+        return str(json.loads(meta.read_text()).get("model", name))
+    except (OSError, ValueError, AttributeError):
+        return name
+
+
+def load_trained(run_dir: Path, device: torch.device | str = "cpu", name: str | None = None) -> TrainedModel:
+    """The run in ``run_dir`` ready to predict, named ``name`` (``find_runs``'s; default: the run's own name)."""
     best = Path(run_dir) / "best"
     try:
         meta = json.loads((best / "meta.json").read_text())
@@ -125,11 +146,14 @@ def load_trained(run_dir: Path, device: torch.device | str = "cpu") -> TrainedMo
     except Exception as exc:
         raise BonedistError(f"checkpoint {best / 'model.safetensors'} does not load into {name}: {exc}") from exc
     model.to(device).eval()
-    return TrainedModel(name, model, meta, InputPipeline(model.spec), Path(run_dir))
+    run = name or meta.get("run") or meta["model"]
+    return TrainedModel(str(run), model, meta, InputPipeline(model.spec), Path(run_dir))
 
 
-def paper_weights(available: list[str]) -> dict[str, float] | None:
-    """The paper's ensemble (VI-D) over the models at hand, its weights normalised; None without any of them."""
-    weights = {n: model_info(n).paper_weight for n in available if model_info(n).paper_weight > 0}
+def paper_weights(available: dict[str, TrainedModel]) -> dict[str, float] | None:
+    """The paper's ensemble (VI-D) over the models at hand (each model's own run, not its other seeds), its weights
+    normalised; None without any of them."""
+    weights = {n: tm.info.paper_weight for n, tm in available.items()
+               if n == tm.model_name and tm.info.paper_weight > 0}
     total = sum(weights.values())
     return {n: w / total for n, w in weights.items()} if weights else None

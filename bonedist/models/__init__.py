@@ -13,10 +13,11 @@ from bonedist.models import agcnn as _agcnn  # noqa: F401
 from bonedist.models import efficientnet as _efficientnet  # noqa: F401
 from bonedist.models import resnet as _resnet  # noqa: F401
 from bonedist.models import timm_regressor as _timm_regressor  # noqa: F401  (timm/ARCH on demand)
-from bonedist.models.registry import (ModelInfo, NoOptions, create_model, default_models, is_model, list_models,
-                                      model_info, register_model, unregister_model)
+from bonedist.models.registry import (ModelInfo, NoOptions, create_model, default_models, default_roster, is_model,
+                                      list_models, model_info, register_model, replica_run, unregister_model)
 from bonedist.models.task import Task
 from bonedist.spec import InputConfig, InputSpec
 
-__all__ = ["InputConfig", "InputSpec", "ModelInfo", "NoOptions", "Task", "create_model", "default_models", "is_model",
-           "list_models", "model_info", "register_model", "unregister_model"]
+__all__ = ["InputConfig", "InputSpec", "ModelInfo", "NoOptions", "Task", "create_model", "default_models",
+           "default_roster", "is_model", "list_models", "model_info", "register_model", "replica_run",
+           "unregister_model"]

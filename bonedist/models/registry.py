@@ -45,7 +45,9 @@ class ModelInfo:
             bf16 matrix units (a measured choice per architecture, see ``bonedist.train.precision``; fp32 for a
             model nobody measured).
         roster: per preset whose default model list it is in, its relative share of a benchmark's time budget
-            (``default_models``); a preset no model names here defaults to every model with a recipe for it.
+            (``default_models``); a preset no model names here defaults to every model with a recipe for it. A
+            pair ``(share, n)`` trains it ``n`` times with different seeds (``replica_run``), each run a separate
+            ensemble member with that share.
     """
 
     name: str
@@ -134,11 +136,34 @@ def list_models(preset: str | None = None) -> list[str]:
 
 def default_models(preset: str) -> dict[str, float]:
     """The models a preset trains when none are named (``bench accuracy``, ``bonedist models --preset``), each with
-    its relative share of a time budget: those whose ``roster`` names the preset (chosen by measurement, see the
-    README), or, when none does, every model with a recipe for it at equal shares."""
-    chosen = {name: float(info.roster[preset]) for name, info in _MODELS.items() if info.listed
+    its relative share of a time budget per run: those whose ``roster`` names the preset (chosen by measurement, see
+    the README), or, when none does, every model with a recipe for it at equal shares."""
+    return {name: share for name, (share, _) in default_roster(preset).items()}
+
+
+def default_roster(preset: str) -> dict[str, tuple[float, int]]:
+    """``default_models`` with each model's number of runs (seed replicas, ``replica_run``)."""
+    chosen = {name: _roster_entry(info.roster[preset]) for name, info in _MODELS.items() if info.listed
               and preset in info.roster and preset in info.recipes}
-    return chosen or {name: 1.0 for name in list_models(preset)}
+    return chosen or {name: (1.0, 1) for name in list_models(preset)}
+
+
+def _roster_entry(value) -> tuple[float, int]:
+    share, replicas = value if isinstance(value, (tuple, list)) else (value, 1)
+    return float(share), int(replicas)
+
+
+REPLICA_SEED_STEP = 1000  # replica k of a run seeded s is seeded s + 1000 k: apart from `bench --seeds 0,1,...`
+
+
+def replica_run(model: str, replica: int, seed: int = 0) -> tuple[str, int]:
+    """The run name and seed of a model's ``replica``-th run (0: the model's own run, named as the model): another
+    seed of the same model, a separate row and ensemble member (``resnet18``, ``resnet18-2``, ``resnet18-3``)."""
+    if replica < 0:
+        raise BonedistError(f"replica {replica}: 0 or more")
+    if replica == 0:
+        return model, seed
+    return f"{model.replace('/', '-')}-{replica + 1}", seed + REPLICA_SEED_STEP * replica
 
 
 def model_info(name: str) -> ModelInfo:

@@ -1,6 +1,6 @@
 """Checkpoints: written atomically (temporary folder, then rename), the last k kept, the best kept apart.
 
-Layout of a run folder ``runs/EXPERIMENT/MODEL/``::
+Layout of a run folder ``runs/EXPERIMENT/RUN/`` (RUN: the model's name, or the run's own ``--run-name``)::
 
     config.json  metrics.jsonl
     checkpoints/step-00000120/{state.pt, model.safetensors, meta.json}

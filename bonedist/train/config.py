@@ -2,13 +2,15 @@
 
 A run's configuration is: the preset's shared values (``bonedist.train.presets``), then the model's recipe for that
 preset (in the model's own file), then explicit overrides (flags). The resolved config is written to
-``runs/EXPERIMENT/MODEL/config.json`` and into every checkpoint.
+``runs/EXPERIMENT/RUN/config.json`` (RUN: ``--run-name``, by default the model's name) and into every
+checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import asdict, dataclass
 
 from bonedist import BonedistError
@@ -24,6 +26,7 @@ from bonedist.train.presets import list_presets, preset_values
 from bonedist.train.schedule import SCHEDULES
 from bonedist.train.validation import CALIBRATIONS
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 OPT, DATA, VAL, ENGINE, RUN = "optimisation", "data", "validation", "engine", "checkpoints and tracking"
 
 
@@ -35,8 +38,12 @@ class TrainConfig:
     model: str = option("", "a model of `bonedist models`", cli=False)
     shards: str = option("", "a folder written by `bonedist pack`", cli=False)
     preset: str = option("paper", "named starting values", cli=False)
-    experiment: str = option("default", "runs/EXPERIMENT/MODEL; also the W&B group")
+    experiment: str = option("default", "runs/EXPERIMENT/RUN (RUN: --run-name, default the model); also the W&B "
+                                        "group")
     runs_dir: str = option("runs", "where run folders go")
+    run_name: str | None = option(None, "the run's folder under runs/EXPERIMENT and its row in evaluate's tables "
+                                        "and ensembles (default: the model's name); another seed of the same model "
+                                        "beside it, e.g. resnet18-2 with --seed 1000, is a separate ensemble member")
     model_options: dict = option({}, "the model's own options (its dataclass; flags in the model group)", cli=False)
     input: InputConfig = option(None, "input settings (InputConfig; flags in the input group)", cli=False)
     # optimisation
@@ -119,6 +126,7 @@ class TrainConfig:
             raise BonedistError(f"--cache-share must be in (0, 1], got {self.cache_share}")
         if self.model:
             self.options()  # validates
+            self._check_run_name()
         self._check_stages()
         self.augment_config()  # validates
 
@@ -130,6 +138,24 @@ class TrainConfig:
     def options(self):
         """The model's typed options."""
         return self.info().build_options(self.model_options)
+
+    @property
+    def run(self) -> str:
+        """The run's name: its folder under runs/EXPERIMENT and its row in evaluate's tables."""
+        return self.run_name or self.model
+
+    def _check_run_name(self) -> None:
+        from bonedist.models import is_model
+
+        name = self.run_name
+        if name is None or name == self.model:
+            return
+        if not RUN_NAME.fullmatch(name):
+            raise BonedistError(f"--run-name {name!r}: letters, digits, '.', '_' and '-' only (one folder name, "
+                                f"starting with a letter or digit)")
+        if is_model(name):
+            raise BonedistError(f"--run-name {name!r} is another model's name; a {self.model} run needs its own "
+                                f"(e.g. {self.model.replace('/', '-')}-2)")
 
     def _check_stages(self) -> None:
         if not self.stages:

@@ -59,7 +59,7 @@ class NonFiniteLoss(BonedistError):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.info = cfg, cfg.info()
-        self.run_dir = Path(cfg.runs_dir) / cfg.experiment / cfg.model
+        self.run_dir = Path(cfg.runs_dir) / cfg.experiment / cfg.run
         cuda = torch.cuda.is_available()
         self.precision = resolve_precision(cfg.precision, cfg.channels_last, cuda, self.info.cpu_precision)
         # only rank 0 logs: the others need not probe the W&B server (a 3-second timeout on offline nodes)

@@ -22,7 +22,7 @@ def best_meta(trainer, metrics: dict | None = None) -> dict:
     (``bonedist.eval.runs``), and what it was trained on (``check`` compares it when resuming)."""
     cfg = trainer.cfg
     return {"pack_identity": pack_identity(trainer.manifest),
-            "model": cfg.model, "model_options": trainer.info.without_weights(asdict(cfg.options())),
+            "model": cfg.model, "run": cfg.run, "model_options": trainer.info.without_weights(asdict(cfg.options())),
             "input": cfg.input.to_dict(), "spec": trainer.spec.to_dict(), "mu": trainer.scale.mu,
             "sigma": trainer.scale.sigma, "calibration_z": {k: list(v) for k, v in trainer.calibration.items()},
             "train_mean_months": trainer.train_mean,

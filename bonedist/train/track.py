@@ -29,7 +29,7 @@ class TrainTracking:
             return
         cfg = t.cfg
         job = os.environ.get("SLURM_JOB_ID")
-        name = f"{cfg.model}-{job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else cfg.model
+        name = f"{cfg.run}-{job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else cfg.run
         t.accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), "resolved": t.resolved()},
                                     init_kwargs={"wandb": {
                                         "group": cfg.experiment, "name": name, "dir": str(t.run_dir),
