@@ -65,6 +65,12 @@ def test_the_ensemble_fit_check_tells_weights_that_generalise_from_overfitted_on
     oof, inside = check["cross_validated_mae_months"], check["in_sample_mae_months"]
     assert inside <= oof < check["best_member_mae_months"] < check["equal_mae_months"]  # it adds, out of fold too
     assert check["weight_range"]["noise"][1] < 0.05 and check["weight_range"]["good"][0] > 0.6
+    assert list(check["error_correlation"]) == ["good / other", "good / noise", "other / noise"]
+    assert abs(check["error_correlation"]["good / other"]) < 0.15  # independent noise
+    shared = rng.normal(0, 10, 600)  # two "seeds" that share most of their error
+    alike = ensemble_fit_check(np.column_stack([truth + shared + rng.normal(0, 3, 600),
+                                                truth + shared + rng.normal(0, 3, 600)]), truth, ["a", "b"])
+    assert alike["error_correlation"]["a / b"] > 0.85
 
 
 def test_the_calibration_check_fits_on_validation_and_scores_on_the_reported_split():

@@ -263,6 +263,9 @@ def format_table(summary: dict) -> str:
                      + f"; {fit['folds']}-fold cross-validated MAE on validation "
                      f"{fit['cross_validated_mae_months']:.2f} (equal {fit['equal_mae_months']:.2f}, best member "
                      f"{fit['best_member']} {fit['best_member_mae_months']:.2f})")
+        if fit.get("error_correlation"):
+            lines.append(f"{preset}: correlation of the members' errors on validation: "
+                         + ", ".join(f"{pair} {r:.2f}" for pair, r in fit["error_correlation"].items()))
     for preset, rows in summary.get("calibration_check", {}).items():
         if rows:
             lines.append(f"{preset}: MAE with a correction fitted on validation (as trained / offset / line, slope)"

@@ -257,7 +257,9 @@ def ensemble_fit_check(preds: np.ndarray, truth: np.ndarray, models: list[str], 
                        seed: int = 0) -> dict:
     """Whether the validation-fitted weights generalise: their MAE on each fold of the validation split when fitted
     on the other folds (out of fold), beside the MAE fitted on all of it, equal weights and the best member, and the
-    range of each weight over the folds (weights that swing between folds are not to be trusted)."""
+    range of each weight over the folds (weights that swing between folds are not to be trusted); and how alike the
+    members err: the correlation of every pair's errors (two seeds of one network err alike, about 0.9, and their
+    mean adds little; README section 7)."""
     preds, truth = np.asarray(preds, float), np.asarray(truth, float)
     order = np.random.default_rng(seed).permutation(len(truth))
     oof, fold_weights = np.empty(len(truth)), []
@@ -274,7 +276,19 @@ def ensemble_fit_check(preds: np.ndarray, truth: np.ndarray, models: list[str], 
             "equal_mae_months": float(np.abs(preds.mean(axis=1) - truth).mean()),
             "best_member": models[int(member.argmin())], "best_member_mae_months": float(member.min()),
             "weight_range": {m: (float(fold_weights[:, i].min()), float(fold_weights[:, i].max()))
-                             for i, m in enumerate(models)}}
+                             for i, m in enumerate(models)},
+            "error_correlation": error_correlation(preds - truth[:, None], models)}
+
+
+def error_correlation(errors: np.ndarray, models: list[str]) -> dict[str, float]:
+    """Pearson correlation of each pair of members' errors (``"a / b"``: r), in member order."""
+    out = {}
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            a, b = errors[:, i], errors[:, j]
+            ok = a.std() > 0 and b.std() > 0
+            out[f"{models[i]} / {models[j]}"] = float(np.corrcoef(a, b)[0, 1]) if ok else float("nan")
+    return out
 
 
 def _json_default(value):

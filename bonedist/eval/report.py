@@ -87,6 +87,11 @@ def _markdown(result: dict, figures: list[Path], opts, trained: dict) -> str:
                   f"{_fmt(fit['equal_mae_months'])}, best member {fit['best_member']} "
                   f"{_fmt(fit['best_member_mae_months'])}. Each weight over the folds: "
                   + ", ".join(f"{m} {lo:.2f}-{hi:.2f}" for m, (lo, hi) in fit["weight_range"].items()) + "."]
+        if fit.get("error_correlation"):
+            lines += ["", "How alike do the members err? Correlation of their errors on the validation split: "
+                      + ", ".join(f"{pair} {r:.2f}" for pair, r in fit["error_correlation"].items())
+                      + ". Members whose errors correlate near 1 (two seeds of one network: about 0.9) add little to "
+                        "each other; a member that errs differently adds when it is nearly as accurate."]
     check = result.get("calibration_check") or {}
     if check:
         lines += ["", "## Calibration check (a correction fitted on the validation split, scored here)", "",
