@@ -14,6 +14,7 @@ presets side by side). Runs in one process, on one GPU or on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -98,8 +99,13 @@ class Job(NamedTuple):
     preset: str
     model: str
     share: float
-    run: str
     replica: int = 0
+
+    @property
+    def run(self) -> str:
+        from bonedist.models import replica_run
+
+        return replica_run(self.model, self.replica)[0]
 
 
 def plan_jobs(presets: list[str], models: list[str] | None = None, shares: dict | None = None,
@@ -107,7 +113,7 @@ def plan_jobs(presets: list[str], models: list[str] | None = None, shares: dict 
     """Every run: ``models`` in every preset at equal shares, or each preset's default model list with its shares
     and seed replicas (``models.default_roster``); ``shares`` overrides by model (the share of each of its runs),
     ``replicas`` the number of runs of every model (each another seed, a separate ensemble member)."""
-    from bonedist.models import default_roster, is_model, list_models, replica_run
+    from bonedist.models import default_roster, is_model, list_models
     from bonedist.train.presets import list_presets
 
     for preset in presets:
@@ -120,7 +126,7 @@ def plan_jobs(presets: list[str], models: list[str] | None = None, shares: dict 
         raise BonedistError(f"--replicas {replicas}: at least one run per model")
     given = shares or {}
     rosters = {p: ({m: (1.0, 1) for m in models} if models else default_roster(p)) for p in presets}
-    jobs = [Job(p, m, float(given.get(m, share)), replica_run(m, k)[0], k) for p in presets
+    jobs = [Job(p, m, float(given.get(m, share)), k) for p in presets
             for m, (share, n) in rosters[p].items() for k in range(replicas or n)]
     names = list(dict.fromkeys(j.model for j in jobs))
     if any(j.share <= 0 for j in jobs) or set(given) - set(names):
@@ -146,12 +152,12 @@ def _train_jobs(shards: Path, runs: Path, jobs: list[Job], budget, size, pretrai
         share = left * job.share / sum(j.share for j in jobs[i:]) / 60.0
         options = {"pretrained": pretrained} if pretrained is not None and model_info(job.model).pretrained else {}
         extra = {**(overrides or {}), **({} if seed is None else {"seed": seed})}
-        base = resolve_config(job.model, str(shards), job.preset, **extra).seed
-        run, run_seed = replica_run(job.model, job.replica, base)
         # patches keep their share of the side (InputConfig.patch_share); Inception keeps its minimum
         cfg = resolve_config(job.model, str(shards), job.preset, experiment=job.preset, runs_dir=str(runs),
                              input={"image_size": size}, model_options=options, time_budget_min=max(share, 0.05),
-                             wandb=wandb, **{**extra, "seed": run_seed, "run_name": run})
+                             wandb=wandb, **extra)
+        run, run_seed = replica_run(job.model, job.replica, cfg.seed)  # replica k: seed + 1000 k, MODEL-(k+1)
+        cfg = dataclasses.replace(cfg, seed=run_seed, run_name=run)
         print(f"  {job.preset}/{run}: up to {cfg.epochs} epochs in {share:.1f} min, seed {run_seed}")
         t0 = time.perf_counter()
         code, _, _ = train_in_process(cfg)
