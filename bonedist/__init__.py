@@ -53,7 +53,28 @@ def free_gib(path) -> float:
 
 
 def run_command(command: str, run, resume: str = "re-run the same command to resume") -> int:
-    """Run a CLI command; a user error, Ctrl-C or a full disk ends in one line on stderr (exit 2, 130, 2)."""
+    """Run a CLI command; a user error, Ctrl-C or a full disk ends in one line on stderr (exit 2, 130, 2). Under
+    `accelerate launch` the process group is destroyed on the way out, however the command ended."""
+    try:
+        return _run_command(command, run, resume)
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Destroy this process's distributed process group, if it has one. A gloo process that exits with its group
+    alive can abort in interpreter teardown ("terminate called without an active exception", SIGABRT), which fails
+    the whole `accelerate launch` even though its work was done. Destroying is local: no peer is waited for."""
+    dist = _sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a group whose peer died may refuse; the exit status is already decided
+        pass
+
+
+def _run_command(command: str, run, resume: str) -> int:
     try:
         return run()
     except BonedistError as exc:

@@ -133,3 +133,23 @@ def test_resume_refuses_a_repacked_folder_and_another_models_checkpoint(phantom_
                         "--resume", str(run / "checkpoints" / "step-00000004"), runs=tmp_path / "runs")
     assert foreign.returncode == 2 and "Traceback" not in foreign.stderr, foreign.stderr[-2000:]
     assert "cannot resume resnet50_patch from" in foreign.stderr and "checkpoint of xception" in foreign.stderr
+
+
+@pytest.mark.parametrize("outcome", ["ok", "user error"])
+def test_a_command_leaves_no_process_group_alive_however_it_ends(tmp_path, outcome):
+    """A gloo group left alive at exit can abort the process in teardown (SIGABRT, "terminate called without an
+    active exception") after its work is done, failing the whole launch: every CLI command destroys it."""
+    import torch.distributed as dist
+
+    from bonedist import BonedistError, run_command
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    def command():
+        dist.barrier()
+        if outcome != "ok":
+            raise BonedistError("bad flag")
+        return 0
+
+    assert run_command("evaluate", command) == (0 if outcome == "ok" else 2)
+    assert not dist.is_initialized()
