@@ -324,3 +324,12 @@ def test_any_timm_architecture_is_a_model_by_name():
         create_model("timm/resnet51")
     with pytest.raises(BonedistError, match="no recipe for preset 'paper'"):
         resolve_config("timm/regnety_002", "x", "paper")
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv3_small_050", "lcnet_050", "hgnetv2_b0"])
+def test_timm_architectures_with_a_layer_after_the_pooling_get_a_head_of_its_width(arch):
+    """MobileNetV3, LCNet and HGNetV2 pool, then widen through a 1x1 conv (timm's head_hidden_size, not
+    num_features): the sex-aware head takes that width (it took num_features and failed at the first batch)."""
+    model = create_model(f"timm/{arch}", inputs={"image_size": 64})
+    assert model.head[0].in_features == model.backbone.head_hidden_size + 32 != model.backbone.num_features + 32
+    assert model(torch.randn(2, 1, 64, 64), torch.tensor([1.0, 0.0]))["pred"].shape == (2,)

@@ -78,7 +78,10 @@ class SexImageRegressor(BoneAgeModel):
         super().__init__(create_backbone(arch, opts.pretrained, in_chans=in_chans, **backbone_kw),
                          opts.freeze_backbone)
         self.sex_encoder = sex_encoder
-        self.head = head if isinstance(head, nn.Module) else head(self.backbone.num_features)
+        # what the pooled backbone returns: timm's head_hidden_size where a pre-logits layer follows the pooling
+        # (MobileNetV3/V4, HGNetV2, LCNet), else num_features
+        features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.head = head if isinstance(head, nn.Module) else head(features)
         self.feature_norm = opts.feature_norm
         self.min_input_size = min_input_size
         cfg = self.backbone.pretrained_cfg
