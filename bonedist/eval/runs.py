@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from bonedist import BonedistError
 from bonedist.data.augment import InputPipeline
 from bonedist.inference import Predictor
-from bonedist.models import create_model, is_model, list_models, model_info
+from bonedist.models import create_model, default_models, is_model, list_models, model_info
 from bonedist.spec import InputSpec
 from bonedist.train.precision import autocast_for, inference_precision
+from bonedist.train.presets import list_presets
 
 
 @dataclass
@@ -87,34 +88,37 @@ class TrainedModel:
 
 def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
     """The best checkpoint of each run under ``runs`` (name → folder, the registry's order of their models, then by
-    name) and the registered models that have no run."""
+    name) and the models of the runs' presets' default lists (``bonedist models --preset P``) that have no run."""
     runs = Path(runs)
     if not runs.is_dir():
         raise BonedistError(f"--runs {runs}: no such folder (train first: bonedist train ... --experiment NAME)")
-    trained, models = {}, {}
+    trained, models, presets = {}, {}, set()
     for meta in sorted(runs.glob("*/best/meta.json")) + sorted(runs.glob("*/*/best/meta.json")):  # timm/ARCH too
         run_dir = meta.parent.parent
         name = run_dir.relative_to(runs).as_posix()
-        model = _model_of(meta, name)
+        model, preset = _model_of(meta, name)
         if (meta.parent / "model.safetensors").is_file() and is_model(model):
             trained[name], models[name] = run_dir, model
+            presets.add(preset)
     order = {name: i for i, name in enumerate(list_models())}  # the registry's order, then models made on demand
     found = {name: trained[name] for name in sorted(trained, key=lambda n: (order.get(models[n], len(order)),
                                                                             models[n], n != models[n], n))}
-    missing = [name for name in list_models() if name not in models.values()]
+    expected = {m for p in presets if p in list_presets() for m in default_models(p)} if presets else set()
+    missing = [name for name in list_models() if name in expected and name not in models.values()]
     if not found:
         raise BonedistError(f"no trained model under {runs}: expected {runs}/RUN/best/model.safetensors for "
                             f"one of {', '.join(list_models())} (RUN: the model's name or the run's own)")
     return found, missing
 
 
-def _model_of(meta: Path, name: str) -> str:
-    """The model a run's ``best/meta.json`` names (a run folder named as its model when it cannot be read: loading
-    it then says what is wrong)."""
+def _model_of(meta: Path, name: str) -> tuple[str, str | None]:
+    """The model and preset a run's ``best/meta.json`` names (a run folder named as its model when it cannot be
+    read: loading it then says what is wrong)."""
     try:
-        return str(json.loads(meta.read_text()).get("model", name))
+        values = json.loads(meta.read_text())
+        return str(values.get("model", name)), (values.get("config") or {}).get("preset")
     except (OSError, ValueError, AttributeError):
-        return name
+        return name, None
 
 
 def load_trained(run_dir: Path, device: torch.device | str = "cpu", name: str | None = None) -> TrainedModel:
