@@ -87,6 +87,41 @@ def test_pipeline_applies_the_mask_before_augmentation():
     assert augmented.shape == x.shape
 
 
+def test_masks_kept_by_a_cache_give_the_inputs_computed_per_batch(phantom_shards):
+    """A cached split keeps every radiograph's hand mask (computed once, at the mask's work size) and hands it out
+    with each batch: training, evaluation and mirrored evaluation inputs are those of masks computed per batch, and
+    the pipeline no longer computes any."""
+    from bonedist.data.cache import DeviceCache
+    from bonedist.data.sampling import SplitIndex
+
+    index = SplitIndex.from_manifest(json.loads((phantom_shards / "manifest.json").read_text()), "train")
+    cache = DeviceCache(phantom_shards, index, "cpu", 96, progress=False, positions=list(range(12)))
+    spec = InputSpec(image_size=80, input_size=80, channels=1, mean=(0.5,), std=(0.5,), hand_mask=True,
+                     contrast="stretch")
+    pipe = InputPipeline(spec, AugmentConfig())
+    plain = cache.batch(torch.arange(5))
+    assert "hand_mask" not in plain
+    cache.keep_masks(pipe.hand_masks, batch_size=4, progress=False)
+    kept = cache.batch(torch.arange(5))
+    assert kept["hand_mask"].shape == (5, 1, 128, 128) and kept["hand_mask"].dtype == torch.bool
+    assert torch.equal(kept["hand_mask"], pipe.hand_masks(plain["image"]))
+    for step, flip in ((None, False), (None, True), (3, False)):
+        assert torch.equal(pipe.model_batch(kept, step=step, flip=flip).image,
+                           pipe.model_batch(plain, step=step, flip=flip).image), (step, flip)
+    import bonedist.data.augment as augment
+
+    calls = []
+    original = augment.hand_mask_small
+    augment.hand_mask_small = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        pipe.model_batch(kept, step=1)
+        assert not calls  # the kept masks were used
+        pipe.model_batch(plain, step=1)
+        assert calls
+    finally:
+        augment.hand_mask_small = original
+
+
 def test_training_patches_are_centred_on_the_hand():
     from bonedist.data.augment import gather_patches
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bonedist import BonedistError
-from bonedist.data.handmask import hand_mask
+from bonedist.data.handmask import hand_mask_small, upsample_mask
 from bonedist.data.sampling import mix_seed
 from bonedist.spec import InputSpec
 
@@ -156,16 +156,26 @@ class InputPipeline:
     def eval_repeats(self) -> int:
         return self.grid * self.grid if self.spec.is_patch else 1
 
-    def _to_unit(self, images: torch.Tensor, keep_mask: bool = False):
+    def _resized(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0)  # (B, 1, H, W) in [0, 1]
         size = self.spec.image_size
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if self.spec.contrast == "stretch":
             x = stretch_contrast(x)
+        return x
+
+    def hand_masks(self, images: torch.Tensor) -> torch.Tensor:
+        """The hand masks of uint8 images (B, 1, H, W) at the mask's work size, as ``model_batch`` computes them:
+        a cache of the split keeps them (``DeviceCache.keep_masks``) and passes them back as ``hand_mask``."""
+        return hand_mask_small(self._resized(images))
+
+    def _to_unit(self, images: torch.Tensor, keep_mask: bool = False, small_mask: torch.Tensor | None = None):
+        x = self._resized(images)
         mask = None
         if self.spec.hand_mask:
-            mask = hand_mask(x)
+            small = small_mask if small_mask is not None else hand_mask_small(x)
+            mask = upsample_mask(small, *x.shape[-2:])
             x = x * mask.to(x.dtype)
         return (x, mask) if keep_mask else x
 
@@ -193,22 +203,26 @@ class InputPipeline:
 
     def model_batch(self, batch: dict, step: int | None = None, scale: TargetScale | None = None,
                     flip: bool = False) -> ModelBatch:
-        """A loader batch (uint8 ``image`` (B, 1, H, W), ``male``, ``age``) → the model's inputs: augmented for
-        training step ``step``, or the deterministic evaluation inputs (``step`` None; ``flip``: of the mirror)."""
-        images = batch["image"].flip(-1) if flip else batch["image"]
+        """A loader batch (uint8 ``image`` (B, 1, H, W), ``male``, ``age``; ``hand_mask``: the images' hand masks
+        when a cache kept them) → the model's inputs: augmented for training step ``step``, or the deterministic
+        evaluation inputs (``step`` None; ``flip``: of the mirror)."""
+        images, small = batch["image"], batch.get("hand_mask")
+        if flip:
+            images, small = images.flip(-1), (small.flip(-1) if small is not None else None)
         if step is None:
-            x, repeats = self.eval(images), self.eval_repeats
+            x, repeats = self.eval(images, small), self.eval_repeats
         else:
-            x, repeats = self.train(images, step), self.train_repeats
+            x, repeats = self.train(images, step, small), self.train_repeats
         target = scale.z(batch["age"]).repeat_interleave(repeats) if scale is not None else None
         return ModelBatch(x, batch["male"].repeat_interleave(repeats), target, repeats)
 
     def _seed(self, step: int) -> None:
         torch.manual_seed(mix_seed(self.seed, self.rank, step))
 
-    def train(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """Augmented model inputs: (B, C, S, S), or (B*K, C, P, P) for patch models (patch k of image b at b*K+k)."""
-        x, mask = self._to_unit(images, keep_mask=True)
+    def train(self, images: torch.Tensor, step: int, small_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Augmented model inputs: (B, C, S, S), or (B*K, C, P, P) for patch models (patch k of image b at b*K+k).
+        ``small_mask``: the images' hand masks at the work size, when kept (else computed here)."""
+        x, mask = self._to_unit(images, keep_mask=True, small_mask=small_mask)
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # Kornia samples from the global RNG: seed it, then restore
             self._seed(step)
@@ -219,9 +233,9 @@ class InputPipeline:
             patches = gather_patches(x, ys, xs, p)  # (B*K, 1, P, P)
             return self._finish(self.patch_ops(patches) if len(self.patch_ops) else patches)
 
-    def eval(self, images: torch.Tensor) -> torch.Tensor:
+    def eval(self, images: torch.Tensor, small_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Deterministic inputs: whole images, or the G x G overlapping grid (B*G*G, C, P, P) per radiograph."""
-        x = self._to_unit(images)
+        x = self._to_unit(images, small_mask=small_mask)
         if not self.spec.is_patch:
             return self._finish(x)
         size, p, g = self.spec.image_size, self.spec.input_size, self.grid

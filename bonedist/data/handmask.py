@@ -77,8 +77,22 @@ def _solidity(component: torch.Tensor, coarse: int = 32, close: int = 7) -> torc
 @torch.no_grad()
 def hand_mask(images: torch.Tensor, cfg: HandMaskConfig | None = None) -> torch.Tensor:
     """Boolean hand masks (B, 1, H, W) for grayscale images (B, 1, H, W), uint8 or float, on their device."""
+    return upsample_mask(hand_mask_small(images, cfg), *images.shape[-2:])
+
+
+def upsample_mask(small: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A mask computed at the work size (``hand_mask_small``) at the image's size (B, 1, H, W), as ``hand_mask``
+    returns it: what a cache of masks keeps is the small one (16 KB a radiograph at the default work size)."""
+    full = F.interpolate(small.float(), size=(height, width), mode="bilinear", align_corners=False)
+    return full > 0.5
+
+
+@torch.no_grad()
+def hand_mask_small(images: torch.Tensor, cfg: HandMaskConfig | None = None) -> torch.Tensor:
+    """The hand masks at ``cfg.work_size`` (B, 1, W, W) bool, before ``upsample_mask`` brings them to the images'
+    size: each image's mask depends on its own pixels only, so it can be computed once and kept."""
     cfg = cfg or HandMaskConfig()
-    batch, _, height, width = images.shape
+    batch = images.shape[0]
     device = images.device
     x = images.float()
     x = x / 255.0 if images.dtype == torch.uint8 else x
@@ -112,6 +126,4 @@ def hand_mask(images: torch.Tensor, cfg: HandMaskConfig | None = None) -> torch.
     if cfg.margin:
         chosen = dilation(chosen.float(), torch.ones(cfg.margin, cfg.margin, device=device)) > 0.5
     empty = ~chosen.flatten(1).any(dim=1)
-    chosen = chosen | empty.view(-1, 1, 1, 1)
-    full = F.interpolate(chosen.float(), size=(height, width), mode="bilinear", align_corners=False)
-    return full > 0.5
+    return chosen | empty.view(-1, 1, 1, 1)

@@ -29,7 +29,7 @@ from bonedist import BonedistError
 from bonedist.data.augment import InputPipeline, ModelBatch, TargetScale
 from bonedist.data.manifest import load_manifest
 from bonedist.data.sampling import balance_weights, target_stats
-from bonedist.data.source import DataConfig, open_split, verify_pack
+from bonedist.data.source import CachedSplit, DataConfig, open_split, verify_pack
 from bonedist.models import create_model
 from bonedist.progress import progress
 from bonedist.tracking import MetricsLog, wandb_mode
@@ -158,6 +158,11 @@ class Trainer:
             if cfg.recalibrate else None
         self.pipe = InputPipeline(self.spec, cfg.augment_config(), seed=cfg.seed, rank=self.rank,
                                   channels_last=self.precision.channels_last)
+        if self.spec.hand_mask:  # cached splits keep each radiograph's hand mask instead of computing it per step
+            for split in (self.train_data, self.val_data):
+                if isinstance(split, CachedSplit):
+                    split.cache.keep_masks(self.pipe.hand_masks, cfg.eval_batch_size,
+                                           progress=acc.is_local_main_process)
         self.steps_per_epoch = min(len(self.train_data), cfg.steps_per_epoch or len(self.train_data))
         self.optim_steps_per_epoch = max(1, self.steps_per_epoch // cfg.grad_accum)
 
