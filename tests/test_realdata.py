@@ -96,10 +96,10 @@ def test_holdout_is_stratified_deterministic_and_checked():
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_scratch_resnet18_learns_bone_age_from_real_radiographs(tmp_path):
-    """Pack the real 100 px set with a stratified 600/600 holdout, train ResNet-18 (the fastest learner per
-    CPU-minute here) from scratch at 64 px for four CPU minutes, and require real learning on the held-out
-    radiographs: well under the natural-mean baseline, small bias."""
+def test_scratch_cspnext_learns_bone_age_from_real_radiographs(tmp_path):
+    """Pack the real 100 px set with a stratified 600/600 holdout, train CSPNeXt-tiny (the fastest learner per
+    CPU-minute here, the scratch preset's lead model) from scratch at 64 px for four CPU minutes, and require real
+    learning on the held-out radiographs: well under the natural-mean baseline, small bias."""
     if not os.path.isdir(RSNA_100PX):
         pytest.skip(f"real RSNA 100 px set not found at {RSNA_100PX}")
     shards = tmp_path / "shards"
@@ -107,18 +107,18 @@ def test_scratch_resnet18_learns_bone_age_from_real_radiographs(tmp_path):
                      "validation:600,test:600", "--quiet")
     assert packed.returncode == 0, packed.stderr
     runs = tmp_path / "runs"
-    result = run_cli("train", "--model", "resnet18", "--shards", str(shards), "--preset", "scratch",
+    result = run_cli("train", "--model", "cspnext_tiny", "--shards", str(shards), "--preset", "scratch",
                      "--image-size", "64", "--time-budget-min", "4", "--runs-dir", str(runs), "--wandb", "off",
                      timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    last = epoch_records(runs / "default" / "resnet18")[-1]
+    last = epoch_records(runs / "default" / "cspnext_tiny")[-1]
     baseline = last["val_baseline_mae_months"]
     assert 30 < baseline < 37  # predict the training split's own mean
-    assert last["val_mae_months"] < 0.85 * baseline, last
+    assert last["val_mae_months"] < 0.65 * baseline, last
     assert abs(last["val_bias_months"]) < 5, last
     evaluated = run_cli("evaluate", "--runs", str(runs / "default"), "--split", "test", "--wandb", "off")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     metrics = json.loads((runs / "default" / "report" / "metrics.json").read_text())["metrics"]
     assert abs(metrics["predict_the_mean"]["bias_months"]) < 3  # the natural mean is (nearly) unbiased
-    assert metrics["resnet18"]["mae_months"] < 0.85 * metrics["predict_the_mean"]["mae_months"]
-    assert abs(metrics["resnet18"]["bias_months"]) < 5
+    assert metrics["cspnext_tiny"]["mae_months"] < 0.65 * metrics["predict_the_mean"]["mae_months"]
+    assert abs(metrics["cspnext_tiny"]["bias_months"]) < 5

@@ -12,6 +12,8 @@ from bonedist.models import resnet50_patch as _resnet50_patch  # noqa: F401
 from bonedist.models import agcnn as _agcnn  # noqa: F401
 from bonedist.models import efficientnet as _efficientnet  # noqa: F401
 from bonedist.models import resnet as _resnet  # noqa: F401
+from bonedist.models import cspnext as _cspnext  # noqa: F401
+from bonedist.models import cspdarknet as _cspdarknet  # noqa: F401
 from bonedist.models import timm_regressor as _timm_regressor  # noqa: F401  (timm/ARCH on demand)
 from bonedist.models.registry import (ModelInfo, NoOptions, create_model, default_models, default_roster, is_model,
                                       list_models, model_info, register_model, replica_run, unregister_model)

@@ -1,5 +1,6 @@
-"""A plain ResNet-18 regressor with a sex input: the strongest learner per CPU-minute at 100 px here (a ResNet-18
-step costs about a third of an Xception step per image). Deeper ResNets: ``--model timm/resnet34`` and so on."""
+"""A plain ResNet-18 regressor with a sex input: the yardstick's network (a ResNet-18 step costs about a third of an
+Xception step per image; at 100 px on 2 CPU cores CSPNeXt-tiny learns about 1.5x as fast per minute, README section
+7). Deeper ResNets: ``--model timm/resnet34`` and so on."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ from bonedist.models.timm_regressor import TimmOptions, modern_recipes, timm_reg
 CPU_PRECISION = ("bf16", True)  # 1.98x fp32 eager at 100 px on 2 AMX cores (`bonedist bench train-step`)
 
 
-# the scratch preset's default list: the best learner per CPU-minute gets two shares of a benchmark's budget
-@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=modern_recipes(),
-                roster={"scratch": 2.0})
+@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=modern_recipes())
 def resnet18(opts: TimmOptions, in_chans: int):
     """ResNet-18 (11.2 M parameters, 512 features) → sex-aware head."""
     return timm_regressor("resnet18", opts, in_chans)
