@@ -103,7 +103,7 @@ def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
     order = {name: i for i, name in enumerate(list_models())}  # the registry's order, then models made on demand
     found = {name: trained[name] for name in sorted(trained, key=lambda n: (order.get(models[n], len(order)),
                                                                             models[n], n != models[n], n))}
-    expected = {m for p in presets if p in list_presets() for m in default_models(p)} if presets else set()
+    expected = {m for p in presets if p in list_presets() for m in default_models(p)}
     missing = [name for name in list_models() if name in expected and name not in models.values()]
     if not found:
         raise BonedistError(f"no trained model under {runs}: expected {runs}/RUN/best/model.safetensors for "
