@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from bonedist import BonedistError
 from bonedist.data.pack import PackOptions, pack_dataset
 from bonedist.data.synth import synth_dataset
 from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
@@ -122,6 +123,12 @@ def test_report_files_exist_and_parse(report):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["missing"] == [m for m in list_models() if m not in ("xception", "resnet50_patch", "agcnn")]
     assert "inception_v3" in metrics["missing"] and metrics["n"] == 60
+    from bonedist.eval.runs import find_runs
+
+    # models named as expected (bench accuracy --models names what it trained): only those without a run are missing
+    assert find_runs(report.parent, ["agcnn", "inception_v3", "xception"])[1] == ["inception_v3"]
+    with pytest.raises(BonedistError, match="--expect: unknown model.*nonsense"):
+        find_runs(report.parent, ["nonsense"])
     for name in ("xception", "resnet50_patch", "agcnn_global", "agcnn_local", "agcnn_fusion", "ensemble_paper",
                  "ensemble_equal", "ensemble_fitted", "predict_the_mean"):
         assert {"mae_months", "rmse_z", "mae_ci95_months", "mae_by_age_band"} <= set(metrics["metrics"][name])

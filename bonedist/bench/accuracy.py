@@ -80,7 +80,7 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
         t0 = time.perf_counter()
         trained += _train_jobs(shards, runs, jobs, budget, size, pretrained, wandb, overrides, seed)
         train_seconds += time.perf_counter() - t0
-        per_seed.append(_evaluate_presets(runs, presets, split, splits, wandb, workers))
+        per_seed.append(_evaluate_presets(runs, presets, split, splits, wandb, workers, jobs))
     summary = {"data": str(data), "size": size, "split": split, "n": splits[split]["count"], "presets": presets,
                "models": models, "shares": shares, "budget_min": budget, "seeds": seeds,
                "pack_min": pack_seconds / 60.0, "train_min": train_seconds / 60.0 / len(seeds), "runs": trained,
@@ -168,13 +168,15 @@ def _train_jobs(shards: Path, runs: Path, jobs: list[Job], budget, size, pretrai
     return trained
 
 
-def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers) -> dict:
+def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers, jobs: list[Job]) -> dict:
     from bonedist.eval.evaluate import EvalOptions, evaluate
 
     print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
     results, bias, intervals, weights, checks = {}, {}, {}, {}, {}
     for preset in presets:
-        result = evaluate(EvalOptions(runs=str(runs / preset), split=split, wandb=wandb, workers=workers or 2))
+        planned = ",".join(dict.fromkeys(j.model for j in jobs if j.preset == preset))  # warn only of what failed
+        result = evaluate(EvalOptions(runs=str(runs / preset), split=split, wandb=wandb, workers=workers or 2,
+                                      expect=planned))
         results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
         bias[preset] = {name: m["bias_months"] for name, m in result["metrics"].items()}
         intervals[preset] = {name: _interval_summary(r) for name, r in result.get("intervals", {}).items()}

@@ -50,6 +50,8 @@ class EvalOptions:
     coverage: float = option(0.9, "nominal coverage of the prediction intervals reported (calibrated on the "
                                   "validation split)", minimum=0.05, maximum=0.99)
     out: str | None = option(None, "report folder (default RUNS/report)")
+    expect: str | None = option(None, "comma-separated models the runs should hold, a warning for each without a "
+                                      "run (default: the models of the runs' presets' default lists)")
     wandb: str = option("auto", "W&B: auto is offline without an API key or network", WANDB_MODES)
 
     def __post_init__(self):
@@ -59,7 +61,8 @@ class EvalOptions:
 def evaluate(opts: EvalOptions) -> dict:
     cuda = torch.cuda.is_available()
     acc = Accelerator(cpu=not cuda)
-    found, missing = find_runs(opts.runs)
+    expected = [m.strip() for m in opts.expect.split(",") if m.strip()] if opts.expect else None
+    found, missing = find_runs(opts.runs, expected)
     for name in missing:
         acc.print(f"warning: no trained {name} under {opts.runs}; it is left out of the report and the ensembles")
     out = Path(opts.out) if opts.out else Path(opts.runs) / "report"

@@ -86,9 +86,10 @@ class TrainedModel:
         return Predictor(self.model, pipe, flip, aggregate, autocast_for(chosen, device))
 
 
-def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
+def find_runs(runs: str | Path, expected: list[str] | None = None) -> tuple[dict[str, Path], list[str]]:
     """The best checkpoint of each run under ``runs`` (name → folder, the registry's order of their models, then by
-    name) and the models of the runs' presets' default lists (``bonedist models --preset P``) that have no run."""
+    name) and the ``expected`` models that have no run (default: those of the runs' presets' default lists,
+    ``bonedist models --preset P``)."""
     runs = Path(runs)
     if not runs.is_dir():
         raise BonedistError(f"--runs {runs}: no such folder (train first: bonedist train ... --experiment NAME)")
@@ -103,8 +104,12 @@ def find_runs(runs: str | Path) -> tuple[dict[str, Path], list[str]]:
     order = {name: i for i, name in enumerate(list_models())}  # the registry's order, then models made on demand
     found = {name: trained[name] for name in sorted(trained, key=lambda n: (order.get(models[n], len(order)),
                                                                             models[n], n != models[n], n))}
-    expected = {m for p in presets if p in list_presets() for m in default_models(p)}
-    missing = [name for name in list_models() if name in expected and name not in models.values()]
+    unknown = [m for m in expected or [] if not is_model(m)]
+    if unknown:
+        raise BonedistError(f"--expect: unknown model(s) {', '.join(unknown)}; choose from {', '.join(list_models())}")
+    if expected is None:
+        expected = [m for m in list_models() if any(m in default_models(p) for p in presets if p in list_presets())]
+    missing = [name for name in dict.fromkeys(expected) if name not in models.values()]
     if not found:
         raise BonedistError(f"no trained model under {runs}: expected {runs}/RUN/best/model.safetensors for "
                             f"one of {', '.join(list_models())} (RUN: the model's name or the run's own)")
