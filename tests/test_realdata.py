@@ -98,8 +98,9 @@ def test_holdout_is_stratified_deterministic_and_checked():
 @pytest.mark.slow
 def test_scratch_cspnext_learns_bone_age_from_real_radiographs(tmp_path):
     """Pack the real 100 px set with a stratified 600/600 holdout, train CSPNeXt-tiny (the fastest learner per
-    CPU-minute here, the scratch preset's lead model) from scratch at 64 px for four CPU minutes, and require real
-    learning on the held-out radiographs: well under the natural-mean baseline, small bias."""
+    CPU-minute here; in the scratch preset on hand-masked radiographs, masks computed once) from scratch at 64 px
+    for four CPU minutes, and require real learning on the held-out radiographs: well under the natural-mean
+    baseline, small bias."""
     if not os.path.isdir(RSNA_100PX):
         pytest.skip(f"real RSNA 100 px set not found at {RSNA_100PX}")
     shards = tmp_path / "shards"
