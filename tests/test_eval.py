@@ -273,6 +273,7 @@ def test_evaluation_tables_and_figures_go_to_wandb_offline(trained_runs, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.realdata
 def test_predict_reports_each_image_and_fails_only_the_bad_ones(trained_runs, tmp_path):
     good = sorted((RSNA_SAMPLE / "boneage-training-dataset").glob("*.png"))[0]
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")

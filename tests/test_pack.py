@@ -160,7 +160,10 @@ def test_interrupted_pack_resumes_to_the_same_bytes(tmp_path, sig):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bonedist", "pack", str(root), "--out", str(out), "--size", "128",
            "--samples-per-shard", "10", "--workers", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a suite started in the background (`make test &`) inherits SIGINT ignored, and so would the pack: give it the
+    # disposition of a foreground command, where Ctrl-C reaches it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = out / ".pack-state.json"
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until at least three shards are complete, then interrupt
