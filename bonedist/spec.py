@@ -3,6 +3,7 @@ model, the exact input spec the data side builds its transforms from (``InputSpe
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from bonedist import BonedistError
@@ -85,6 +86,17 @@ class InputSpec:
     contrast: str = "none"
 
     def __post_init__(self):
+        for name in ("image_size", "input_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number of pixels, got {value!r}")
+        for name in ("num_patches", "eval_grid"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive whole number or absent, got {value!r}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*self.mean, *self.std)) or \
+                min(self.std, default=1) <= 0:
+            raise ValueError(f"mean and std must be finite numbers and std above 0, got {self.mean}, {self.std}")
         if self.contrast not in CONTRAST_MODES:
             raise ValueError(f"contrast must be one of {', '.join(CONTRAST_MODES)}, got {self.contrast!r}")
         if self.channels not in (1, 3):
@@ -103,6 +115,11 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> InputSpec:
+        if not isinstance(data, dict):
+            raise ValueError(f"the input spec must be an object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
+        if unknown:
+            raise ValueError(f"unknown input spec field(s) {', '.join(unknown)}")
         return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
 
     @classmethod

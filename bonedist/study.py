@@ -13,12 +13,13 @@ logs both to W&B as one run of the experiment's group.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonedist import BonedistError
+from bonedist.files import write_atomic, write_json_atomic
+from bonedist.tracking import read_metrics
 
 PAPER_SETTINGS = ((1, 500), (3, 224), (9, 128), (36, 64), (150, 32))  # Table 5: (patches, size)
 
@@ -75,9 +76,9 @@ def study_patches(opts: StudyOptions) -> list[dict]:
         return []
     out = Path(opts.runs_dir) / opts.experiment / "study-patches"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"preset": opts.preset, "epochs": opts.epochs, "shards": opts.shards,
-                                                  "settings": rows}, indent=1))
-    (out / "table.md").write_text(_table(rows, opts))
+    write_json_atomic(out / "results.json", {"preset": opts.preset, "epochs": opts.epochs, "shards": opts.shards,
+                                             "settings": rows})
+    write_atomic(out / "table.md", _table(rows, opts))
     _figure(rows, out / "loss_curves.png")
     _log_wandb(rows, out, opts)
     print(_table(rows, opts))
@@ -86,7 +87,7 @@ def study_patches(opts: StudyOptions) -> list[dict]:
 
 
 def _summarise(run_dir: Path, patches: int, size: int, seconds: float) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl", warn=print)
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     last = epochs[-1] if epochs else {}

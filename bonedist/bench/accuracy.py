@@ -15,7 +15,6 @@ presets side by side). Runs in one process, on one GPU or on the CPU.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from bonedist import BonedistError
+from bonedist.files import write_atomic, write_json_atomic
 
 
 def pack_for_bench(data: str | Path, shards: Path, size: int, workers: int = 0, holdout: dict | None = None,
@@ -85,9 +85,9 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
                "models": models, "shares": shares, "budget_min": budget, "seeds": seeds,
                "pack_min": pack_seconds / 60.0, "train_min": train_seconds / 60.0 / len(seeds), "runs": trained,
                **_combine(per_seed)}
-    (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / "accuracy.json", summary)
     table = format_table(summary)
-    (out / "accuracy.md").write_text(table + "\n")
+    write_atomic(out / "accuracy.md", table + "\n")
     print(table)
     return summary
 

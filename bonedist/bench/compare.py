@@ -16,7 +16,6 @@ beside the baseline; writes OUT/compare.json and compare.md.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bonedist import BonedistError
+from bonedist.files import read_json, write_atomic, write_json_atomic
 from bonedist.options import parse_value
 
 MERGED_PREFIX = {"input": "input", "model": "model_options"}
@@ -113,16 +113,18 @@ def bench_compare(data: str | Path, model: str, preset: str = "scratch", size: i
         end_processes()
     summary = {"data": str(data), "model": model, "preset": preset, "size": size, "budget_min": budget,
                "seeds": seeds, "settings": {name: _aggregate(runs) for name, runs in rows.items()}, "runs": rows}
-    (out / "compare.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / "compare.json", summary)
     table = format_compare(summary)
-    (out / "compare.md").write_text(table + "\n")
+    write_atomic(out / "compare.md", table + "\n")
     print(table)
     return summary
 
 
 def _validation_result(run_dir: Path) -> dict:
     """The validation MAE and bias of best/ (the run's selected epoch), and the predict-the-mean baseline."""
-    meta = json.loads((run_dir / "best" / "meta.json").read_text())
+    from bonedist.eval.runs import check_meta
+
+    meta = check_meta(read_json(run_dir / "best" / "meta.json"), run_dir / "best" / "meta.json")
     metrics = meta.get("metrics") or {}
     return {"val_mae_months": metrics.get("val_mae_months"), "val_bias_months": metrics.get("val_bias_months"),
             "baseline_mae_months": metrics.get("val_baseline_mae_months"), "epochs": meta.get("epoch"),

@@ -8,7 +8,6 @@ Writes ``runs/EXPERIMENT/report/``: metrics.json, predictions.csv, ensemble.json
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from bonedist.data.source import DATA_MODES, DataConfig, open_split, verify_pack
 from bonedist.eval.intervals import IntervalCalibration, choose_method, coverage_report
 from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
+from bonedist.files import write_json_atomic
 from bonedist.inference import PATCH_AGGREGATES, gather_predictions, predict_batches
 from bonedist.options import check_fields, option
 from bonedist.tracking import WANDB_MODES
@@ -80,8 +80,10 @@ def evaluate(opts: EvalOptions) -> dict:
             missing.append(name)
     if not trained:
         raise BonedistError(f"no trained model under {opts.runs} could be loaded (see the warnings above)")
-    shards = opts.shards or next(iter(trained.values())).meta["config"]["shards"]
+    shards = opts.shards or same_training_pack(trained)
     manifest = load_manifest(shards)
+    if opts.shards:
+        _note_other_packs(acc, trained, manifest, shards)
     if opts.split not in manifest["splits"]:
         raise BonedistError(f"--split {opts.split}: {shards} has {', '.join(manifest['splits'])}")
     splits = [opts.split]
@@ -103,6 +105,36 @@ def evaluate(opts: EvalOptions) -> dict:
     _log_wandb(opts, out, result, months[opts.split], trained, shards, seen.get("thumbs", {}))
     acc.print(f"report written to {out}")
     return result
+
+
+def same_training_pack(trained: dict) -> str:
+    """The pack every run trained on (``--shards`` unset): runs of one experiment trained on different packs are
+    refused with one line naming two of them, since each would be scored on other radiographs than it was split on
+    and an ensemble needs its members scored on the same ones."""
+    first_name, first = next(iter(trained.items()))
+    for name, tm in trained.items():
+        a, b = _pack_of(first), _pack_of(tm)
+        if a != b:
+            raise BonedistError(
+                f"{first_name} and {name} were trained on different packs ({first.meta['config'].get('shards')}: "
+                f"{a[1]} px, {a[2]}; {tm.meta['config'].get('shards')}: {b[1]} px, {b[2]}): evaluate them in "
+                f"separate --runs folders, or name one pack for all with --shards")
+    return first.meta["config"]["shards"]
+
+
+def _pack_of(tm) -> tuple:
+    """What identifies a run's pack: its digest over the shards' checksums where saved, else its resolved folder."""
+    identity = tm.meta.get("pack_identity") or {}
+    where = identity.get("digest") or str(Path(tm.meta["config"].get("shards", "")).resolve())
+    return where, tm.meta["pack"]["image_size"], tm.meta["pack"]["resize_mode"]
+
+
+def _note_other_packs(acc, trained: dict, manifest: dict, shards: str) -> None:
+    for name, tm in trained.items():
+        pack = tm.meta["pack"]
+        if (pack["image_size"], pack["resize_mode"]) != (manifest["image_size"], manifest["resize_mode"]):
+            acc.print(f"note: {name} was trained on a {pack['image_size']} px {pack['resize_mode']} pack; --shards "
+                      f"{shards} is {manifest['image_size']} px {manifest['resize_mode']}")
 
 
 def _predict_split(acc, trained, shards, manifest, split, opts,
@@ -168,14 +200,15 @@ def _score(months: dict[str, pd.DataFrame], split: str, trained, missing, out: P
     if calibrations and labeled:
         result["intervals"] = {c: coverage_report(cal["calibration"], table[c], table["truth"], table["male"],
                                                   coverage) for c, cal in calibrations.items()}
-    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=_json_default))
-    (out / "ensemble.json").write_text(json.dumps({"weights": ensembles, "split_fitted_on": "validation"}, indent=1))
-    (out / "intervals.json").write_text(json.dumps({"coverage": coverage, "split_fitted_on": "validation",
-                                                    "columns": {c: {"method": cal["calibration"].method,
-                                                                    "cross_fitted": cal["scores"],
-                                                                    **cal["calibration"].to_dict()}
-                                                                for c, cal in calibrations.items()}},
-                                                   default=_json_default))
+    # replaced atomically: a predict or a dashboard reading them meanwhile sees the old or the new file, never torn
+    write_json_atomic(out / "metrics.json", result, default=_json_default)
+    write_json_atomic(out / "ensemble.json", {"weights": ensembles, "split_fitted_on": "validation"})
+    write_json_atomic(out / "intervals.json", {"coverage": coverage, "split_fitted_on": "validation",
+                                               "columns": {c: {"method": cal["calibration"].method,
+                                                               "cross_fitted": cal["scores"],
+                                                               **cal["calibration"].to_dict()}
+                                                           for c, cal in calibrations.items()}},
+                      indent=None, default=_json_default)
     return result
 
 

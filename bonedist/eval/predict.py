@@ -14,8 +14,8 @@ interval calibration (report/intervals.json) gives the interval at ``--coverage`
 
 from __future__ import annotations
 
-import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from bonedist.data.images import MAX_PIXELS, ImageError, not_a_radiograph, resiz
 from bonedist.data.layouts import parse_male
 from bonedist.eval.intervals import IntervalCalibration
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
+from bonedist.files import Fields, read_json, reason
 from bonedist.models import list_models, model_info
 
 
@@ -65,9 +66,14 @@ def load_radiograph(path: Path, size: int, mode: str, max_pixels: int = MAX_PIXE
         raise BonedistError(f"{path}: cannot read the image: {exc}") from exc
     except MemoryError:
         raise BonedistError(f"{path}: out of memory while decoding it (lower --max-pixels)") from None
+    except Exception as exc:  # noqa: BLE001 - whatever breaks on one file is that file's error
+        raise BonedistError(f"{path}: cannot read the image ({reason(exc)})") from None
     if (why := not_a_radiograph(original)) is not None:
         raise BonedistError(f"{path}: {why}")
-    resized, geometry = resize_square(original, size, mode)
+    try:
+        resized, geometry = resize_square(original, size, mode)
+    except Exception as exc:  # noqa: BLE001
+        raise BonedistError(f"{path}: cannot resize the image ({reason(exc)})") from None
     return original, resized, geometry, facts
 
 
@@ -83,16 +89,20 @@ class Ensemble:
         self.trained = {name: load_trained(path, device, name) for name, path in found.items()}
         # each run's own test-time flip and patch aggregation, in the precision evaluation uses here
         self.predictors = {name: tm.predictor() for name, tm in self.trained.items()}
+        self.pack = same_pack(self.trained)
         self.weights, self.source, column = self._weights()
-        self.pack = next(iter(self.trained.values())).meta["pack"]
         self.calibration = self._calibration(column)
 
     def _weights(self) -> tuple[dict[str, float], str, str]:
         names = list(self.trained)
         saved = self.runs / "report" / "ensemble.json"
-        if saved.is_file():
-            fitted = json.loads(saved.read_text())["weights"].get("fitted")
-            if fitted and set(fitted) <= set(names):
+        if saved.exists():
+            fitted = load_fitted_weights(saved, names)
+            if fitted:
+                left = [n for n in names if n not in fitted]
+                if left:
+                    print(f"note: {saved} was fitted without {', '.join(left)} (trained since); re-run bonedist "
+                          f"evaluate to include it", file=sys.stderr)
                 return fitted, "validation-fitted (report/ensemble.json)", "ensemble_fitted"
         if len(names) == 1:
             task = self.trained[names[0]].model.task
@@ -104,12 +114,9 @@ class Ensemble:
 
     def _calibration(self, column: str) -> IntervalCalibration | None:
         saved = self.runs / "report" / "intervals.json"
-        if not saved.is_file():
+        if not saved.exists():
             return None
-        entry = json.loads(saved.read_text()).get("columns", {}).get(column)
-        if entry is None:
-            return None
-        return IntervalCalibration(entry["method"], entry["predicted"], entry["truth"], entry["male"])
+        return load_interval_calibration(saved, column)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, male: torch.Tensor) -> dict[str, np.ndarray]:
@@ -123,6 +130,64 @@ class Ensemble:
             bounds = self.calibration.intervals(out["bone_age"], male.cpu().numpy().astype(bool), self.coverage)
             out["low"], out["high"] = bounds[:, 0], bounds[:, 1]
         return out
+
+
+def same_pack(trained: dict) -> dict:
+    """The pack settings (image size, resize mode) every model was trained with; models trained on packs of other
+    settings cannot share one preprocessed image: refused with one line naming both."""
+    first_name, first = next(iter(trained.items()))
+    for name, tm in trained.items():
+        if tm.meta["pack"] != first.meta["pack"]:
+            raise BonedistError(
+                f"{first_name} and {name} were trained on different packs ({_pack_text(first)} vs {_pack_text(tm)}): "
+                f"one ensemble cannot read a radiograph for both; keep them in separate --runs folders")
+    return first.meta["pack"]
+
+
+def _pack_text(tm) -> str:
+    pack = tm.meta["pack"]
+    return f"{tm.meta.get('config', {}).get('shards', '?')}: {pack['image_size']} px, {pack['resize_mode']}"
+
+
+def load_fitted_weights(path: Path, members: list[str]) -> dict[str, float] | None:
+    """The validation-fitted weights of ``report/ensemble.json`` (None when it has none), checked: every member a
+    run of this folder, each weight finite and non-negative, their sum 1 within rounding."""
+    data = Fields(read_json(path, "ensemble weights"), path)
+    weights = data.mapping("weights")
+    if not weights.has("fitted"):
+        return None
+    fitted = weights.mapping("fitted")
+    unknown = [m for m in fitted.data if m not in members]
+    if unknown:
+        fitted.fail(unknown[0], f"is not a trained run under {path.parent.parent} (runs: {', '.join(members)}); "
+                                f"re-run bonedist evaluate")
+    values = {m: fitted.number(m, minimum=0) for m in fitted.data}
+    total = sum(values.values())
+    if not values or abs(total - 1.0) > 1e-3:
+        weights.fail("fitted", f"weights sum to {total:.6g}, not 1; the file was edited or damaged: re-run "
+                               f"bonedist evaluate")
+    return values
+
+
+def load_interval_calibration(path: Path, column: str) -> IntervalCalibration | None:
+    """The conformal calibration of ``column`` in ``report/intervals.json`` (None when it has none), checked:
+    a known method and, for every calibration radiograph, a finite prediction and truth and a sex."""
+    from bonedist.eval.intervals import METHODS
+
+    data = Fields(read_json(path, "interval calibration"), path)
+    columns = data.mapping("columns")
+    if not columns.has(column):
+        return None
+    entry = columns.mapping(column)
+    method = entry.text("method", METHODS)
+    predicted = entry.numbers("predicted", minimum=-1e4)
+    truth = entry.numbers("truth", length=len(predicted))
+    male = entry.value("male")
+    if not isinstance(male, list) or len(male) != len(predicted) or not all(isinstance(m, bool) for m in male):
+        entry.fail("male", f"must be {len(predicted)} true/false values, one per calibration radiograph")
+    if len(predicted) < 20:
+        entry.fail("predicted", f"holds {len(predicted)} calibration radiographs; at least 20 are needed")
+    return IntervalCalibration(method, predicted, truth, male)
 
 
 def result_row(image: str, male: bool, chrono: float | None, values: dict, ensemble: Ensemble, index: int = 0) -> dict:

@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 from bonedist.data.layouts import OLDEST_RSNA_AGE  # noqa: E402
 from bonedist.eval.metrics import AGE_BANDS_YEARS  # noqa: E402
+from bonedist.files import write_atomic  # noqa: E402
 from bonedist.tracking import read_metrics  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, sa
     """``sample``: the first batch of the reported split (uint8 images on the device), for attention examples."""
     frame = table.copy()
     frame.insert(1, "sex", np.where(frame.pop("male"), "M", "F"))
-    frame.rename(columns={"key": "id"}).to_csv(out / "predictions.csv", index=False, float_format="%.3f")
+    write_atomic(out / "predictions.csv", frame.rename(columns={"key": "id"}).to_csv(index=False, float_format="%.3f"))
     figures = []
     if result["labeled"]:
         prediction_columns = [c for c in result["metrics"] if c != "predict_the_mean"]
@@ -34,7 +35,7 @@ def write_report(out: Path, result: dict, table: pd.DataFrame, trained: dict, sa
     for name, tm in trained.items():
         if tm.model.task.attention and sample is not None:
             figures.append(_attention_examples(out, name, tm, sample))
-    (out / "report.md").write_text(_markdown(result, [f for f in figures if f], opts, trained))
+    write_atomic(out / "report.md", _markdown(result, [f for f in figures if f], opts, trained))
 
 
 def _fmt(value, digits=2) -> str:
@@ -198,7 +199,7 @@ def _training_curves(out: Path, trained: dict) -> Path | None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
     for name, tm in trained.items():
-        epochs = [r for r in read_metrics(tm.run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
+        epochs = [r for r in read_metrics(tm.run_dir / "metrics.jsonl", warn=print) if r.get("kind") == "epoch"]
         if not epochs:
             continue
         x = [r["epoch"] for r in epochs]

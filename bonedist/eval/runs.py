@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from bonedist import BonedistError
 from bonedist.data.augment import InputPipeline
+from bonedist.files import Fields, read_json
 from bonedist.inference import Predictor
 from bonedist.models import create_model, default_models, is_model, list_models, model_info
 from bonedist.spec import InputSpec
@@ -129,10 +130,7 @@ def _model_of(meta: Path, name: str) -> tuple[str, str | None]:
 def load_trained(run_dir: Path, device: torch.device | str = "cpu", name: str | None = None) -> TrainedModel:
     """The run in ``run_dir`` ready to predict, named ``name`` (``find_runs``'s; default: the run's own name)."""
     best = Path(run_dir) / "best"
-    try:
-        meta = json.loads((best / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BonedistError(f"cannot read {best / 'meta.json'}: {exc}") from exc
+    meta = check_meta(read_json(best / "meta.json", "the trained model's description"), best / "meta.json")
     name = meta.get("model")
     if not is_model(str(name)):
         raise BonedistError(f"{best} holds a {name!r} model, which this bonedist does not know "
@@ -157,6 +155,40 @@ def load_trained(run_dir: Path, device: torch.device | str = "cpu", name: str | 
     model.to(device).eval()
     run = name or meta.get("run") or meta["model"]
     return TrainedModel(str(run), model, meta, InputPipeline(model.spec), Path(run_dir))
+
+
+def check_meta(data, path: Path) -> dict:
+    """A run's ``best/meta.json`` (or a checkpoint's), every value evaluation and prediction compute with checked:
+    a finite normalisation with sigma above 0, finite calibration lines, the pack's image size and resize mode, a
+    model name and options, a config. Returns the dict; raises one line naming the file and the field."""
+    from bonedist.data.images import RESIZE_MODES
+
+    meta = Fields(data, path)
+    meta.text("model")
+    meta.number("mu")
+    meta.number("sigma", minimum=0, inclusive=False)
+    if meta.has("train_mean_months"):
+        meta.number("train_mean_months")
+    if meta.has("calibration_z"):
+        lines = meta.mapping("calibration_z")
+        for key in lines.data:
+            lines.numbers(key, length=2)
+    if meta.has("offsets_z"):
+        offsets = meta.mapping("offsets_z")
+        for key in offsets.data:
+            offsets.number(key)
+    meta.mapping("spec")
+    if meta.has("pack"):
+        pack = meta.mapping("pack")
+        pack.number("image_size", minimum=1, integer=True)
+        pack.text("resize_mode", RESIZE_MODES)
+    else:
+        meta.fail("pack", "is missing (the pack's image size and resize mode)")
+    if meta.has("model_options") and not isinstance(meta.get("model_options"), dict):
+        meta.fail("model_options", "must be an object")
+    if not isinstance(meta.get("config", {}), dict):
+        meta.fail("config", "must be an object")
+    return meta.data
 
 
 def paper_weights(available: dict[str, TrainedModel]) -> dict[str, float] | None:
