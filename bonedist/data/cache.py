@@ -17,17 +17,18 @@ import numpy as np
 import torch
 
 from bonedist.data.sampling import AGE_BINS, BINNED_AGE, SplitIndex, balance_weights, mix_seed
-from bonedist.data.stream import decode_sample, read_shard
+from bonedist.data.stream import decode_sample, manifest_labels, read_shard
 from bonedist.progress import progress as progress_bar
 
 
-def _decode_shard(path: str, keys: list[str], wanted: dict[str, int], images: torch.Tensor, bar) -> None:
+def _decode_shard(path: str, keys: list[str], wanted: dict[str, int], images: torch.Tensor, bar,
+                  labels: dict | None = None) -> None:
     """Decode the members of one shard that are ``wanted`` (key → row of ``images``) into ``images``; the shard is
     checked against its manifest ``keys`` as the stream checks it (``read_shard``)."""
     for sample in read_shard(path, keys):
         row = wanted.get(sample["__key__"])
         if row is not None:
-            images[row, 0] = decode_sample(sample)["image"][0]
+            images[row, 0] = decode_sample(sample, labels)["image"][0]
             bar.update(1)
 
 
@@ -52,9 +53,9 @@ class DeviceCache:
                              pin_memory=self.device.type == "cuda")
         bar = progress_bar(len(rows), "cache", "img", enabled=progress)
         with ThreadPoolExecutor(max(1, threads)) as pool:  # tar reads and cv2 decodes release the GIL
-            keys = index.shard_keys()
+            keys, labels = index.shard_keys(), manifest_labels(index)
             jobs = [pool.submit(_decode_shard, str(Path(shard_dir) / index.shard_names[shard]), keys[shard], wanted,
-                                images, bar) for shard, wanted in sorted(per_shard.items())]
+                                images, bar, labels) for shard, wanted in sorted(per_shard.items())]
             for job in jobs:
                 job.result()
         bar.close()

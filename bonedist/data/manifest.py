@@ -6,14 +6,15 @@ import hashlib
 import json
 import math
 import os
+import re
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from bonedist import BonedistError
 from bonedist.data.layouts import MAX_AGE_MONTHS
+from bonedist.files import Fields, read_json, write_atomic
 
 MANIFEST = "manifest.json"
 AGE_BIN_EDGES = list(range(0, int(MAX_AGE_MONTHS) + 1, 12))  # 20 one-year bins over the accepted ages
@@ -21,21 +22,7 @@ AGE_BIN_EDGES = list(range(0, int(MAX_AGE_MONTHS) + 1, 12))  # 20 one-year bins 
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the manifest is for everyone who reads the shards
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def sha256_file(path: Path) -> str:
@@ -65,10 +52,60 @@ def load_manifest(shards: str | Path) -> dict:
         hint = " (an interrupted pack: re-run the same `bonedist pack` command to finish it)" if (
             Path(shards) / ".pack-state.json").exists() else ""
         raise BonedistError(f"{path} not found: {shards} is not a finished bonedist pack{hint}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BonedistError(f"{path} is not valid JSON: {exc}") from exc
+    return check_manifest(read_json(path, "the pack's manifest"), path)
+
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_manifest(data, path: Path) -> dict:
+    """The manifest's structure and every value a run computes with: sizes, splits, each shard's name (a plain
+    file name inside the pack), checksum and count, and each sample's key, bone age (finite, in range, or null) and
+    sex. Raises one line naming the file and the field."""
+    from bonedist.data.images import RESIZE_MODES
+
+    manifest = Fields(data, path)
+    manifest.number("image_size", minimum=1, integer=True)
+    manifest.text("resize_mode", RESIZE_MODES)
+    splits = manifest.mapping("splits")
+    for split in splits.data:
+        info = splits.mapping(split)
+        count = info.number("count", minimum=0, integer=True)
+        shards = info.value("shards")
+        if not isinstance(shards, list):
+            info.fail("shards", "must be a list")
+        total = 0
+        for i, raw in enumerate(shards):
+            shard = Fields(raw, path, f"splits.{split}.shards[{i}].")
+            name = shard.text("name")
+            if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+                shard.fail("name", f"is {name!r}: a shard must be a plain file name inside the pack")
+            if not isinstance(shard.get("sha256"), str) or not SHA256.fullmatch(shard.get("sha256")):
+                shard.fail("sha256", "must be 64 lowercase hex digits")
+            n = shard.number("count", minimum=0, integer=True)
+            samples = shard.get("samples")
+            if samples is not None:
+                if not isinstance(samples, list) or len(samples) != n:
+                    shard.fail("samples", f"must list the shard's {n} samples")
+                for j, sample in enumerate(samples):
+                    _check_sample(sample, lambda why, j=j, shard=shard: shard.fail(f"samples[{j}]", why))
+            total += n
+        if total != count:
+            info.fail("count", f"is {count}, but its shards hold {total} samples")
+    if not isinstance(manifest.get("skipped", []), list):
+        manifest.fail("skipped", "must be a list")
+    return manifest.data
+
+
+def _check_sample(sample, fail) -> None:
+    if not isinstance(sample, list) or len(sample) != 3 or not isinstance(sample[0], str) or not sample[0]:
+        fail(f"must be [key, bone age or null, male], found {str(sample)[:60]}")
+    age, male = sample[1], sample[2]
+    if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float)) or not math.isfinite(age)
+                            or not 0 <= age <= MAX_AGE_MONTHS):
+        fail(f"bone age {age!r} is not a number of months within 0-{MAX_AGE_MONTHS:g} (or null)")
+    if not isinstance(male, (bool, int)) or male not in (0, 1, True, False):
+        fail(f"sex {male!r} is not true/false")
 
 
 def shard_paths(shards: str | Path, split: str, manifest: dict | None = None) -> list[str]:
@@ -110,8 +147,9 @@ def _verified_cache_path() -> Path:
 def check_split_shards(shards: str | Path, manifest: dict, splits: list[str]) -> None:
     """Every shard of ``splits`` is present and has the checksum the manifest promises, before a run reads it.
 
-    A shard's sha256 is computed once and remembered with its size and modification time (in
-    ``~/.cache/bonedist/verified-shards.json``), so later runs only stat the files.
+    A shard's sha256 is computed once and remembered with its size, modification and change times and inode (in
+    ``~/.cache/bonedist/verified-shards.json``), so later runs only stat the files; an edit that restores the
+    modification time still changes the change time, and the shard is hashed again.
 
     Raises:
         BonedistError: naming the first shard that is missing or changed.
@@ -119,7 +157,9 @@ def check_split_shards(shards: str | Path, manifest: dict, splits: list[str]) ->
     cache_path = _verified_cache_path()
     try:
         cache = json.loads(cache_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):  # damaged: every shard is hashed again
         cache = {}
     changed = False
     for split in splits:
@@ -130,7 +170,9 @@ def check_split_shards(shards: str | Path, manifest: dict, splits: list[str]) ->
             except OSError:
                 raise BonedistError(f"shard {path} listed in {Path(shards) / MANIFEST} is missing; re-run "
                                     f"`bonedist pack` to rebuild it") from None
-            stamp = [st.st_size, st.st_mtime_ns, shard["sha256"]]
+            # size, mtime, ctime and inode: a tool can restore the mtime after an edit (touch -d, rsync -t), but
+            # not the ctime, which every write and every mtime change set to now; a replaced file has a new inode
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, shard["sha256"]]
             if cache.get(str(path)) == stamp:
                 continue
             if sha256_file(path) != shard["sha256"]:

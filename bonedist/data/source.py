@@ -171,11 +171,11 @@ class StreamedSplit(SplitData):
         """The stream reads the skipped samples' bytes but decodes none of them."""
         stream = self.stream
         stream.skip = start
-        try:
-            loader = make_loader(stream, self.cfg.workers)
+        try:  # the workers copy the dataset when the loader's iterator starts them: only then is skip reset
+            batches = iter(make_loader(stream, self.cfg.workers))
         finally:
-            stream.skip = 0  # workers took their copy
-        for batch in raise_shard_errors(loader):
+            stream.skip = 0
+        for batch in raise_shard_errors(batches):
             if "skipped" not in batch:
                 yield to_device(batch, self.device)
 

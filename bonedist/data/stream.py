@@ -106,17 +106,37 @@ def read_shard(url: str, expected: list[str], ordered: bool = False, notes: bool
                          f"short); re-run `bonedist pack`")
 
 
-def decode_sample(sample: dict) -> dict:
-    """Raw webdataset sample → uint8 (1, H, W) tensor and labels; nothing but OpenCV decoding on the CPU."""
+def decode_sample(sample: dict, labels: dict[str, tuple[float, bool]] | None = None) -> dict:
+    """Raw webdataset sample → uint8 (1, H, W) tensor and labels; nothing but OpenCV decoding on the CPU.
+
+    ``labels`` (key → bone age, NaN when unknown, and sex, from the manifest): the sample's own label must agree,
+    so that a shard edited after packing is never trained or scored on; the manifest's values are returned."""
     try:
         meta = json.loads(sample["json"])
         image = torch.from_numpy(decode_png_gray8(sample["png"])).unsqueeze(0)  # (1, H, W) uint8
-    except (ValueError, UnicodeDecodeError) as exc:  # ImageError is a ValueError, as is a JSON error
+        age = meta["boneage_months"]
+        age = math.nan if age is None else float(age)
+        male = bool(meta["male"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:  # ImageError and JSON errors included
         raise ShardError(f"shard {sample.get('__url__', '?')}: sample {sample['__key__']} cannot be decoded "
-                         f"({exc}); re-run `bonedist pack`") from exc
-    age = meta["boneage_months"]
-    return {"image": image, "male": float(meta["male"]), "age": math.nan if age is None else float(age),
-            "key": sample["__key__"], "index": sample.get("__index__", -1)}
+                         f"({exc.__class__.__name__}: {exc}); re-run `bonedist pack`") from exc
+    if labels is not None:
+        want_age, want_male = labels[sample["__key__"]]
+        same_age = (math.isnan(age) and math.isnan(want_age)) or abs(age - want_age) <= 1e-6
+        if not same_age or male != bool(want_male):
+            raise ShardError(f"shard {sample.get('__url__', '?')}: sample {sample['__key__']} is labelled "
+                             f"{_label(age, male)} in the shard but {_label(want_age, want_male)} in manifest.json "
+                             f"(changed after packing); re-run `bonedist pack`")
+    return {"image": image, "male": float(male), "age": age, "key": sample["__key__"],
+            "index": sample.get("__index__", -1)}
+
+
+def _label(age: float, male: bool) -> str:
+    return f"{'unknown age' if math.isnan(age) else f'{age:g} months'}, {'M' if male else 'F'}"
+
+
+def manifest_labels(index: SplitIndex) -> dict[str, tuple[float, bool]]:
+    return {k: (float(a), bool(m)) for k, a, m in zip(index.keys, index.age, index.male)}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -139,6 +159,7 @@ class TrainStream(IterableDataset):
         self.urls = [str(Path(shard_dir) / name) for name in index.shard_names]
         self.counts = index.shard_counts
         self.keys = index.shard_keys()
+        self.labels = manifest_labels(index)
         self.batch_size, self.rank, self.world, self.workers = batch_size, rank, world, workers
         self.seed, self.balanced, self.shuffle_buffer = seed, balanced, shuffle_buffer
         self.weights = dict(zip(index.keys, balance_weights(index.age, index.male, n_bins, max_age))) \
@@ -158,6 +179,10 @@ class TrainStream(IterableDataset):
         return self.plan().batches_per_slot * max(self.workers, 1)
 
     def __iter__(self) -> Iterator[dict]:
+        # ``skip`` is read now, not at the first batch: the caller resets it as soon as the iterator exists
+        return self._batches(self.skip)
+
+    def _batches(self, skipped: int) -> Iterator[dict]:
         worker, n_workers = _slot()
         assert n_workers == max(self.workers, 1), "DataLoader num_workers must match the stream's workers"
         slot = self.rank * n_workers + worker
@@ -165,7 +190,7 @@ class TrainStream(IterableDataset):
         np_rng = np.random.default_rng(rng.getrandbits(64))
         plan = self.plan()
         # The DataLoader takes batch i from worker i % workers: the first `skip` batches hold this many of ours.
-        skip = self.skip // n_workers + (1 if worker < self.skip % n_workers else 0)
+        skip = skipped // n_workers + (1 if worker < skipped % n_workers else 0)
         raw = wds.DataPipeline(lambda: self._passes(plan, slot, rng, np_rng),
                                wds.batched(self.batch_size, collation_fn=list, partial=False))
         with shard_errors_as_records() as records:
@@ -173,7 +198,7 @@ class TrainStream(IterableDataset):
                 if i >= plan.batches_per_slot:
                     break
                 # skipped batches keep their place (and the shuffle's state) without decoding a PNG
-                yield {"skipped": True} if i < skip else collate([decode_sample(s) for s in samples])
+                yield {"skipped": True} if i < skip else collate([decode_sample(s, self.labels) for s in samples])
         yield from records
 
     def _passes(self, plan: StreamPlan, slot: int, rng: random.Random, np_rng: np.random.Generator):
@@ -209,6 +234,7 @@ class EvalStream(IterableDataset):
         self.urls = [str(Path(shard_dir) / name) for name in index.shard_names]
         self.counts = index.shard_counts
         self.keys = index.shard_keys()
+        self.labels = manifest_labels(index)
         self.batch_size, self.rank, self.world, self.workers = batch_size, rank, world, workers
 
     def __iter__(self) -> Iterator[dict]:
@@ -226,7 +252,7 @@ class EvalStream(IterableDataset):
                     position = int(starts[shard]) + offset
                     if position % n_slots == slot:
                         sample["__index__"] = position
-                        yield decode_sample(sample)
+                        yield decode_sample(sample, self.labels)
 
         batch = []
         with shard_errors_as_records() as records:
