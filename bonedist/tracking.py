@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bonedist.files import read_jsonl, write_atomic
+
 WANDB_MODES = ("auto", "online", "offline", "off")
 
 
@@ -49,7 +51,10 @@ def _has_api_key() -> bool:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; written by rank 0 only."""
+    """Appends one JSON object per line; written by rank 0 only.
+
+    Each optimizer step's and each epoch's record is in the log once, however often the run was killed and resumed:
+    a resume first cuts the log back to the checkpoint it resumes from (``truncate_after``)."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = Path(path), enabled
@@ -61,23 +66,41 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")  # closed at once: in the OS's hands, a killed process loses none
 
-    def truncate_after(self, step: int) -> None:
-        """Drop the lines logged after optimizer step ``step`` (a resumed run logs them again)."""
+    def truncate_after(self, step: int, epochs_done: int, warn=None) -> int:
+        """Keep what the checkpoint at optimizer step ``step`` with ``epochs_done`` finished epochs had logged: step
+        records up to ``step``, epoch records up to ``epochs_done``, each once (the first), and notes up to ``step``.
+        A torn last line is dropped (with a line through ``warn``). Returns the number of records dropped."""
         if not self.enabled or not self.path.is_file():
-            return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            os.replace(tmp, self.path)
+            return 0
+        records = read_jsonl(self.path, warn)
+        kept, seen = [], set()
+        for record in records:
+            kind = record.get("kind")
+            at = record.get("step", 0)
+            key = (kind, record.get("epoch") if kind == "epoch" else at)
+            if not isinstance(at, (int, float)) or at > step or key in seen and kind in ("step", "epoch"):
+                continue
+            if kind == "epoch" and not (isinstance(record.get("epoch"), int) and record["epoch"] <= epochs_done):
+                continue
+            seen.add(key)
+            kept.append(record)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        if text != self.path.read_text(encoding="utf-8", errors="replace"):
+            write_atomic(self.path, text)
+        return len(records) - len(kept)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, warn=None) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``: a torn last line dropped (said through ``warn``), a damaged line
+    before it an error naming the line, each step's and epoch's record once (the last, as a resumed run wrote it)."""
+    records = read_jsonl(path, warn)
+    last = {}
+    for i, record in enumerate(records):
+        kind = record.get("kind")
+        if kind in ("step", "epoch"):
+            last[(kind, record.get("epoch") if kind == "epoch" else record.get("step"))] = i
+    return [r for i, r in enumerate(records) if r.get("kind") not in ("step", "epoch") or
+            last[(r["kind"], r.get("epoch") if r["kind"] == "epoch" else r.get("step"))] == i]
 
 
 def _plain(value):

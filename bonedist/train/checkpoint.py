@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from bonedist import BonedistError, free_gib
+from bonedist.files import read_json, reason
 
 STEP_PREFIX = "step-"
 
@@ -124,15 +125,66 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
-def find_resume(run_dir: Path, resume: str) -> Path | None:
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with the checkpoint ``folder`` (None: it loads and its weights are finite): a cut or damaged
+    ``state.pt``, ``model.safetensors`` or ``meta.json``, or non-finite weights (a step that diverged)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        meta = read_json(folder / "meta.json")
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+            return "meta.json names no model"
+    except BonedistError as exc:
+        return str(exc).removeprefix(f"{folder}/")
+    try:
+        tensors = load_file(str(folder / "model.safetensors"))
+    except Exception as exc:  # a cut file: SafetensorError, OSError, a header that does not parse
+        return f"model.safetensors cannot be loaded ({reason(exc)})"
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        return f"model.safetensors holds non-finite weights ({bad})"
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        return f"state.pt cannot be loaded ({reason(exc)})"
+    missing = [k for k in ("optimizer", "scheduler", "trainer", "rng", "world") if not isinstance(state, dict)
+               or k not in state]
+    if missing:
+        return f"state.pt lacks {', '.join(missing)}"
+    return None
+
+
+def last_good_checkpoint(run_dir: Path, warn=print, set_aside: bool = True) -> Path | None:
+    """The newest checkpoint that loads and holds finite weights. Each damaged newer one is named through ``warn``
+    and, with ``set_aside``, renamed ``damaged-step-N`` (kept for a look, no longer listed, so that pruning the
+    oldest checkpoints never removes the good one a resumed run writes next)."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        note = ""
+        if set_aside:
+            aside = folder.with_name(f"damaged-{folder.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            note = f", kept as {aside.name}"
+        warn(f"warning: checkpoint {folder} is damaged ({problem}{note}); falling back to the one before it")
+    return None
+
+
+def find_resume(run_dir: Path, resume: str, warn=print) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        return last_good_checkpoint(run_dir, warn)
     path = Path(resume)
     if not (path / "state.pt").is_file():
         raise BonedistError(f"--resume {resume}: not a checkpoint folder (no state.pt)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise BonedistError(f"--resume {resume}: the checkpoint is damaged ({problem}); name an earlier one, or "
+                            f"--resume auto to take the newest good one")
     return path
 
 

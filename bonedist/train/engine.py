@@ -30,6 +30,7 @@ from bonedist.data.augment import InputPipeline, ModelBatch, TargetScale
 from bonedist.data.manifest import load_manifest
 from bonedist.data.sampling import balance_weights, target_stats
 from bonedist.data.source import CachedSplit, DataConfig, open_split, verify_pack
+from bonedist.files import write_atomic
 from bonedist.models import create_model
 from bonedist.progress import progress
 from bonedist.tracking import MetricsLog, wandb_mode
@@ -83,8 +84,8 @@ class Trainer:
         self.lock, self.resume_changes = RunLock(self.run_dir), []
         self.resume_from = self._claim_run_folder()  # nothing is written before the folder is ours and fits
         if acc.is_main_process:
-            (self.run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": self.resolved()},
-                                                                 indent=1, sort_keys=True) + "\n")
+            write_atomic(self.run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": self.resolved()},
+                                                                  indent=1, sort_keys=True) + "\n")
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
         acc.wait_for_everyone()
         acc.print(f"precision: {self.precision.describe()}")
@@ -109,7 +110,7 @@ class Trainer:
             try:
                 note = self.lock.acquire()
                 ckpt.recover_run_folder(self.run_dir)
-                folder = ckpt.find_resume(self.run_dir, self.cfg.resume)
+                folder = ckpt.find_resume(self.run_dir, self.cfg.resume, warn=acc.print)
                 if folder is not None:
                     resume.check(self, folder)
             except BonedistError as exc:
@@ -375,10 +376,14 @@ class Trainer:
         self.out_of_time = fraction >= 1.0
         self.stop_requested_everywhere = bool(stop)
         if bad:
-            found = ckpt.list_checkpoints(self.run_dir)
+            good = ckpt.last_good_checkpoint(self.run_dir, warn=lambda _: None, set_aside=False) \
+                if self.accelerator.is_main_process else None
+            lower = f"{self.cfg.lr / 2:.3g}"
+            advice = (f"The last good checkpoint is {good}: the same command with --lr {lower} (or --clip-grad 1.0) "
+                      f"resumes from it with the new setting" if good else
+                      f"No good checkpoint yet: the same command with --lr {lower} (or --clip-grad 1.0) starts again")
             raise NonFiniteLoss(f"non-finite training loss at epoch {self.state.epoch + 1}, by step "
-                                f"{self.state.global_step}; stopped without saving. The last good checkpoint is "
-                                f"{found[-1] if found else 'none yet'}; try a lower --lr or --clip-grad 1.0")
+                                f"{self.state.global_step}; stopped without saving. {advice}")
 
     def elapsed(self) -> float:
         """Seconds of training so far, across resumptions."""

@@ -84,6 +84,8 @@ def restore(trainer, folder) -> str | None:
     the folder resumed from, or None."""
     acc = trainer.accelerator
     if folder is None:
+        if acc.is_main_process:  # a fresh start: lines of an earlier attempt that left no checkpoint go
+            trainer.log.truncate_after(0, 0, warn=acc.print)
         return None
     from safetensors.torch import load_file
 
@@ -97,8 +99,10 @@ def restore(trainer, folder) -> str | None:
         detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)[:200]
         raise BonedistError(f"the checkpoint {folder} does not fit {trainer.cfg.model} with these options "
                             f"({detail}); resume with the options it was trained with, or --resume never") from exc
+    fresh = [g.get("initial_lr", g["lr"]) for g in trainer.optimizer.param_groups]  # this command's rates
     trainer.optimizer.load_state_dict(saved["optimizer"])
     trainer.scheduler.load_state_dict(saved["scheduler"])
+    _apply_new_rates(trainer, fresh, saved.get("config") or {})
     if saved["scaler"] is not None and acc.scaler is not None:
         acc.scaler.load_state_dict(saved["scaler"])
     if trainer.ema is not None and saved.get("ema") is not None:
@@ -111,7 +115,8 @@ def restore(trainer, folder) -> str | None:
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     if acc.is_main_process:
-        trainer.log.truncate_after(trainer.state.global_step)  # lines of the interrupted continuation
+        # lines of the interrupted continuation (and a torn last line) go: each step and epoch is logged once
+        trainer.log.truncate_after(trainer.state.global_step, trainer.state.epoch, warn=acc.print)
         changes = trainer.resume_changes
         if changes:  # --allow-changed-data: said in the log and kept in the metrics
             trainer.log.write({"kind": "note", "step": trainer.state.global_step, "resumed_on_changed_data": changes})
@@ -120,6 +125,30 @@ def restore(trainer, folder) -> str | None:
         acc.print(f"warning: {trainer.run_dir / 'best'} is missing; it is written again at the next validation")
         trainer.state.best = math.inf
     return str(folder)
+
+
+def _apply_new_rates(trainer, fresh: list[float], saved_cfg: dict) -> None:
+    """A resume with another ``--lr``/``--backbone-lr`` than the checkpoint trained with (the advice after a
+    diverged step) continues with the new rates: each group's base rate becomes this command's and its current
+    rate is scaled alike, so the schedule goes on where it was at the new level."""
+    cfg = trainer.cfg
+    if saved_cfg.get("lr") == cfg.lr and saved_cfg.get("backbone_lr") == cfg.backbone_lr:
+        return
+    groups = trainer.optimizer.param_groups
+    if len(groups) != len(fresh):
+        return
+    for group, rate in zip(groups, fresh):
+        old = group.get("initial_lr", group["lr"])
+        group["lr"] = group["lr"] * (rate / old) if old > 0 else rate
+        if "initial_lr" in group:
+            group["initial_lr"] = rate
+    inner = trainer.scheduler.inner
+    if inner is not None and hasattr(inner, "base_lrs"):
+        inner.base_lrs = list(fresh)
+        if hasattr(inner, "_last_lr"):
+            inner._last_lr = [g["lr"] for g in groups]
+    trainer.accelerator.print(f"note: resuming with --lr {cfg.lr:g} (the checkpoint trained with "
+                              f"{saved_cfg.get('lr')}): the learning rates continue at the new level")
 
 
 def _gather_rng(rng: dict, world: int) -> list[dict]:

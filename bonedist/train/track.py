@@ -4,12 +4,14 @@ model it left in ``best/`` as an artifact."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from bonedist.files import read_json, write_atomic
 from bonedist.tracking import dataset_artifact, image_grid, model_artifact, use_artifact
+
+RUN_ID_FILE = "wandb-run-id"
 
 
 class TrainTracking:
@@ -28,15 +30,18 @@ class TrainTracking:
         if self.mode == "off":
             return
         cfg = t.cfg
-        job = os.environ.get("SLURM_JOB_ID")
-        name = f"{cfg.run}-{job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else cfg.run
+        run_id = self.run_id() if t.accelerator.is_main_process else None
         t.accelerator.init_trackers(cfg.wandb_project, config={**cfg.to_dict(), "resolved": t.resolved()},
                                     init_kwargs={"wandb": {
-                                        "group": cfg.experiment, "name": name, "dir": str(t.run_dir),
-                                        "mode": self.mode, "job_type": "train", "tags": [cfg.model, cfg.preset]}})
+                                        "id": run_id, "resume": "allow", "group": cfg.experiment, "name": cfg.run,
+                                        "dir": str(t.run_dir), "mode": self.mode, "job_type": "train",
+                                        "tags": [cfg.model, cfg.preset]}})
         run = self.run()
         if run is None:
             return
+        job = os.environ.get("SLURM_JOB_ID")
+        if job:  # which job and restart wrote the latest part of the run
+            run.summary.update({"slurm_job": job, "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
         run.define_metric("epoch")
         minimised = {"val_mae_months", "val_loss", t.best_name(), *(f"val_loss_{b}" for b in t.task.branches)}
         for name in sorted(minimised):
@@ -44,13 +49,31 @@ class TrainTracking:
         run.define_metric("val_bias_months", summary="last", step_metric="epoch")
         use_artifact(run, dataset_artifact(cfg.shards, t.manifest))
 
+    def run_id(self) -> str:
+        """One W&B run per training, however often it is resumed or requeued: the id is kept in the run folder
+        (``wandb-run-id``) and a resumed training continues that run; a fresh start (no checkpoint to resume from)
+        begins a new one."""
+        import re
+
+        import wandb
+
+        path = self.trainer.run_dir / RUN_ID_FILE
+        if self.trainer.resume_from is not None and path.is_file():
+            saved = path.read_text(errors="replace").strip()
+            if re.fullmatch(r"[a-z0-9]{8,64}", saved):
+                return saved
+            print(f"warning: {path} does not hold a W&B run id ({saved[:40]!r}); this training starts a new W&B run")
+        run_id = wandb.util.generate_id()
+        write_atomic(path, run_id + "\n")
+        return run_id
+
     def finish(self) -> None:
         """The model in best/ as an artifact of this run, and the epoch it was chosen at in the summary."""
         t = self.trainer
         run = self.run()
         if run is None or not (t.run_dir / "best" / "meta.json").is_file():
             return
-        meta = json.loads((t.run_dir / "best" / "meta.json").read_text())
+        meta = read_json(t.run_dir / "best" / "meta.json")
         metric = t.best_name(meta["epoch"] - 1)
         run.summary.update({"best_epoch": meta["epoch"], f"best_{metric}": (meta.get("metrics") or {}).get(metric)})
         run.log_artifact(model_artifact(t.run_dir, meta), aliases=["best", "latest"])
