@@ -15,7 +15,8 @@ from datetime import date
 
 import numpy as np
 
-from bonedist.data.images import MAX_PIXELS, ImageError, check_pixels, stretch_to_uint8
+from bonedist.data.images import MAX_PIXELS, ImageError, check_pixels, robust_window, stretch_to_uint8
+from bonedist.files import reason
 
 DICM_OFFSET = 128  # the 128-byte preamble, then "DICM"
 
@@ -27,7 +28,16 @@ def is_dicom(data: bytes) -> bool:
 def read_dicom(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
     """8-bit grayscale (H, W) pixels and header facts: ``male`` (or None), ``age_months`` (or None),
     ``pixel_spacing_mm`` (row, column) or None, ``photometric``, ``bits_stored``, ``window`` (center, width) or None,
-    ``transfer_syntax``."""
+    ``transfer_syntax``. Whatever is wrong with the file, decoding it raises this file's ``ImageError`` only."""
+    try:
+        return _read_dicom(data, max_pixels)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as exc:  # a malformed element pydicom only trips over when it is used
+        raise ImageError(f"malformed DICOM ({reason(exc)})") from None
+
+
+def _read_dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, dict]:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -50,15 +60,30 @@ def read_dicom(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, d
     except Exception as exc:  # a missing handler, a corrupt stream: this file's own error
         raise ImageError(f"cannot decode the DICOM pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}: "
                          f"{str(exc).splitlines()[0][:160]})") from None
-    values = apply_modality_lut(raw, ds)
-    window = _window(ds)
-    if window is not None or "VOILUTSequence" in ds:
-        values = apply_voi_lut(values, ds, index=0)
+    try:  # header values that break the LUTs (a window width of 0, an unknown VOI LUT function...) are this file's
+        values = apply_modality_lut(raw, ds)
+        window = _window(ds)
+        if window is not None and not window[1] > 0:
+            raise ImageError(f"the header's window width is {window[1]:g} (must be above 0)")
+        if "VOILUTSequence" in ds and window is None:
+            lut = ds.VOILUTSequence[0] if len(ds.VOILUTSequence) else None
+            if lut is None or not lut.get("LUTData"):
+                raise ImageError("the header's VOI LUT holds no data")
+        if window is not None or "VOILUTSequence" in ds:
+            values = np.asarray(apply_voi_lut(values, ds, index=0))
+            image = stretch_to_uint8(values)
+        else:  # no window in the header: a robust one, so a burned-in marker does not flatten the hand
+            values = np.asarray(values)
+            image = stretch_to_uint8(values, robust_window(values))
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"cannot apply the header's modality or VOI LUT ({reason(exc)})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    image = stretch_to_uint8(np.asarray(values))
     if photometric == "MONOCHROME1":  # high values are dark: invert so that bone is bright, as in MONOCHROME2
         image = 255 - image
-    facts = {"male": _sex(ds), "age_months": _age_months(ds), "pixel_spacing_mm": _spacing(ds),
+    facts = {"male": _header_value(_sex, ds), "age_months": _header_value(_age_months, ds),
+             "pixel_spacing_mm": _header_value(_spacing, ds),
              "photometric": photometric, "bits_stored": int(ds.get("BitsStored", 0) or 0), "window": window,
              "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", ""))}
     return np.ascontiguousarray(image), facts
@@ -69,7 +94,13 @@ def _window(ds) -> list[float] | None:
     if center is None or width is None:
         return None
     first = lambda v: float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)  # noqa: E731
-    return [first(center), first(width)]
+    try:
+        window = [first(center), first(width)]
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ImageError(f"the header's window ({center!r}, {width!r}) is not two numbers ({exc})") from None
+    if not all(np.isfinite(window)):
+        raise ImageError(f"the header's window ({window[0]}, {window[1]}) is not finite")
+    return window
 
 
 def _sex(ds) -> bool | None:
@@ -97,6 +128,14 @@ def _date(value) -> date | None:
     try:
         return date(int(text[:4]), int(text[4:6]), int(text[6:]))
     except ValueError:
+        return None
+
+
+def _header_value(read, ds):
+    """A header fact that a malformed element leaves unknown (None) rather than failing the radiograph."""
+    try:
+        return read(ds)
+    except Exception:
         return None
 
 

@@ -14,7 +14,7 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 RESIZE_MODES = ("pad", "stretch")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its fixed CRC
+
 PNG_COMPRESSION = 3  # lossless either way; 3 packs ~10% smaller than OpenCV's default 1 and still decodes fast
 
 
@@ -49,6 +49,19 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def png_problem(data: bytes) -> str | None:
+    """Whether the chunks of a PNG lead, length by length, to its IEND chunk within ``data``: None, or why not."""
+    i = len(PNG_SIGNATURE)
+    while i + 12 <= len(data):
+        length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        if kind == b"IEND":
+            return None
+        if not kind.isalpha() or (i == len(PNG_SIGNATURE) and kind != b"IHDR"):
+            return f"corrupt image data (no PNG chunk at byte {i})"
+        i += 12 + length
+    return "truncated PNG (it ends before its IEND chunk)"
+
+
 def check_pixels(width: int, height: int, max_pixels: int = MAX_PIXELS) -> None:
     if width * height > max_pixels:
         raise ImageError(f"image of {width}x{height} pixels ({width * height / 1e6:.0f} megapixels) is over the "
@@ -61,15 +74,17 @@ def decode_gray8(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode PNG (8/16-bit, gray, RGB, palette) or JPEG bytes to an 8-bit grayscale (H, W) array.
 
     The size the header declares is checked against ``max_pixels`` before anything is decoded, and every decoder
-    error becomes this image's ``ImageError``. 16-bit and floating-point images are stretched from their own minimum
-    and maximum to 0-255, so the full dynamic range survives the conversion instead of being cut to the top 8 bits.
+    error becomes this image's ``ImageError``. 16-bit and floating-point images are stretched to 0-255 over a robust
+    window (``robust_window``), so their dynamic range survives the conversion instead of being cut to the top 8
+    bits, and a burned-in marker at full white does not flatten the hand.
     """
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
     if data[:8] == PNG_SIGNATURE:
-        # A PNG cut short can still decode its first rows; the IEND chunk proves the file is whole.
-        if PNG_END not in data[-1024:]:
-            raise ImageError("truncated PNG (no IEND chunk at the end)")
+        # A PNG cut short can still decode its first rows; reaching the IEND chunk proves the file is whole
+        # (bytes after it, which some archive exports append, are ignored as every decoder ignores them).
+        if (problem := png_problem(data)) is not None:
+            raise ImageError(problem)
     elif data[:3] != b"\xff\xd8\xff":
         raise ImageError("not a PNG or JPEG file (unknown signature)")
     declared = header_size(data)
@@ -94,22 +109,56 @@ def decode_gray8(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             raise ImageError(f"unsupported number of channels: {channels}")
     if image.dtype == np.uint8:
         return np.ascontiguousarray(image)
-    return stretch_to_uint8(image)
+    return stretch_to_uint8(image, robust_window(image))
 
 
-def stretch_to_uint8(image: np.ndarray) -> np.ndarray:
-    """Map an image's own [min, max] linearly to [0, 255] (a constant image becomes all zeros). Integer images go
-    through a lookup table (no float copy of the whole image); float ones are converted in float32."""
+WINDOW_PERCENTILES = (0.5, 99.5)  # a robust window: burned-in markers and dead pixels are far under 0.5 %
+
+
+def robust_window(image: np.ndarray) -> tuple[float, float]:
+    """The (low, high) gray levels between which a radiograph without a window of its own is shown: the 0.5th and
+    99.5th percentiles of its pixels rather than its minimum and maximum, so that a burned-in marker at full white
+    (or a dead pixel) does not squeeze the hand into a few gray levels: an integer image's top level is left out
+    where it is far above all others and holds under 5 % of the pixels. Falls back to the full range where the
+    percentiles coincide (a two-tone image)."""
+    first, last = float(image.min()), float(image.max())
+    integral = np.issubdtype(image.dtype, np.integer) or bool(np.all(image == np.floor(image)))
+    if integral and last - first < 1 << 22:  # a histogram of the levels (DICOM's rescaled ones too): no sort
+        shifted = image.astype(np.int32) - np.int32(first) if np.issubdtype(image.dtype, np.integer) \
+            else (image - first).astype(np.int32)
+        counts = np.bincount(shifted.ravel())
+        used = np.flatnonzero(counts)
+        if len(used) > 2:  # a burned-in marker at one top level far above the rest is no part of the hand
+            top, below = used[-1], used[-2]
+            if counts[top] < 0.05 * image.size and top - below > 0.1 * (top - used[0]):
+                counts[top] = 0
+        cumulative = np.cumsum(counts)
+        need = np.ceil(np.array(WINDOW_PERCENTILES) / 100.0 * cumulative[-1])
+        lo, hi = (float(np.searchsorted(cumulative, max(n, 1))) + first for n in need)
+    else:  # the same definition: the smallest value with at least that share of pixels at or below it
+        lo, hi = (float(v) for v in np.percentile(image, WINDOW_PERCENTILES, method="inverted_cdf"))
+    if hi <= lo:
+        lo, hi = float(image.min()), float(image.max())
+    return lo, hi
+
+
+def stretch_to_uint8(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Map ``window`` (default: the image's own minimum and maximum) linearly to [0, 255], values outside it clipped
+    (a constant image becomes all zeros). Integer images go through a lookup table (no float copy of the whole
+    image); float ones are converted in float32."""
     lo, hi = float(image.min()), float(image.max())
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise ImageError("image contains non-finite values")
+    if window is not None:
+        lo, hi = window
     if hi <= lo:
         return np.zeros(image.shape, np.uint8)
     if image.dtype in (np.uint16, np.int16):
-        levels = np.arange(int(lo), int(hi) + 1, dtype=np.float64)
-        table = np.round((levels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-        return table[(image.astype(np.int32) - int(lo)) if image.dtype == np.int16 else image - np.uint16(lo)]
-    return np.round((image.astype(np.float32) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        first, last = int(image.min()), int(image.max())
+        levels = np.arange(first, last + 1, dtype=np.float64)
+        table = np.round(np.clip((levels - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
+        return table[(image.astype(np.int32) - first) if image.dtype == np.int16 else image - np.uint16(first)]
+    return np.round(np.clip((image.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
 
 
 def resize_square(image: np.ndarray, size: int, mode: str = "pad") -> tuple[np.ndarray, dict]:

@@ -40,6 +40,7 @@ from bonedist.data.images import (
 )
 from bonedist.data.layouts import SPLITS, ZIP_SEP, GenericCSV, read_source, read_table
 from bonedist.data.manifest import MANIFEST, age_stats, sha256_file, write_json_atomic
+from bonedist.files import reason
 from bonedist.progress import progress
 
 STATE = ".pack-state.json"
@@ -98,8 +99,22 @@ def _init_worker(root: str, size: int, resize: str, ignore_sigint: bool, max_pix
     _worker.update(root=Path(root), size=size, resize=resize, zips={}, max_pixels=max_pixels)
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
 def prepare_sample(record: dict) -> tuple[dict | None, str | None]:
-    """Return ``(sample, None)`` ready for the tar writer, or ``(None, reason)`` for a bad image."""
+    """Return ``(sample, None)`` ready for the tar writer, or ``(None, reason)`` for a bad image: whatever goes
+    wrong with one file (reading, decoding, windowing, resizing) is that file's reason, never the pack's end."""
+    try:
+        return _prepare_sample(record)
+    except MemoryError:
+        return None, "out of memory while decoding (lower --max-pixels or --workers)"
+    except Exception as exc:  # noqa: BLE001 - one file's failure, of any kind, is reported with that file
+        return None, f"cannot be prepared ({reason(exc)})"
+
+
+def _prepare_sample(record: dict) -> tuple[dict | None, str | None]:
     try:
         data = read_source(_worker["root"], record["source"], _worker["zips"])
         image, facts = decode_radiograph(data, _worker.get("max_pixels", MAX_PIXELS))
@@ -126,7 +141,9 @@ def prepare_sample(record: dict) -> tuple[dict | None, str | None]:
         **geometry,
         **_dicom_meta(facts, record),
     }
-    sample = {"__key__": record["key"], "png": encode_png(resized), "json": json.dumps(meta, sort_keys=True).encode()}
+    sample = {"__key__": record["key"], "png": encode_png(resized), "json": json.dumps(meta, sort_keys=True).encode(),
+              # not written to the shard (keys with a leading _): what finds one radiograph packed twice
+              "__digests__": [_digest(data), _digest(resized.tobytes())]}
     return sample, None
 
 
@@ -202,6 +219,7 @@ class _SplitWriter:
         self.writer: wds.ShardWriter | None = None
         self.handle = None
         self.current: list[list] = []  # [key, age, male] of the samples in the open shard
+        self.digests: list[list] = []  # [source, file digest, pixel digest] of the same samples
         self.notes: list[dict] = []  # packed samples worth a word (a DICOM header contradicting the table)
         self.pending_skips: list[tuple[int, dict]] = []  # skips not yet attributed to a completed shard
         self.last_index = -1
@@ -220,8 +238,8 @@ class _SplitWriter:
         self.pending_skips = [(i, e) for i, e in self.pending_skips if i >= next_index]
         self.shards.append({"name": Path(fname).name, "count": len(self.current), "sha256": sha256_file(Path(fname)),
                             "next_index": next_index, "skipped": skips, "samples": self.current,
-                            "notes": self.notes})
-        self.current, self.notes = [], []
+                            "notes": self.notes, "digests": self.digests})
+        self.current, self.notes, self.digests = [], [], []
         self.save_state()
 
     def write(self, index: int, sample: dict) -> None:
@@ -237,6 +255,7 @@ class _SplitWriter:
         self.writer.write(sample)
         self.last_index = index
         self.current.append([sample["__key__"], meta["boneage_months"], meta["male"]])
+        self.digests.append([meta["source"], *sample.get("__digests__", ["", ""])])
         if "header_conflict" in meta:
             self.notes.append({"source": meta["source"], "note": meta["header_conflict"]})
 
@@ -395,6 +414,8 @@ def _finish(root: Path, out: Path, table, state: dict, options: PackOptions, by_
             },
         }
     packed = sum(s["count"] for s in splits.values())
+    duplicates = find_duplicates({split: [d for shard in state["splits"].get(split, []) for d in
+                                          shard.get("digests", [])] for split in splits})
     manifest = {
         "format": FORMAT,
         "bonedist_version": __version__,
@@ -408,6 +429,7 @@ def _finish(root: Path, out: Path, table, state: dict, options: PackOptions, by_
         "splits": splits,
         "skipped": skipped,
         "notes": notes,
+        "duplicates": duplicates,
         "totals": {"packed": packed, "skipped": len(skipped)},
         "options": {k: v for k, v in asdict(options).items() if k not in ("workers", "progress")},
     }
@@ -421,7 +443,36 @@ def _finish(root: Path, out: Path, table, state: dict, options: PackOptions, by_
     return manifest, _report(out, manifest, None, code=0)
 
 
+def find_duplicates(digests: dict[str, list[list]]) -> list[dict]:
+    """Radiographs packed more than once: the same file bytes (``identical file``) or, failing that, the same
+    pixels at the packed size (``identical pixels``: the same image saved again, another format or compression).
+    Each entry lists its copies as [split, source]; ``across_splits`` marks leakage between splits."""
+    groups: dict[tuple[str, str], list] = {}
+    for split, entries in digests.items():
+        for source, file_digest, pixel_digest in entries:
+            if file_digest:
+                groups.setdefault(("identical file", file_digest), []).append([split, source])
+            if pixel_digest:
+                groups.setdefault(("identical pixels", pixel_digest), []).append([split, source])
+    found, seen = [], set()
+    for (kind, _), copies in groups.items():
+        key = tuple(sorted(tuple(c) for c in copies))
+        if len(copies) < 2 or key in seen:  # a file twice is also pixels twice: said once
+            continue
+        seen.add(key)
+        found.append({"kind": kind, "copies": copies, "across_splits": len({c[0] for c in copies}) > 1})
+    return sorted(found, key=lambda d: (not d["across_splits"], d["copies"]))
+
+
 def _report(out: Path, manifest: dict, failure: str | None, code: int) -> int:
+    for entry in [d for d in manifest.get("duplicates", []) if d["across_splits"]][:10]:
+        copies = ", ".join(f"{source} ({split})" for split, source in entry["copies"])
+        print(f"warning: one radiograph in several splits ({entry['kind']}): {copies}; evaluation on those splits "
+              f"is not independent of training", file=sys.stderr)
+    within = [d for d in manifest.get("duplicates", []) if not d["across_splits"]]
+    if within:
+        print(f"note: {len(within)} radiograph(s) packed more than once within a split (listed under 'duplicates' "
+              f"in {out / MANIFEST})", file=sys.stderr)
     skipped = manifest["skipped"]
     for entry in skipped[:10]:
         print(f"skipped {entry['source']}: {entry['reason']}", file=sys.stderr)
