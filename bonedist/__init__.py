@@ -75,6 +75,12 @@ def end_distributed() -> None:
 
 
 def _run_command(command: str, run, resume: str) -> int:
+    for stream in (_sys.stdout, _sys.stderr):  # file names that are not UTF-8 are printed as their bytes
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="surrogateescape")
+            except (ValueError, OSError):
+                pass
     try:
         return run()
     except BonedistError as exc:

@@ -166,6 +166,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--table", type=Path, default=None,
                    help="a worklist CSV: an image (path or id) column, sex, optionally chronological_age")
     p.add_argument("--image-dir", type=Path, default=None, help="where the table's images are (default: its folder)")
+    p.add_argument("--allow-outside-image-dir", action="store_true",
+                   help="read table paths that lead outside --image-dir (refused per row by default)")
     p.add_argument("--sex", default=None, help="F or M, for images without one (table or DICOM header)")
     p.add_argument("--runs", default="runs/default", help="runs/EXPERIMENT with trained models")
     p.add_argument("--chronological-age", default=None, help="e.g. 10y3m, 123m: also print the difference")
@@ -239,7 +241,8 @@ def _predict_work(args, max_pixels, parse_sex, parse_age):
     if args.table is not None:
         if args.images:
             raise BonedistError("give either --table or images, not both")
-        items, default_out = read_worklist(args.table, args.image_dir), Path("predictions.csv")
+        items, default_out = read_worklist(args.table, args.image_dir, args.allow_outside_image_dir), \
+            Path("predictions.csv")
     elif len(args.images) == 1 and Path(args.images[0]).is_dir():
         items, default_out = folder_items(Path(args.images[0])), Path("predictions.csv")
         if not items:

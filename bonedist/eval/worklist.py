@@ -27,6 +27,7 @@ from bonedist import BonedistError
 from bonedist.data.images import IMAGE_SUFFIXES, MAX_PIXELS
 from bonedist.data.layouts import parse_male
 from bonedist.eval.predict import Ensemble, load_radiograph, parse_age, result_row
+from bonedist.files import atomic_open, write_atomic
 from bonedist.progress import progress
 
 IMAGE_COLUMNS, ID_COLUMNS = ("image", "path", "file"), ("id", "image_id")
@@ -51,18 +52,28 @@ def _column(frame: pd.DataFrame, names: tuple[str, ...]) -> str | None:
     return next((lowered[n] for n in names if n in lowered), None)
 
 
-def read_worklist(table: Path, image_dir: Path | None = None) -> list[WorkItem]:
-    """The rows of a worklist CSV; a row that names no usable image, sex or age gets its error here."""
-    try:
-        frame = pd.read_csv(table, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise BonedistError(f"--table {table}: cannot read it ({exc})") from exc
+def read_worklist(table: Path, image_dir: Path | None = None, allow_outside: bool = False) -> list[WorkItem]:
+    """The rows of a worklist CSV; a row that names no usable image, sex or age gets its error here, and so does a
+    path that leads outside the images' folder (``--image-dir``, else the table's), unless ``allow_outside``.
+    An empty table, or one with a header and no rows, is an error, as an empty folder is."""
+    if not table.is_file():
+        raise BonedistError(f"--table {table}: no such file")
+    try:  # file names as archives hold them: bytes that are not UTF-8 come back as they were
+        frame = pd.read_csv(table, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                            encoding_errors="surrogateescape")
+    except pd.errors.EmptyDataError:
+        raise BonedistError(f"--table {table}: the file is empty (expected a header and one row per image)") from None
+    except (OSError, pd.errors.ParserError, ValueError) as exc:
+        raise BonedistError(f"--table {table}: cannot read it ({str(exc).strip().splitlines()[0]})") from None
+    if frame.empty:
+        raise BonedistError(f"--table {table}: no rows under its header; nothing to predict")
     image_col, id_col = _column(frame, IMAGE_COLUMNS), _column(frame, ID_COLUMNS)
     if image_col is None and id_col is None:
         raise BonedistError(f"--table {table}: no image column (one of {', '.join(IMAGE_COLUMNS + ID_COLUMNS)}); "
                             f"its columns: {', '.join(map(str, frame.columns))}")
     sex_col, age_col = _column(frame, SEX_COLUMNS), _column(frame, AGE_COLUMNS)
     base = image_dir or table.parent
+    inside = base.resolve()
     items = []
     for i, row in enumerate(frame.to_dict("records")):
         label = str(row[image_col] if image_col else row[id_col]).strip()
@@ -73,6 +84,9 @@ def read_worklist(table: Path, image_dir: Path | None = None) -> list[WorkItem]:
             item.path = base / label if image_col else _find_by_id(base, label)
             if item.path is None:
                 item.error = f"{table} row {i + 2}: no image {label}.png, .jpg or .dcm in {base}"
+            elif not allow_outside and not item.path.resolve().is_relative_to(inside):
+                item.error = (f"{table} row {i + 2}: {label} leads outside {base} (--allow-outside-image-dir to "
+                              f"read it)")
         if sex_col and str(row[sex_col]).strip():
             item.male = parse_male(row[sex_col])
             if item.male is None and item.error is None:
@@ -204,7 +218,8 @@ def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
     """``out`` (CSV, one row per image, a column per model) and the same rows as JSON beside it."""
     models = sorted({m for r in rows for m in r.get("models", {})})
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
+    # atomic, and file names written back byte for byte (a name that is not UTF-8 keeps its bytes)
+    with atomic_open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS + [f"model_{m}" for m in models])
         writer.writeheader()
         for r in rows:
@@ -216,6 +231,6 @@ def write_results(rows: list[dict], out: Path) -> tuple[Path, Path]:
             flat.update({f"model_{m}": v for m, v in r.get("models", {}).items()})
             writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
     json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps([{k: v for k, v in r.items() if k != "index"} for r in rows], indent=1,
-                                    default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+    write_atomic(json_path, json.dumps([{k: v for k, v in r.items() if k != "index"} for r in rows], indent=1,
+                                       default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
     return out, json_path
