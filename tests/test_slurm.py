@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, epoch_records
+from tests.wandb_reader import read_history
 
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -111,7 +112,7 @@ def test_sigterm_mid_epoch_requeues_and_ends_with_the_weights_of_an_unbroken_run
     no traceback, the job requeues itself and the requeued job ends exactly where an unbroken job ends."""
     from safetensors.torch import load_file
 
-    args = "--epochs 2 --steps-per-epoch 10 --batch-size 4 --log-every 1 --data-mode cache"
+    args = "--epochs 2 --steps-per-epoch 10 --batch-size 4 --log-every 1 --data-mode cache --wandb offline"
     unbroken = submit(tmp_path, "slurm-unbroken", train_shards, args)
     info = wait_state(unbroken, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
     assert info["JobState"] == "COMPLETED", (tmp_path / "slurm-unbroken.out").read_text(errors="replace")[-3000:]
@@ -133,6 +134,13 @@ def test_sigterm_mid_epoch_requeues_and_ends_with_the_weights_of_an_unbroken_run
     final = {name: load_file(str(tmp_path / "runs" / name / "xception" / "checkpoints" / "step-00000020" /
                                  "model.safetensors")) for name in ("slurm-unbroken", "slurm-term")}
     assert all(torch.equal(final["slurm-unbroken"][k], final["slurm-term"][k]) for k in final["slurm-unbroken"])
+    # one W&B run across both attempts, its history (both attempts' offline files) holding every step once
+    run_id = (metrics.parent / "wandb-run-id").read_text().strip()
+    attempts = sorted((metrics.parent / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(f"-{run_id}" in a.name for a in attempts), attempts
+    rows = [row for attempt in attempts for row in read_history(attempt)]
+    assert sorted(r["step"] for r in rows if "train_loss_step" in r) == list(range(1, 21))
+    assert sorted(r["epoch"] for r in rows if "val_loss" in r) == [1, 2]
 
 
 def test_train_all_submits_the_models_then_a_dependent_evaluation(train_shards, tmp_path):

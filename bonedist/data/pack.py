@@ -294,9 +294,13 @@ def _load_state(out: Path, fingerprint: str) -> dict:
     if path.is_file():
         try:
             state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             state = None
-    if not state or state.get("fingerprint") != fingerprint:
+    valid = isinstance(state, dict) and isinstance(state.get("splits"), dict) and all(
+        isinstance(shards, list) and all(isinstance(s, dict) and isinstance(s.get("name"), str) and "sha256" in s
+                                         and "/" not in s["name"] for s in shards)
+        for shards in state["splits"].values())
+    if not valid or state.get("fingerprint") != fingerprint:  # damaged or another pack's: start over
         state = {"fingerprint": fingerprint, "splits": {}}
     for split, shards in list(state["splits"].items()):
         for i, shard in enumerate(shards):

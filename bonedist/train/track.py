@@ -54,8 +54,8 @@ class TrainTracking:
         (``wandb-run-id``) and a resumed training continues that run; a fresh start (no checkpoint to resume from)
         begins a new one."""
         import re
-
-        import wandb
+        import secrets
+        import string
 
         path = self.trainer.run_dir / RUN_ID_FILE
         if self.trainer.resume_from is not None and path.is_file():
@@ -63,7 +63,7 @@ class TrainTracking:
             if re.fullmatch(r"[a-z0-9]{8,64}", saved):
                 return saved
             print(f"warning: {path} does not hold a W&B run id ({saved[:40]!r}); this training starts a new W&B run")
-        run_id = wandb.util.generate_id()
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B's
         write_atomic(path, run_id + "\n")
         return run_id
 
