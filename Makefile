@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-quick lint clean
+.PHONY: install demo test test-quick lint docs clean
 
 install: $(VENV)/.installed
 
@@ -25,5 +25,9 @@ test-quick: install
 lint: install
 	$(BIN)/ruff check bonedist tests
 
+# the user guide (docs/, mkdocs.yml) in strict mode: a broken link or a page left out of the nav fails
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) runs/demo shards/phantoms
+	rm -rf $(VENV) runs/demo shards/phantoms site

@@ -4,7 +4,7 @@
 
 synthesise train/validation/test phantoms → pack → train every model with one `accelerate launch` (2 CPU processes,
 or the machine's GPUs) on the ``tiny`` preset, each within its share of a time budget → evaluate the ensemble →
-report. About 4 minutes and under 0.5 GB on a 2-core laptop; ``--keep`` keeps the phantoms, full-precision weights
+report, in minutes on a 2-core laptop (``docs/results.md``); ``--keep`` keeps the phantoms, full-precision weights
 and resumable checkpoints.
 """
 
@@ -23,7 +23,7 @@ import torch
 from bonedist import BonedistError
 
 REPO_LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "accelerate"
-DEMO_BUDGET_MIN = 2.0  # training minutes for all models together: the whole demo in about 3 minutes on 2 cores
+DEMO_BUDGET_MIN = 2.0  # training minutes for all models together, so that the demo ends in a few minutes
 
 
 def launch_args() -> list[str]:

@@ -15,7 +15,7 @@ RESIZE_MODES = ("pad", "stretch")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-PNG_COMPRESSION = 3  # lossless either way; 3 packs ~10% smaller than OpenCV's default 1 and still decodes fast
+PNG_COMPRESSION = 3  # lossless either way; 3 packs smaller than OpenCV's default 1 and still decodes fast
 
 
 # The largest image decoded (``--max-pixels``): RSNA's originals are 3-5 megapixels, the largest radiography detectors

@@ -294,8 +294,8 @@ def ensemble_fit_check(preds: np.ndarray, truth: np.ndarray, models: list[str], 
     """Whether the validation-fitted weights generalise: their MAE on each fold of the validation split when fitted
     on the other folds (out of fold), beside the MAE fitted on all of it, equal weights and the best member, and the
     range of each weight over the folds (weights that swing between folds are not to be trusted); and how alike the
-    members err: the correlation of every pair's errors (two seeds of one network err alike, about 0.9, and their
-    mean adds little; README section 7)."""
+    members err: the correlation of every pair's errors (two seeds of one network err alike and their mean adds
+    little; ``docs/results.md``)."""
     preds, truth = np.asarray(preds, float), np.asarray(truth, float)
     order = np.random.default_rng(seed).permutation(len(truth))
     oof, fold_weights = np.empty(len(truth)), []

@@ -162,11 +162,10 @@ class IntervalCalibration:
     def _band_level(self, coverage: float) -> float:
         """The per-band level of the label-conditional methods that gives ``coverage`` on radiographs the calibration
         has not seen: the hull of the admitted ages also covers some radiographs outside their own band's quantiles,
-        so the nominal level in every band over-covers (93-94 % for 90 % on phantoms of the RSNA age mix). From 5 %
-        above the nominal level, the level is lowered in steps of 0.5 % while the calibration radiographs'
-        out-of-fold coverage (each one's interval from the other four fifths, a fixed partition) stays at or above
-        ``coverage``. Tuned in sample instead (with a 1 % margin for its optimism), a real 600-radiograph validation
-        split was covered 90.2-91.0 % out of fold and the test split 91.2-92.4 %."""
+        so the nominal level in every band over-covers. From 5 % above the nominal level, the level is lowered in
+        steps of 0.5 % while the calibration radiographs' out-of-fold coverage (each one's interval from the other
+        four fifths, a fixed partition) stays at or above ``coverage``: tuned in sample instead, even with a margin
+        for its optimism, the intervals over-covered out of fold (``docs/results.md``)."""
         levels = getattr(self, "_levels", None)
         if levels is None:
             levels = self._levels = {}
@@ -234,9 +233,9 @@ def choose_method(pred, truth, male, coverage: float = 0.9, seed: int = 0, folds
 
     Each radiograph gets its interval from a calibration on the other ``folds - 1`` folds (``repeats`` seeded
     partitions), and a group's coverage is its share of covered radiographs over all of them. Two things this
-    avoids, both measured on a real 600-radiograph validation split: calibrating on halves leaves bands too small to
-    keep (2-6 y fell below ``MIN_PER_BIN`` and merged with 6-10 y, so the label-conditional methods looked as bad as
-    the rest there), and a worst group taken per half, of some 30 radiographs, is mostly noise. Returns the method
+    avoids: calibrating on halves leaves bands too small to keep (the youngest band falls below ``MIN_PER_BIN`` and
+    merges with its neighbour, so the label-conditional methods look as bad as the rest there), and a worst group
+    taken per half is mostly noise. Returns the method
     and each method's out-of-fold scores."""
     pred, truth, male = np.asarray(pred, float), np.asarray(truth, float), np.asarray(male, bool)
     rng = np.random.default_rng(seed)

@@ -164,7 +164,7 @@ def _recipes() -> dict:
         # staged after Guan et al.: global branch, then local on the fixed global's crops, then the Fusion head
         "improved": lambda: {"lr": 3e-4, "stages": [["global", 15], ["local", 10], ["fusion", 5]],
                              "model": {**staged, "threshold": "otsu", "fusion_grad": "isolated"}},
-        # 12 epochs with warmups of 3.6 as measured before the preset went to 30 epochs (warmup is per stage)
+        # 12 epochs with warmups of 3.6, the schedule the AG-CNN was tuned with (warmup is per stage)
         "scratch": lambda: {"epochs": 12, "warmup_epochs": 3.6, "stages": [["global", 6], ["local", 4], ["fusion", 2]],
                             "model": {**staged, "drop_rate": 0.1}},
         "tiny": lambda: {"model": {"drop_rate": 0.1, "fusion_norm": True}},
@@ -181,6 +181,6 @@ def agcnn(opts: AGCNNOptions, in_chans: int) -> AGCNN:
     Fusion head, which otherwise starts from very large inputs and converges slowly in short runs.
     ``zero_init_residual`` (not in the paper) zeroes the last BatchNorm scale of every residual block after the
     Keras initialisation, so each branch starts as a shallow network: trained from scratch at a high learning rate
-    the Keras-initialised local branch did not recover in its stage (training MAE 90 months).
+    the Keras-initialised local branch did not recover in its stage.
     """
     return AGCNN(opts)

@@ -2,12 +2,10 @@
 stages of 3x3 and large-kernel 5x5 depthwise convolutions with channel attention, SiLU, BatchNorm), trained from
 random weights.
 
-On this project's 2-core CPU at 100 px the tiny one learned the most per CPU-minute of the architectures measured:
-12.05 months on 1,200 held-out real radiographs after 10 minutes (ResNet-18: 18.81), 10.36 after 20 (README section
-7), at about 210 radiographs/s in bf16 with channels_last. In ``scratch`` the tiny one trains on hand-masked
-radiographs (all but the hand zeroed: 10.38 after 20 minutes) and the small one on whole ones (10.42): the default
-list's members see different inputs, and their errors correlated 0.78-0.82 where the same three networks on one
-kind of input correlated up to 0.86; the three members' mean was 0.94x the best of them (README section 7).
+Why it is in ``scratch``'s default list: on a CPU at 100 px the tiny one learned the most per CPU-minute of the
+architectures screened. In ``scratch`` the tiny one trains on hand-masked radiographs (all but the hand zeroed) and
+the small one on whole ones, so that the default list's members see different inputs and their errors correlate
+less. The measurements behind both choices are in ``docs/results.md`` ("Accuracy on real radiographs").
 """
 
 from __future__ import annotations
@@ -15,9 +13,9 @@ from __future__ import annotations
 from bonedist.models.registry import register_model
 from bonedist.models.timm_regressor import TimmOptions, modern_recipes, timm_regressor
 
-CPU_PRECISION = ("bf16", True)  # 1.3x fp32 eager at 100 px (its 1x1 and 3x3 convolutions carry most of the work)
-# 60 epochs (warmup 30 %, as scratch's 9 of 30): at ~0.75 min per 100-px epoch on 2 cores, 30 would end a 30-minute
-# share after 23 minutes; with a time budget the cosine follows the clock, so the budget decides
+CPU_PRECISION = ("bf16", True)  # its 1x1 and 3x3 convolutions carry most of the work (bench train-step)
+# 60 epochs (warmup 30 %, as scratch's 9 of 30): more than a CPU budget's share holds, so that with a time budget the
+# clock, which the cosine follows, decides where training ends rather than the epoch count
 RECIPES = modern_recipes(scratch={"epochs": 60, "warmup_epochs": 18.0})
 # the default list's hand-masked member: a different input for a less alike ensemble member (masks computed once per
 # cached split, so it keeps its unmasked speed)

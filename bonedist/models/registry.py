@@ -137,7 +137,7 @@ def list_models(preset: str | None = None) -> list[str]:
 def default_models(preset: str) -> dict[str, float]:
     """The models a preset trains when none are named (``bench accuracy``, ``bonedist models --preset``), each with
     its relative share of a time budget per run: those whose ``roster`` names the preset (chosen by measurement, see
-    the README), or, when none does, every model with a recipe for it at equal shares."""
+    ``docs/results.md``), or, when none does, every model with a recipe for it at equal shares."""
     return {name: share for name, (share, _) in default_roster(preset).items()}
 
 

@@ -19,7 +19,7 @@ from bonedist.options import option
 
 MODEL = "model"
 # ``ModelInfo.cpu_precision`` of the paper's CNNs: bf16 autocast with channels_last on CPUs with bf16 matrix units
-# (measured with `bonedist bench train-step`, README "Precision")
+# (chosen with `bonedist bench train-step`; docs/results.md, "Speed")
 BF16_CL = ("bf16", True)
 
 

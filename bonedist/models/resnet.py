@@ -1,13 +1,12 @@
-"""A plain ResNet-18 regressor with a sex input: the yardstick's network (a ResNet-18 step costs about a third of an
-Xception step per image; at 100 px on 2 CPU cores CSPNeXt-tiny learns about 1.5x as fast per minute, README section
-7). Deeper ResNets: ``--model timm/resnet34`` and so on."""
+"""A plain ResNet-18 regressor with a sex input: the yardstick's network, and a cheap step per image beside Xception
+(``docs/results.md`` compares them). Deeper ResNets: ``--model timm/resnet34`` and so on."""
 
 from __future__ import annotations
 
 from bonedist.models.registry import register_model
 from bonedist.models.timm_regressor import TimmOptions, modern_recipes, timm_regressor
 
-CPU_PRECISION = ("bf16", True)  # 1.98x fp32 eager at 100 px on 2 AMX cores (`bonedist bench train-step`)
+CPU_PRECISION = ("bf16", True)  # the faster choice in `bonedist bench train-step` (docs/results.md, "Speed")
 
 
 @register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=modern_recipes())

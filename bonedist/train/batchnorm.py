@@ -4,8 +4,8 @@ During training a BatchNorm layer normalises with the statistics of its augmente
 average of them for evaluation. That average lags the weights (it mixes batches seen under earlier weights, most
 of all at a high learning rate or for an EMA of the weights, whose buffers are averages of another model's), and it
 describes augmented inputs (zoomed, shifted, zero-padded) while evaluation sees clean ones. Both shift every
-prediction the same way: on real radiographs this was a bias of +14 months at the end of a short run, −1 after
-recomputing the statistics (``bench accuracy`` notes in the README).
+prediction the same way: on real radiographs this was a bias of over a year at the end of a short run, and near
+none after recomputing the statistics (``docs/results.md``, "What was wrong on real radiographs").
 
 ``recalibrate_batchnorm`` recomputes them in one pass (fvcore's ``update_bn_stats``, torch's ``swa_utils.update_bn``):
 each BatchNorm layer that trains (a frozen backbone's or a fixed AG-CNN branch's keep theirs) normalises with its

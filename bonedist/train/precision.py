@@ -2,17 +2,17 @@
 
 - CUDA: bf16 autocast and channels_last (or what ``accelerate launch --mixed_precision`` asked for).
 - A CPU with bf16 matrix units (AMX or AVX-512 BF16, read from the CPU's flags, not assumed): the model's measured
-  choice, ``ModelInfo.cpu_precision`` (bf16 autocast and channels_last for the paper's CNNs, 2-2.8x fp32 eager on
-  2 cores; fp32 with channels_last for depthwise-heavy EfficientNets, where bf16 is slower). A measured table, not
-  a start-up autotune: the choice is the same on every run of a machine, so runs (and exact resume) reproduce, and no
-  run pays seconds of timing before it starts. The measurements are in the README (``bonedist bench train-step``).
+  choice, ``ModelInfo.cpu_precision`` (bf16 autocast and channels_last for the paper's CNNs; fp32 with
+  channels_last for depthwise-heavy EfficientNets, where bf16 is slower). A measured table, not a start-up
+  autotune: the choice is the same on every run of a machine, so runs (and exact resume) reproduce, and no run pays
+  seconds of timing before it starts. The measurements are in ``docs/results.md`` (``bonedist bench train-step``).
 - Any other CPU: fp32, as before (``BONEDIST_CPU_BF16=0`` simulates one).
 
 Under autocast the weights and optimizer state stay fp32 and the loss is computed in fp32 (``Task.loss``).
 
 Evaluation and ``predict`` (``inference_precision``): bf16 on CUDA; on a CPU fp32, in the model's memory format. bf16
-inference moved predictions of trained models by more than the 0.1 months allowed on real radiographs (measured,
-README "Precision"), and fp32 keeps the AG-CNN's discrete attention crop exactly where fp32 puts it.
+inference moved predictions of trained models by more than a test allows on real radiographs
+(``docs/results.md``), and fp32 keeps the AG-CNN's discrete attention crop exactly where fp32 puts it.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def resolve_precision(requested: str, channels_last: bool | None, cuda: bool,
 def inference_precision(requested: str, cuda: bool, cpu_choice: tuple[str, bool] = ("fp32", False),
                         discrete: bool = False) -> Precision:
     """The precision of evaluation and prediction: as training with ``--precision`` given or on CUDA; with ``auto``
-    on a CPU fp32 (bf16 is not within 0.1 months of it), channels_last where the model trains with it, except for a
-    model that takes discrete decisions on float results (``discrete``: the AG-CNN's attention crop), which runs in
-    plain fp32 so that it crops exactly where fp32 does (channels_last moved one crop of 26 real radiographs)."""
+    on a CPU fp32 (bf16 moves predictions by more than a test allows), channels_last where the model trains with it,
+    except for a model that takes discrete decisions on float results (``discrete``: the AG-CNN's attention crop),
+    which runs in plain fp32 so that it crops exactly where fp32 does (channels_last moved a crop)."""
     if requested != "auto" or cuda or launcher_precision():
         return resolve_precision(requested, None, cuda, cpu_choice)
     fmt = cpu_choice[1] and cpu_has_bf16_units() and not discrete  # measured on machines with those units

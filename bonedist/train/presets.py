@@ -49,7 +49,7 @@ def paper() -> dict:
 
 @register_preset("improved", "ImageNet backbones fine-tuned, hand-masked, longer")
 def improved() -> dict:
-    """Aiming at challenge-level accuracy (RSNA 2017 winners: 4.2-4.5 months MAE), beyond the paper: hand-masked
+    """Aiming at the accuracy of the RSNA 2017 challenge's winners, beyond the paper: hand-masked
     radiographs, AdamW + cosine with one warmup epoch, EMA of the weights, L1 (the MAE the challenge scored),
     gradient clipping, 30 epochs, batch 16 at 500 px, BatchNorm recalibration, mirror averaging at evaluation."""
     return {"optimizer": "adamw", "weight_decay": 0.01, "scheduler": "cosine", "warmup_epochs": 1.0,
@@ -63,8 +63,8 @@ def scratch() -> dict:
     """No ImageNet weights (offline clusters, small images): every model from random initialisation, one cycle
     (30% warmup, cosine to zero), natural age distribution, each radiograph's contrast stretched. Learning rate,
     batch size, warmup share, EMA (off), augmentation, loss and sampling were each checked against one alternative
-    or two by ``bench compare`` (two seeds, README); 30 epochs, so that on a CPU a time budget decides the length
-    (the cosine follows the clock) rather than an epoch count a short budget never reaches."""
+    or two by ``bench compare`` (two seeds, ``docs/results.md``); 30 epochs, so that on a CPU a time budget decides
+    the length (the cosine follows the clock) rather than an epoch count a short budget never reaches."""
     return {"epochs": 30, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4,
             "scheduler": "cosine", "warmup_epochs": 9.0, "early_stopping": 0, "loss": "l1", "clip_grad": 0.0,
             "tta_flip": True, "balanced": False, "recalibrate": 1024, "eval_batch_size": 64,

@@ -44,9 +44,9 @@ class Validation:
         (``--calibration offset``), or a line (``linear``).
 
         Training never fixes that offset for the evaluation-mode function: batch statistics in training, population
-        statistics after; a median under L1. Measured on real radiographs, which statistics are used moved the
-        mean error of the same weights by 4 months either way, on the training radiographs themselves. The refit
-        uses training radiographs only.
+        statistics after; a median under L1. On real radiographs which statistics are used moved the mean error of
+        the same weights by months, on the training radiographs themselves (``docs/results.md``, "What was wrong on
+        real radiographs"). The refit uses training radiographs only.
         """
         t = self.trainer
         if t.recal_data is None:
