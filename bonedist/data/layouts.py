@@ -127,9 +127,12 @@ def read_source(root: Path, source: str, zips: dict[str, zipfile.ZipFile] | None
 
     ``zips`` keeps archives open between calls (a packing worker reads thousands of members of the same zip).
     """
-    if ZIP_SEP not in source:
-        return (root / source).read_bytes()
-    archive, member = source.split(ZIP_SEP, 1)
+    path = root / source
+    archive = next((source[:i] for i, c in enumerate(source) if c == ZIP_SEP and source[:i].lower().endswith(".zip")),
+                   None)
+    if archive is None or path.is_file():  # a file whose name holds a "!" is a file, not a zip member
+        return path.read_bytes()
+    member = source[len(archive) + 1:]
     if zips is None:
         with zipfile.ZipFile(root / archive) as zf:
             return zf.read(member)
