@@ -31,10 +31,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     spelled differently from their field."""
     from bonedist.train.presets import preset_help
 
-    p.add_argument("--model", required=True, help="a model of `bonedist models` (inception_v3, xception, ...)")
-    p.add_argument("--shards", required=True, help="a folder written by `bonedist pack`")
-    p.add_argument("--preset", default="paper",
-                   help=f"starting values: {preset_help()}; every flag below overrides the preset")
+    p.add_argument("--model", default=None, help="a model of `bonedist models` (inception_v3, xception, ...); "
+                                                  "required unless --config names it")
+    p.add_argument("--shards", default=None, help="a folder written by `bonedist pack`; required unless --config "
+                                                  "names it")
+    p.add_argument("--preset", default=None,
+                   help=f"starting values: {preset_help()} (default paper); every flag below overrides the preset")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a run written down: YAML or JSON with the fields --print-config prints (a run's config.json "
+                        "too); the preset and the model's recipe first, then the file, then the flags given")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved configuration as YAML and exit (no data read, no folder made)")
     model = p.add_argument_group("model (the options of the chosen model; `bonedist models --details`)")
     seen: set[str] = set()
     for cls in _model_option_classes():
@@ -67,11 +74,12 @@ def parse_stages(text: str) -> list[list]:
     return stages
 
 
-def model_options_from_args(args: argparse.Namespace) -> dict:
+def model_options_from_args(args: argparse.Namespace, model: str | None = None) -> dict:
     """The model options given as flags or ``--model-opt``; a flag the chosen model lacks is one line."""
     from bonedist.models import model_info
 
-    info = model_info(args.model)
+    model = model or args.model
+    info = model_info(model)
     options = {}
     for item in args.model_opt:
         if "=" not in item:
@@ -84,30 +92,47 @@ def model_options_from_args(args: argparse.Namespace) -> dict:
             if value is None or f.name in options:
                 continue
             if f.name not in info.option_names:
-                raise BonedistError(f"{flag_of(f)}: {args.model} has no such option (its options: "
+                raise BonedistError(f"{flag_of(f)}: {model} has no such option (its options: "
                                     f"{', '.join(info.option_names) or 'none'})")
             options[f.name] = value
     return options
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from bonedist.train.config import resolve_config
+    """The preset's values, the model's recipe, the ``--config`` file's values, then the flags given."""
+    from bonedist.train.config import read_config_file, resolve_config
 
+    file = read_config_file(args.config) if args.config else {}
+    model, shards = args.model or file.pop("model", None), args.shards or file.pop("shards", None)
+    preset = args.preset or file.pop("preset", None) or "paper"
+    for key in ("model", "shards", "preset"):
+        file.pop(key, None)
+    if not model or not shards:
+        raise BonedistError("give --model and --shards (or a --config file that names them)")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")}
     if args.stages:
         overrides["stages"] = parse_stages(args.stages)
         if overrides["epochs"] is None:
             overrides["epochs"] = sum(e for _, e in overrides["stages"])
+    elif overrides["epochs"] is not None and "stages" in file:  # --epochs rescales the file's stages
+        from bonedist.train.config import scale_stages
+
+        overrides["stages"] = scale_stages(file["stages"], overrides["epochs"]) if file["stages"] else []
     if args.augment is False:
         overrides["augment"] = {"enabled": False}
-    return resolve_config(args.model, args.shards, args.preset, model_options=model_options_from_args(args),
+    return resolve_config(model, shards, preset, file=file, model_options=model_options_from_args(args, model),
                           input=given(args, InputConfig), **overrides)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.print_config:
+        from bonedist.train.config import config_yaml
+
+        print(config_yaml(cfg), end="")
+        return 0
     from bonedist.train.engine import Trainer
 
-    cfg = config_from_args(args)
     return Trainer(cfg).fit()
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from bonedist import BonedistError
 from bonedist.data.source import DATA_MODES
@@ -274,15 +275,82 @@ def recipe_values(model: str, preset: str) -> dict:
     return values
 
 
-def resolve_config(model: str, shards: str, preset: str = "paper", **overrides) -> TrainConfig:
-    """Preset values, the model's recipe, then ``overrides`` (``model_options``, ``input`` and ``augment`` are merged
-    key by key; None values of the other fields are ignored: flags not given)."""
+CONFIG_KEYS = ("model", "shards", "preset")
+
+
+def read_config_file(path: str) -> dict:
+    """A run written down (YAML or JSON, the fields ``--print-config`` prints; a run's ``config.json`` too): its
+    values, checked. An unknown key is one line naming it and the nearest valid one; nothing in it is evaluated."""
+    import difflib
+
+    import yaml
+
+    from bonedist.files import read_json
+
+    file = Path(path)
+    if file.suffix.lower() == ".json":
+        data = read_json(file, "a run configuration")
+    else:
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BonedistError(f"--config {path}: no such file") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise BonedistError(f"--config {path}: not readable YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BonedistError(f"--config {path}: expected a mapping of option names to values")
+    data = migrate_legacy({str(k).replace("-", "_"): v for k, v in data.items() if k != "resolved"})
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    inputs = [f.name for f in dataclasses.fields(InputConfig)]
+    model_keys = _model_option_names()
+    for key in list(data):  # flag names at the top level: --image-size is input's, --pretrained the model's
+        if key in inputs and key not in names:
+            data.setdefault("input", {})[key] = data.pop(key)
+        elif key in model_keys and key not in names:
+            data.setdefault("model_options", {})[key] = data.pop(key)
+    for key in data:
+        if key not in names:
+            near = SPELLINGS.get(key) or next(iter(difflib.get_close_matches(key, names + inputs, n=1, cutoff=0.6)),
+                                              None)
+            raise BonedistError(f"--config {path}: unknown option {key!r}"
+                                + (f"; did you mean {near!r}?" if near else f"; options: {', '.join(names)}"))
+    for key in ("model_options", "input", "augment"):
+        if not isinstance(data.get(key, {}), dict):
+            raise BonedistError(f"--config {path}: {key!r} must be a mapping")
+    return data
+
+
+SPELLINGS = {"learning_rate": "lr", "batch": "batch_size", "size": "image_size", "max_epochs": "epochs",
+             "lr_backbone": "backbone_lr", "grad_clip": "clip_grad", "gradient_accumulation_steps": "grad_accum"}
+
+
+def _model_option_names() -> set[str]:
+    from bonedist.models import list_models, model_info
+
+    return {name for model in list_models() for name in model_info(model).option_names}
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The resolved configuration as YAML, in field order: what ``--config`` reads back to the same configuration."""
+    import yaml
+
+    plain = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as config.json holds them
+    return yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, width=100)
+
+
+def resolve_config(model: str, shards: str, preset: str = "paper", file: dict | None = None,
+                   **overrides) -> TrainConfig:
+    """Preset values, the model's recipe, a config ``file``'s values (None included: a written-down run is
+    reproduced as it was), then ``overrides`` (``model_options``, ``input`` and ``augment`` are merged key by key;
+    None values of the other fields are ignored: flags not given)."""
     from bonedist.models import model_info
 
     model_info(model)  # an unknown name is one line listing the known ones
     if preset not in list_presets():
         raise BonedistError(f"unknown preset {preset!r}; presets: {', '.join(list_presets())}")
     values = recipe_values(model, preset)
+    for key, value in (file or {}).items():
+        values[key] = {**values.get(key, {}), **value} if key in MERGED else value
     if values.get("stages") and overrides.get("epochs") and not overrides.get("stages"):
         values["stages"] = scale_stages(values["stages"], overrides["epochs"])
     for key in MERGED:
