@@ -265,6 +265,24 @@ def _predict_work(args, max_pixels, parse_sex, parse_age):
     return [{k: v for k, v in r.items() if k != "index"} for r in rows], write_results(rows, target)
 
 
+def _add_sweep(sub) -> None:
+    from bonedist.options import add_arguments
+    from bonedist.sweep import SweepOptions
+
+    p = sub.add_parser("sweep", help="search training settings with Optuna: trials are training runs, workers pull "
+                                     "them (locally or a Slurm array), bad ones are pruned")
+    p.add_argument("--space", required=True, help="the search space (YAML: base, params, sampler, pruner)")
+    add_arguments(p, SweepOptions)
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from bonedist.options import given
+    from bonedist.sweep import SweepOptions, run_sweep
+
+    return run_sweep(SweepOptions(space=args.space, **given(args, SweepOptions)))
+
+
 def _add_study(sub) -> None:
     p = sub.add_parser("study", help="studies from the paper, as commands")
     study = p.add_subparsers(dest="study", required=True)
@@ -668,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_evaluate, _add_predict, _add_models,
-                _add_weights, _add_study, _add_demo, _add_bench):
+                _add_weights, _add_sweep, _add_study, _add_demo, _add_bench):
         add(sub)
     for name, command in sub.choices.items():
         description, example = HELP.get(name, (None, None))

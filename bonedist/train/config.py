@@ -115,6 +115,8 @@ class TrainConfig:
     wandb: str = option("auto", "W&B: auto is offline without an API key or network",
                         WANDB_MODES, RUN)
     wandb_project: str = option("bonedist", "W&B project", group=RUN)
+    wandb_tags: list = option([], "W&B tags besides the model and preset (a sweep adds sweep:STUDY)", group=RUN,
+                              cli=False)
     log_every: int = option(10, "optimizer steps between step-level log records", group=RUN, minimum=1)
 
     def __post_init__(self):
@@ -280,9 +282,7 @@ CONFIG_KEYS = ("model", "shards", "preset")
 
 def read_config_file(path: str) -> dict:
     """A run written down (YAML or JSON, the fields ``--print-config`` prints; a run's ``config.json`` too): its
-    values, checked. An unknown key is one line naming it and the nearest valid one; nothing in it is evaluated."""
-    import difflib
-
+    values, checked (``config_values``); nothing in it is evaluated."""
     import yaml
 
     from bonedist.files import read_json
@@ -297,8 +297,16 @@ def read_config_file(path: str) -> dict:
             raise BonedistError(f"--config {path}: no such file") from None
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise BonedistError(f"--config {path}: not readable YAML ({str(exc).splitlines()[0]})") from None
+    return config_values(data, f"--config {path}")
+
+
+def config_values(data, where: str) -> dict:
+    """A configuration's values as a file or a sweep's base gives them: flag names at the top level moved to
+    ``input`` and ``model_options``; an unknown key is one line naming it and the nearest valid one."""
+    import difflib
+
     if not isinstance(data, dict):
-        raise BonedistError(f"--config {path}: expected a mapping of option names to values")
+        raise BonedistError(f"{where}: expected a mapping of option names to values")
     data = migrate_legacy({str(k).replace("-", "_"): v for k, v in data.items() if k != "resolved"})
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     inputs = [f.name for f in dataclasses.fields(InputConfig)]
@@ -312,11 +320,13 @@ def read_config_file(path: str) -> dict:
         if key not in names:
             near = SPELLINGS.get(key) or next(iter(difflib.get_close_matches(key, names + inputs, n=1, cutoff=0.6)),
                                               None)
-            raise BonedistError(f"--config {path}: unknown option {key!r}"
+            raise BonedistError(f"{where}: unknown option {key!r}"
                                 + (f"; did you mean {near!r}?" if near else f"; options: {', '.join(names)}"))
+    if isinstance(data.get("wandb"), bool):  # YAML 1.1 reads an unquoted off/on as a boolean
+        data["wandb"] = "online" if data["wandb"] else "off"
     for key in ("model_options", "input", "augment"):
         if not isinstance(data.get(key, {}), dict):
-            raise BonedistError(f"--config {path}: {key!r} must be a mapping")
+            raise BonedistError(f"{where}: {key!r} must be a mapping")
     return data
 
 

@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,10 @@ class Trainer:
         self.tracker = TrainTracking(self)
         self.validation = Validation(self)
         self._validation_sample: dict | None = None
+        # called with each epoch's metrics after its checkpoint; one returning a reason stops the run there (a
+        # sweep's pruner): single-process runs only, as every rank would have to agree
+        self.epoch_callbacks: list[Callable[[dict], str | None]] = []
+        self.stop_reason: str | None = None
 
     def _claim_run_folder(self) -> Path | None:
         """Rank 0 takes the run folder's lock, repairs what a kill left and checks the checkpoint it would resume
@@ -229,7 +234,7 @@ class Trainer:
                 if stats is None:
                     return self._preempted()
                 if self.end_epoch(stats):
-                    acc.print(f"early stopping: no improvement for {cfg.early_stopping} epochs")
+                    acc.print(self.stop_reason or f"early stopping: no improvement for {cfg.early_stopping} epochs")
                     break
             acc.print(f"done: best validation {self.best_name(self.state.epoch - 1)} {self.state.best:.4f} "
                       f"(epoch {self.state.best_epoch + 1}); model in {self.run_dir / 'best'}")
@@ -427,7 +432,9 @@ class Trainer:
         self.tracker.log_images()
         self.accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in metrics.items() if k != "kind"))
-        return bool(cfg.early_stopping and state.bad_epochs >= cfg.early_stopping)
+        for callback in self.epoch_callbacks:
+            self.stop_reason = self.stop_reason or callback(metrics)
+        return bool(cfg.early_stopping and state.bad_epochs >= cfg.early_stopping) or self.stop_reason is not None
 
     def _weights_in_sync(self) -> dict:
         """DDP keeps replicas identical; a checksum of every rank's weights proves it (or says which drifted)."""
@@ -477,12 +484,14 @@ def _allow_precision(mixed: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def train_in_process(cfg: TrainConfig, announce: str = "") -> tuple[int, Path, bool]:
+def train_in_process(cfg: TrainConfig, announce: str = "",
+                     epoch_callbacks: list[Callable[[dict], str | None]] = ()) -> tuple[int, Path, bool]:
     """One training run inside this process (studies and benchmarks run several in a row): exit code, run folder,
     and whether this is the main process. The trainer is released afterwards, device memory included."""
     import gc
 
     trainer = Trainer(cfg)
+    trainer.epoch_callbacks.extend(epoch_callbacks)
     if announce:
         trainer.accelerator.print(announce)
     code, run_dir, main = trainer.fit(end=False), trainer.run_dir, trainer.accelerator.is_main_process

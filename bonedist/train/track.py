@@ -35,7 +35,7 @@ class TrainTracking:
                                     init_kwargs={"wandb": {
                                         "id": run_id, "resume": "allow", "group": cfg.experiment, "name": cfg.run,
                                         "dir": str(t.run_dir), "mode": self.mode, "job_type": "train",
-                                        "tags": [cfg.model, cfg.preset]}})
+                                        "tags": [cfg.model, cfg.preset, *cfg.wandb_tags]}})
         run = self.run()
         if run is None:
             return
