@@ -113,14 +113,16 @@ def decode_gray8(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 WINDOW_PERCENTILES = (0.5, 99.5)  # a robust window: burned-in markers and dead pixels are far under 0.5 %
+OUTLIER_GAP = 0.1  # ... used where the pixels beyond it lie over a tenth of the range away
 
 
 def robust_window(image: np.ndarray) -> tuple[float, float]:
-    """The (low, high) gray levels between which a radiograph without a window of its own is shown: the 0.5th and
-    99.5th percentiles of its pixels rather than its minimum and maximum, so that a burned-in marker at full white
-    (or a dead pixel) does not squeeze the hand into a few gray levels: an integer image's top level is left out
-    where it is far above all others and holds under 5 % of the pixels. Falls back to the full range where the
-    percentiles coincide (a two-tone image)."""
+    """The (low, high) gray levels between which a radiograph without a window of its own is shown: its minimum
+    and maximum, except where a few pixels lie far beyond the rest (a burned-in marker at full white, a dead
+    pixel): then the 0.5th or 99.5th percentile, so that they do not squeeze the hand into a few gray levels. An
+    integer image's top level is left out of the percentiles where it is far above all others and holds under 5 %
+    of the pixels (a marker larger than 0.5 % of the image). Falls back to the full range where the percentiles
+    coincide (a two-tone image)."""
     first, last = float(image.min()), float(image.max())
     integral = np.issubdtype(image.dtype, np.integer) or bool(np.all(image == np.floor(image)))
     if integral and last - first < 1 << 22:  # a histogram of the levels (DICOM's rescaled ones too): no sort
@@ -137,8 +139,13 @@ def robust_window(image: np.ndarray) -> tuple[float, float]:
         lo, hi = (float(np.searchsorted(cumulative, max(n, 1))) + first for n in need)
     else:  # the same definition: the smallest value with at least that share of pixels at or below it
         lo, hi = (float(v) for v in np.percentile(image, WINDOW_PERCENTILES, method="inverted_cdf"))
+    # a percentile replaces the extreme only where the pixels beyond it are sparse outliers far from the rest
+    # (beyond a tenth of the range): an ordinary radiograph keeps its full range, as an 8-bit one does
+    span = last - first
+    lo = lo if lo - first > OUTLIER_GAP * span else first
+    hi = hi if last - hi > OUTLIER_GAP * span else last
     if hi <= lo:
-        lo, hi = float(image.min()), float(image.max())
+        lo, hi = first, last
     return lo, hi
 
 
