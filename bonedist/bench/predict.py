@@ -11,6 +11,7 @@ cycled to ``--n`` worklist rows.
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import tempfile
@@ -64,14 +65,16 @@ def bench_predict(runs: str | Path, images: str | Path | None = None, n: int = 1
         scratch = Path(tmp)
         files = _images(Path(images) if images else None, scratch)
         table = scratch / "worklist.csv"
+        folder = Path(os.path.commonpath([f.resolve().parent for f in files]))  # the table's paths stay inside it
         with open(table, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", "sex"])
             for i in range(n):
-                writer.writerow([str(files[i % len(files)].resolve()), "MF"[i % 2]])
+                writer.writerow([files[i % len(files)].resolve().relative_to(folder).as_posix(), "MF"[i % 2]])
         print(f"predict with {', '.join(found)} from {runs}: {n} worklist rows of {len(files)} images vs "
               f"{single} single calls")
-        worklist_s = _run(_command("--table", str(table), "--runs", str(runs), "--out", str(scratch / "out.csv"),
+        worklist_s = _run(_command("--table", str(table), "--image-dir", str(folder), "--runs", str(runs),
+                                   "--out", str(scratch / "out.csv"),
                                    "--batch-size", str(batch_size), "--workers", str(workers)))
         single_s = 0.0
         for i in range(single):
