@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -105,14 +106,16 @@ def test_a_damaged_shard_stops_train_and_evaluate_with_one_line(small_shards, tm
 
 @pytest.mark.slow
 def test_damage_after_verification_is_caught_while_reading(small_shards, tmp_path):
-    """The checksum is remembered by size and time; a shard damaged without changing either is still caught when a
-    sample is read, in stream and in cache mode."""
+    """A shard damaged in place, its size and modification time put back: the remembered checksum no longer
+    applies (the change time moved), so it is hashed again and refused; and where damage lands after the check
+    (the cache says verified), reading the sample catches it, in stream and in cache mode."""
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
     runs = tmp_path / "runs"
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     base = ["--model", "xception", "--shards", str(shards), "--preset", "tiny", "--epochs", "1",
             "--steps-per-epoch", "1", "--image-size", "64", "--resume", "never"]
-    assert run_train(*base, runs=runs).returncode == 0  # verifies and remembers every shard
+    assert run_train(*base, runs=runs, env=env).returncode == 0  # verifies and remembers every shard
     victim = shards / "validation-000000.tar"
     stat = victim.stat()
     data = bytearray(victim.read_bytes())
@@ -121,8 +124,16 @@ def test_damage_after_verification_is_caught_while_reading(small_shards, tmp_pat
     data[offset: offset + 16] = bytes(16)
     victim.write_bytes(bytes(data))
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    result = run_train(*base, runs=runs, env=env)
+    assert result.returncode == 2 and "validation-000000.tar" in result.stderr and "sha256 differs" in result.stderr
+    cache = tmp_path / "cache" / "bonedist" / "verified-shards.json"
+    remembered = json.loads(cache.read_text())
+    now = victim.stat()
+    remembered[str(victim.resolve())] = [now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino,
+                                         remembered[str(victim.resolve())][-1]]
+    cache.write_text(json.dumps(remembered))  # as if the damage had come after the check
     for mode in ("stream", "cache"):
-        result = run_train(*base, "--data-mode", mode, runs=runs)
+        result = run_train(*base, "--data-mode", mode, runs=runs, env=env)
         assert result.returncode == 2, result.stderr[-2000:]
         assert "validation-000000.tar" in result.stderr and "cannot be decoded" in result.stderr
         assert "Traceback" not in result.stderr
