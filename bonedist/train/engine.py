@@ -238,17 +238,17 @@ class Trainer:
                     break
             acc.print(f"done: best validation {self.best_name(self.state.epoch - 1)} {self.state.best:.4f} "
                       f"(epoch {self.state.best_epoch + 1}); model in {self.run_dir / 'best'}")
-            self.tracker.finish()
+            self.tracker.safely(self.tracker.finish, "log best/ as an artifact")
             return 0
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.lock.release()
+            for tracker in acc.trackers:  # W&B never fails a training: its run folder and offline files are kept
+                self.tracker.safely(tracker.finish, "finish")
+            self.tracker.close_broken()
             if end:
-                acc.end_training()  # W&B finished, process group destroyed
-            else:
-                for tracker in acc.trackers:
-                    tracker.finish()
+                acc.state.destroy_process_group()  # what end_training does after finishing the trackers
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
@@ -365,7 +365,7 @@ class Trainer:
                       "train_loss_step": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"]}
             bar.set_postfix(loss=f"{record['train_loss_step']:.4f}")
             self.log.write(record)
-            self.accelerator.log({k: v for k, v in record.items() if k != "kind"}, step=step)
+            self.tracker.log({k: v for k, v in record.items() if k != "kind"}, step=step)
 
     # -- agreement between ranks, time budget ----------------------------------------------------------------------
     def _agree(self, nonfinite: torch.Tensor) -> None:
@@ -427,9 +427,9 @@ class Trainer:
         # the epoch's line first: a checkpoint never records an epoch whose line is missing (a kill in between
         # repeats the epoch, and resuming drops lines logged after the checkpoint it resumes from)
         self.log.write(metrics)
-        self.accelerator.log({k: v for k, v in metrics.items() if k != "kind"}, step=state.global_step)
+        self.tracker.log({k: v for k, v in metrics.items() if k != "kind"}, step=state.global_step)
         self.save_checkpoint(best_metrics=metrics if improved else None)
-        self.tracker.log_images()
+        self.tracker.safely(self.tracker.log_images, "log images")
         self.accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in metrics.items() if k != "kind"))
         for callback in self.epoch_callbacks:

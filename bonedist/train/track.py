@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from bonedist.files import read_json, write_atomic
+from bonedist.files import read_json, reason, write_atomic
 from bonedist.tracking import dataset_artifact, image_grid, model_artifact, use_artifact
 
 RUN_ID_FILE = "wandb-run-id"
@@ -48,6 +48,33 @@ class TrainTracking:
             run.define_metric(name, summary="min", step_metric="epoch")
         run.define_metric("val_bias_months", summary="last", step_metric="epoch")
         use_artifact(run, dataset_artifact(cfg.shards, t.manifest))
+
+    def log(self, values: dict, step: int) -> None:
+        """``accelerator.log``, whose failure (W&B's service stopped by the signal that preempts the job, a full
+        disk under its folder) costs the W&B history a line, never the training (metrics.jsonl has it)."""
+        self.safely(lambda: self.trainer.accelerator.log(values, step=step), "log")
+
+    def safely(self, call, what: str):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - tracking is never a reason to lose a training
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                self.trainer.accelerator.print(f"warning: W&B could not {what} ({reason(exc)}); training goes on, "
+                                               f"metrics.jsonl keeps every step")
+            return None
+
+    def close_broken(self) -> None:
+        """After a W&B failure (its service gone), tear the W&B client down now, quietly: left to exit time, its
+        own teardown prints a traceback of the lost connection under a training that ended well."""
+        if not getattr(self, "_warned", False):
+            return
+        import wandb
+
+        try:
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - the connection is already lost
+            pass
 
     def run_id(self) -> str:
         """One W&B run per training, however often it is resumed or requeued: the id is kept in the run folder
