@@ -104,13 +104,24 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_predict_refuses_a_damaged_run_or_report_file_in_one_line(damaged, train_shards, damage):
+def test_a_damaged_run_or_report_file_is_refused_in_one_line(damaged, damage):
+    from bonedist.eval.predict import Ensemble
+
+    relative, apply, message = DAMAGES[damage]
+    apply(damaged / relative)
+    with pytest.raises(BonedistError, match=message) as caught:
+        Ensemble(damaged)  # what predict builds before it reads an image
+    assert relative.split("/")[-1] in str(caught.value) and "\n" not in str(caught.value)  # the file, one line
+
+
+@pytest.mark.parametrize("damage", ["weights sum to 7", "a cut intervals.json", "sigma 0"])
+def test_predict_refuses_a_damaged_file_with_no_answer_and_no_traceback(damaged, train_shards, damage):
     relative, apply, message = DAMAGES[damage]
     apply(damaged / relative)
     result = run_cli("predict", str(_image(train_shards)), "--sex", "F", "--runs", str(damaged), "--json")
     err = one_line_error(result, message)
     assert relative.split("/")[-1] in err  # the file is named
-    assert result.stdout.strip() == "" or "bone_age" not in result.stdout  # no answer from damaged numbers
+    assert "bone_age" not in result.stdout  # no answer from damaged numbers
 
 
 def test_evaluate_keeps_the_good_model_when_another_best_is_damaged(damaged):
