@@ -72,6 +72,19 @@ def read_json(path: str | Path, what: str = "") -> object:
                             f"file was cut or edited by hand") from None
 
 
+def read_yaml(path: str | Path, flag: str) -> object:
+    """The YAML value in ``path`` (safe loader: nothing in it is evaluated); a missing or unreadable file is one
+    ``BonedistError`` line starting with ``flag PATH``."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BonedistError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BonedistError(f"{flag} {path}: not readable YAML ({str(exc).splitlines()[0]})") from None
+
+
 class Fields:
     """Typed access to one JSON object read from ``path``: each getter checks one field and says which is wrong.
 

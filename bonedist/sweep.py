@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonedist import BonedistError
-from bonedist.files import read_json, write_atomic
+from bonedist.files import read_json, read_yaml, write_atomic
 from bonedist.options import check_fields, option
 from bonedist.tracking import WANDB_MODES
 
@@ -82,17 +82,11 @@ class Space:
 def load_space(path: str | Path) -> Space:
     """The search space file, checked: a base configuration, at least one parameter with a valid range or choices,
     known sampler, pruner and objective. Each problem is one line naming the key."""
-    import yaml
 
     from bonedist.train.config import config_values, read_config_file
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BonedistError(f"--space {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise BonedistError(f"--space {path}: not readable YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "--space")
     if not isinstance(data, dict):
         raise BonedistError(f"--space {path}: expected a mapping with base and params")
     unknown = sorted(set(data) - {"study", "base", "params", "sampler", "pruner", "objective", "seed"})

@@ -283,20 +283,14 @@ CONFIG_KEYS = ("model", "shards", "preset")
 def read_config_file(path: str) -> dict:
     """A run written down (YAML or JSON, the fields ``--print-config`` prints; a run's ``config.json`` too): its
     values, checked (``config_values``); nothing in it is evaluated."""
-    import yaml
 
-    from bonedist.files import read_json
+    from bonedist.files import read_json, read_yaml
 
     file = Path(path)
     if file.suffix.lower() == ".json":
         data = read_json(file, "a run configuration")
     else:
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BonedistError(f"--config {path}: no such file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise BonedistError(f"--config {path}: not readable YAML ({str(exc).splitlines()[0]})") from None
+        data = read_yaml(file, "--config")
     return config_values(data, f"--config {path}")
 
 
