@@ -157,6 +157,8 @@ def test_a_sweep_over_a_slurm_array_survives_a_cancelled_worker(train_shards, tm
     study = load(tmp_path, "slurm")
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(done) == 6, (states(study), log[-3000:])
+    left = subprocess.run(["squeue", "-h", "-j", f"{job}_1", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    assert not left.stdout.strip(), f"the cancelled task came back: {left.stdout}"  # scancel is not a requeue
     assert any(t.user_attrs.get("retry_of") == victim.number for t in done), log[-3000:]
     assert "Traceback" not in log
     for run in {t.user_attrs["run"] for t in done}:  # one W&B run per trial, resumed ones included
