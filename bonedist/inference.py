@@ -17,8 +17,6 @@ from accelerate.utils import gather_object
 
 from bonedist.data.augment import InputPipeline
 
-PATCH_AGGREGATES = ("mean", "median")
-
 
 @dataclass
 class Predictor:

@@ -1,5 +1,6 @@
-"""What a model sees: the input settings of a run (``InputConfig``, flags and presets) and, resolved against the
-model, the exact input spec the data side builds its transforms from (``InputSpec``), never hard-coded sizes."""
+"""What a model sees: the input settings of a run (``InputConfig``, flags and presets), its training augmentation
+(``AugmentConfig``) and, resolved against the model, the exact input spec the data side builds its transforms from
+(``InputSpec``), never hard-coded sizes. Light on purpose: the CLI and ``--print-config`` read it without torch."""
 
 from __future__ import annotations
 
@@ -134,3 +135,35 @@ class InputSpec:
         patch = max(cfg.patch_side(size), min_size)
         return cls(max(size, patch), patch, channels, tuple(mean), tuple(std), num_patches=cfg.num_patches,
                    eval_grid=cfg.eval_grid or None, hand_mask=cfg.hand_mask, contrast=cfg.contrast)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; the defaults are the paper's Table 2 (Keras ImageDataGenerator semantics)."""
+
+    rotation: float = 5.0  # degrees, +-
+    translate: tuple[float, float] = (0.1, 0.1)  # fraction of width, height
+    shear: float = 0.01  # degrees, as Keras' shear_range
+    scale: tuple[float, float] = (0.75, 1.25)  # Keras zoom_range 0.25
+    hflip: float = 0.5  # probability
+    patch_rotation: float = 5.0  # the paper's patch loader: rotation and flip only
+    patch_hflip: float = 0.5
+    enabled: bool = True
+
+    def __post_init__(self):
+        self.translate, self.scale = tuple(self.translate), tuple(self.scale)
+        if self.rotation < 0 or self.shear < 0 or self.patch_rotation < 0:
+            raise BonedistError("augmentation rotation/shear ranges must be >= 0")
+        if not all(0 <= t < 1 for t in self.translate):
+            raise BonedistError(f"translate must be fractions in [0, 1), got {self.translate}")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise BonedistError(f"scale must be 0 < low <= high, got {self.scale}")
+        if not (0 <= self.hflip <= 1 and 0 <= self.patch_hflip <= 1):
+            raise BonedistError("flip probabilities must be in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def off(cls) -> AugmentConfig:
+        return cls(rotation=0, translate=(0, 0), shear=0, scale=(1, 1), hflip=0, patch_rotation=0, patch_hflip=0)

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bonedist.choices import WANDB_MODES
 from bonedist.files import read_jsonl, write_atomic
-
-WANDB_MODES = ("auto", "online", "offline", "off")
 
 
 def wandb_mode(requested: str) -> str:

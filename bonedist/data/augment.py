@@ -14,48 +14,15 @@ inference and every benchmark use: inputs, the sex repeated per patch, and the z
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 
-from bonedist import BonedistError
 from bonedist.data.handmask import hand_mask_small, upsample_mask
 from bonedist.data.sampling import mix_seed
-from bonedist.spec import InputSpec
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation; the defaults are the paper's Table 2 (Keras ImageDataGenerator semantics)."""
-
-    rotation: float = 5.0  # degrees, +-
-    translate: tuple[float, float] = (0.1, 0.1)  # fraction of width, height
-    shear: float = 0.01  # degrees, as Keras' shear_range
-    scale: tuple[float, float] = (0.75, 1.25)  # Keras zoom_range 0.25
-    hflip: float = 0.5  # probability
-    patch_rotation: float = 5.0  # the paper's patch loader: rotation and flip only
-    patch_hflip: float = 0.5
-    enabled: bool = True
-
-    def __post_init__(self):
-        self.translate, self.scale = tuple(self.translate), tuple(self.scale)
-        if self.rotation < 0 or self.shear < 0 or self.patch_rotation < 0:
-            raise BonedistError("augmentation rotation/shear ranges must be >= 0")
-        if not all(0 <= t < 1 for t in self.translate):
-            raise BonedistError(f"translate must be fractions in [0, 1), got {self.translate}")
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise BonedistError(f"scale must be 0 < low <= high, got {self.scale}")
-        if not (0 <= self.hflip <= 1 and 0 <= self.patch_hflip <= 1):
-            raise BonedistError("flip probabilities must be in [0, 1]")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def off(cls) -> AugmentConfig:
-        return cls(rotation=0, translate=(0, 0), shear=0, scale=(1, 1), hflip=0, patch_rotation=0, patch_hflip=0)
+from bonedist.spec import AugmentConfig, InputSpec
 
 
 def _whole_image_ops(cfg: AugmentConfig) -> list[torch.nn.Module]:

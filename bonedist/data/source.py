@@ -22,8 +22,6 @@ from bonedist.data.manifest import check_split_shards, load_manifest
 from bonedist.data.sampling import AGE_BINS, BINNED_AGE, SplitIndex
 from bonedist.data.stream import EvalStream, TrainStream, make_loader, raise_shard_errors
 
-DATA_MODES = ("auto", "stream", "cache")
-
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -9,7 +9,6 @@ Writes ``runs/EXPERIMENT/report/``: metrics.json, predictions.csv, ensemble.json
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,43 +18,15 @@ from accelerate import Accelerator
 
 from bonedist import BonedistError
 from bonedist.data.manifest import load_manifest
-from bonedist.data.source import DATA_MODES, DataConfig, open_split, verify_pack
+from bonedist.data.source import DataConfig, open_split, verify_pack
 from bonedist.eval.intervals import IntervalCalibration, choose_method, coverage_report
 from bonedist.eval.metrics import fit_ensemble_weights, regression_metrics
+from bonedist.eval.options import EvalOptions
 from bonedist.eval.runs import find_runs, load_trained, paper_weights
 from bonedist.files import write_json_atomic
-from bonedist.inference import PATCH_AGGREGATES, gather_predictions, predict_batches
-from bonedist.options import check_fields, option
-from bonedist.tracking import WANDB_MODES
-from bonedist.train.precision import PRECISIONS
+from bonedist.inference import gather_predictions, predict_batches
 
 THUMBNAIL = 96  # px of the W&B predictions table's images
-
-
-@dataclass
-class EvalOptions:
-    """``bonedist evaluate``'s options (its flags are generated from these fields)."""
-
-    runs: str = option("", "runs/EXPERIMENT, holding MODEL/best/ folders", cli=False)
-    split: str = option("test", "the split to report")
-    shards: str | None = option(None, "packed data (default: the one the models were trained on)")
-    flip: bool | None = option(None, "test-time horizontal flip averaging (default: each run's own setting; on in "
-                                     "improved and scratch)")
-    aggregate: str | None = option(None, "patch models: mean or median over the grid (default: each run's own)",
-                                   PATCH_AGGREGATES, flag="--patch-aggregate")
-    batch_size: int = option(16, "radiographs per batch", minimum=1)
-    data_mode: str = option("auto", "cache the split, stream it, or choose by free memory", DATA_MODES)
-    workers: int = option(2, "DataLoader workers per process (stream mode)", minimum=0)
-    precision: str = option("auto", "auto: bf16 on CUDA, fp32 on a CPU (bonedist.train.precision)", PRECISIONS)
-    coverage: float = option(0.9, "nominal coverage of the prediction intervals reported (calibrated on the "
-                                  "validation split)", minimum=0.05, maximum=0.99)
-    out: str | None = option(None, "report folder (default RUNS/report)")
-    expect: str | None = option(None, "comma-separated models the runs should hold, a warning for each without a "
-                                      "run (default: the models of the runs' presets' default lists)")
-    wandb: str = option("auto", "W&B: auto is offline without an API key or network", WANDB_MODES)
-
-    def __post_init__(self):
-        check_fields(self)
 
 
 def evaluate(opts: EvalOptions) -> dict:

@@ -8,8 +8,9 @@ the hand-masked CSPNeXt-tiny of the default list. The measurements are in ``docs
 
 from __future__ import annotations
 
+from bonedist.models.recipes import TimmOptions, modern_recipes
 from bonedist.models.registry import register_model
-from bonedist.models.timm_regressor import TimmOptions, modern_recipes, timm_regressor
+from bonedist.models.timm_regressor import timm_regressor
 
 CPU_PRECISION = ("bf16", True)  # dense 3x3 and 1x1 convolutions: bf16 autocast + channels_last (bench train-step)
 # 60 epochs (warmup 30 %): a time budget, not the epoch count, ends a CPU run

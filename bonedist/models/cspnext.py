@@ -10,8 +10,9 @@ less. The measurements behind both choices are in ``docs/results.md`` ("Accuracy
 
 from __future__ import annotations
 
+from bonedist.models.recipes import TimmOptions, modern_recipes
 from bonedist.models.registry import register_model
-from bonedist.models.timm_regressor import TimmOptions, modern_recipes, timm_regressor
+from bonedist.models.timm_regressor import timm_regressor
 
 CPU_PRECISION = ("bf16", True)  # its 1x1 and 3x3 convolutions carry most of the work (bench train-step)
 # 60 epochs (warmup 30 %, as scratch's 9 of 30): more than a CPU budget's share holds, so that with a time budget the

@@ -4,8 +4,9 @@ corrected by a fitted line (``--calibration linear``). B0 for CPUs and short run
 
 from __future__ import annotations
 
+from bonedist.models.recipes import TimmOptions, modern_recipes
 from bonedist.models.registry import register_model
-from bonedist.models.timm_regressor import TimmOptions, modern_recipes, timm_regressor
+from bonedist.models.timm_regressor import timm_regressor
 
 # Depthwise convolutions: bf16 autocast is slower than fp32 on CPUs with bf16 units, channels_last helps
 # (`bonedist bench train-step`; docs/results.md, "Speed").

@@ -13,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from bonedist import BonedistError
 from bonedist.models.task import REGRESSION, Task
 from bonedist.options import build, check_fields
 from bonedist.spec import InputConfig, InputSpec
+
+if TYPE_CHECKING:  # the registry describes models without importing torch (a fast CLI); factories import it
+    from torch import nn
 
 
 @dataclass

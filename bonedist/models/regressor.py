@@ -1,5 +1,5 @@
 """What the sex-input regressors share: a timm backbone with global average pooling, an encoded sex, a dense head to
-one z value; their common options; and the recipes of an ImageNet-backbone regressor under each preset.
+one z value (their options and recipes are in ``recipes.py``, which needs no torch).
 
 Every model: ``forward(image, male) -> {"pred": (B,)}`` in z units (z = (age - mu) / sigma); ``male`` is a float
 (B,) tensor, 1 for boys and 0 for girls. A model file (``xception.py``) adds its head, its options and its recipes.
@@ -8,31 +8,13 @@ Every model: ``forward(image, male) -> {"pred": (B,)}`` in z units (z = (age - m
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bonedist.models.backbones import create_backbone
-from bonedist.options import option
-
-MODEL = "model"
-# ``ModelInfo.cpu_precision`` of the paper's CNNs: bf16 autocast with channels_last on CPUs with bf16 matrix units
-# (chosen with `bonedist bench train-step`; docs/results.md, "Speed")
-BF16_CL = ("bf16", True)
-
-
-@dataclass
-class BackboneOptions:
-    """Options of a regressor on a timm backbone that can start from ImageNet weights."""
-
-    pretrained: str | None = option(None, "backbone weights: none, default (the ImageNet tag), a timm tag, a "
-                                          "weights file or a `bonedist weights fetch` folder", group=MODEL)
-    freeze_backbone: bool = option(True, "freeze the backbone (the paper); --no-freeze fine-tunes it", group=MODEL,
-                                   flag="--freeze")
-    feature_norm: bool = option(False, "layer-normalise the pooled features before the head (keeps a small ReLU "
-                                       "head alive when the backbone trains)", group=MODEL)
+from bonedist.models.recipes import BackboneOptions
 
 
 class BoneAgeModel(nn.Module):
@@ -114,31 +96,3 @@ def mlp(sizes: list[int], act: type[nn.Module], dropout: float = 0.0) -> nn.Sequ
 def sigmoid_sex_encoder() -> nn.Sequential:
     """The paper's sex branch: Dense(32, sigmoid)."""
     return nn.Sequential(nn.Linear(1, 32), nn.Sigmoid())
-
-
-# -- recipes of an ImageNet-backbone regressor: what it adds to each preset's shared values ---------------------------
-
-IMAGENET = {"pretrained": "default"}
-SCRATCH = {"pretrained": None, "freeze_backbone": False, "feature_norm": True}
-
-
-def imagenet_recipes(paper: dict | None = None, improved: dict | None = None, scratch: dict | None = None,
-                     tiny: dict | None = None) -> dict:
-    """The four presets of a regressor whose backbone can start from ImageNet: ``paper`` freezes it, ``improved``
-    fine-tunes it (a tenth of the head's learning rate), ``scratch`` and ``tiny`` train it from random weights;
-    each argument adds the model's own differences (``input``, ``model`` and other fields)."""
-
-    def recipe(values: dict, extra: dict | None):
-        def make() -> dict:
-            out = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
-            for key, value in (extra or {}).items():
-                out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
-            return out
-
-        return make
-
-    return {"paper": recipe({"model": {**IMAGENET, "freeze_backbone": True}}, paper),
-            "improved": recipe({"model": {**IMAGENET, "freeze_backbone": False, "feature_norm": True},
-                                "backbone_lr": 1e-4}, improved),
-            "scratch": recipe({"model": SCRATCH}, scratch),
-            "tiny": recipe({"model": SCRATCH}, tiny)}

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from bonedist.models.recipes import TimmOptions, modern_recipes
 from bonedist.models.registry import register_model
-from bonedist.models.timm_regressor import TimmOptions, modern_recipes, timm_regressor
+from bonedist.models.timm_regressor import timm_regressor
 
 CPU_PRECISION = ("bf16", True)  # the faster choice in `bonedist bench train-step` (docs/results.md, "Speed")
 

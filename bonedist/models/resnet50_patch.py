@@ -7,10 +7,8 @@ draws ``num_patches`` random patches per radiograph (centred on the hand with ``
 
 from __future__ import annotations
 
-from torch import nn
-
+from bonedist.models.recipes import BF16_CL, BackboneOptions, imagenet_recipes
 from bonedist.models.registry import register_model
-from bonedist.models.regressor import BF16_CL, BackboneOptions, SexImageRegressor, imagenet_recipes, mlp
 
 PAPER_PATCH = 224 / 500  # the paper's 224-px patches of 500-px radiographs, as a share of the side
 
@@ -23,7 +21,11 @@ PAPER_PATCH = 224 / 500  # the paper's 224-px patches of 500-px radiographs, as 
                               "batch_size": 8, "patch_aggregate": "median"},
                     scratch={"input": {"patch_share": 0.5, "num_patches": 4, "eval_grid": 3}},
                     tiny={"input": {"patch_share": 0.75, "num_patches": 3}}))
-def resnet50_patch(opts: BackboneOptions, in_chans: int) -> SexImageRegressor:
+def resnet50_patch(opts: BackboneOptions, in_chans: int):
     """ResNet50 on P x P patches: concat raw sex; Dense(14, ReLU); Dense(1). ``feature_norm``: as for ``xception``
     (the Dense(14, ReLU) head dies the same way)."""
+    from torch import nn
+
+    from bonedist.models.regressor import SexImageRegressor, mlp
+
     return SexImageRegressor("resnet50", mlp([2048 + 1, 14, 1], nn.ReLU), None, opts, in_chans)

@@ -15,17 +15,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bonedist import BonedistError
-from bonedist.data.source import DATA_MODES
-from bonedist.inference import PATCH_AGGREGATES
+from bonedist.choices import (
+    CALIBRATIONS,
+    DATA_MODES,
+    LOSSES,
+    OPTIMIZERS,
+    PATCH_AGGREGATES,
+    PRECISIONS,
+    SCHEDULES,
+    WANDB_MODES,
+)
 from bonedist.options import build, check_fields, option
 from bonedist.spec import InputConfig
-from bonedist.tracking import WANDB_MODES
-from bonedist.train.losses import LOSSES
-from bonedist.train.optim import OPTIMIZERS
-from bonedist.train.precision import PRECISIONS
 from bonedist.train.presets import list_presets, preset_values
-from bonedist.train.schedule import SCHEDULES
-from bonedist.train.validation import CALIBRATIONS
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 OPT, DATA, VAL, ENGINE, RUN = "optimisation", "data", "validation", "engine", "checkpoints and tracking"
@@ -52,7 +54,7 @@ class TrainConfig:
     batch_size: int = option(8, "radiographs per process and step (patch models see batch x patches inputs)",
                              group=OPT, minimum=1)
     grad_accum: int = option(1, "micro-steps per optimizer step", group=OPT, minimum=1)
-    optimizer: str = option("adam", "optimizer", tuple(OPTIMIZERS), OPT)
+    optimizer: str = option("adam", "optimizer", OPTIMIZERS, OPT)
     lr: float = option(1e-3, "learning rate (the head's, when the backbone has its own)", group=OPT, minimum=1e-12)
     backbone_lr: float | None = option(None, "an unfrozen backbone's learning rate (default: --lr)", group=OPT,
                                        minimum=0)
@@ -62,7 +64,7 @@ class TrainConfig:
     plateau_factor: float = option(0.2, "plateau: factor on the learning rate", group=OPT, minimum=0)
     plateau_patience: int = option(1, "plateau: epochs without improvement before lowering", group=OPT, minimum=0)
     early_stopping: int = option(3, "epochs without improvement before stopping (0: off)", group=OPT, minimum=0)
-    loss: str = option("mse", "loss on z-scored ages (bonedist.train.losses)", tuple(LOSSES), OPT)
+    loss: str = option("mse", "loss on z-scored ages (bonedist.train.losses)", LOSSES, OPT)
     huber_delta: float = option(1.0, "huber: delta in z units (one standard deviation of the ages)", group=OPT,
                                 minimum=1e-9)
     stages: list = option([], "staged training, NAME:EPOCHS,... (e.g. global:15,local:10,fusion:5)", group=OPT,
@@ -202,7 +204,7 @@ class TrainConfig:
         return spans
 
     def augment_config(self):
-        from bonedist.data.augment import AugmentConfig
+        from bonedist.spec import AugmentConfig
 
         try:
             return AugmentConfig(**self.augment)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bonedist import BonedistError
+from bonedist.choices import LOSSES as LOSS_NAMES
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ LOSSES: dict[str, type[Loss]] = {}
 
 
 def register_loss(cls: type[Loss]) -> type[Loss]:
+    """A loss under its ``name``, which ``bonedist.choices.LOSSES`` lists too (the CLI offers it without torch)."""
+    if cls.name not in LOSS_NAMES:
+        raise ValueError(f"loss {cls.name!r}: add it to bonedist.choices.LOSSES")
     LOSSES[cls.name] = cls
     return cls
 

@@ -1,12 +1,16 @@
 """Optimizers as registered components: ``--optimizer NAME`` → a torch optimizer over the model's parameter groups
-(a backbone at its own learning rate, one group per AG-CNN branch, ...). A new optimizer is one entry here."""
+(a backbone at its own learning rate, one group per AG-CNN branch, ...). A new optimizer is one entry here and its
+name in ``bonedist.choices.OPTIMIZERS``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from bonedist.choices import OPTIMIZERS as OPTIMIZER_NAMES
+
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES, "bonedist.choices.OPTIMIZERS names every optimizer here"
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr: float | None, weight_decay: float) -> list[dict]:

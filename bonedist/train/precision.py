@@ -21,7 +21,6 @@ import functools
 import os
 from dataclasses import dataclass
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

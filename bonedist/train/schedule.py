@@ -7,8 +7,6 @@ import math
 
 import torch
 
-SCHEDULES = ("plateau", "cosine", "constant")
-
 
 class Schedule:
     """A scheduler with a uniform face: ``per_step``/``per_epoch`` say when the engine calls ``step``;

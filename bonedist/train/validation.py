@@ -8,8 +8,6 @@ import numpy as np
 from bonedist.inference import Predictor, gather_predictions, predict_batches
 from bonedist.train.batchnorm import recalibrate_batchnorm, training_norm_names
 
-CALIBRATIONS = ("offset", "linear")
-
 
 def fit_calibration(pred_z: np.ndarray, true_z: np.ndarray, kind: str) -> tuple[float, float]:
     """(slope, intercept) mapping predictions onto truth, in z: ``offset`` only shifts (slope 1), so the mean error
