@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from dataclasses import field
 
@@ -21,10 +22,13 @@ from bonedist import BonedistError
 
 
 def option(default, help: str, choices: tuple | None = None, group: str = "", minimum: float | None = None,
-           cli: bool = True, flag: str | None = None, maximum: float | None = None):
-    """A dataclass field with its help text, allowed values, flag group, bounds and flag spelling."""
+           cli: bool = True, flag: str | None = None, maximum: float | None = None, aliases: tuple[str, ...] = (),
+           parse: typing.Callable[[str], typing.Any] | None = None, metavar: str | None = None):
+    """A dataclass field with its help text, allowed values, flag group, bounds and flag spelling; ``aliases`` are
+    earlier spellings of the flag (accepted with a deprecation line), ``parse`` turns the flag's text into the
+    field's value (a comma list, a mapping) where the type alone cannot."""
     meta = {"help": help, "choices": choices, "group": group, "minimum": minimum, "maximum": maximum, "cli": cli,
-            "flag": flag}
+            "flag": flag, "aliases": tuple(aliases), "parse": parse, "metavar": metavar}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -71,10 +75,38 @@ def _converter(kind) -> typing.Callable | None:
     return parse_value  # unions such as "str | float": JSON first, else the text
 
 
+class _Store(argparse._StoreAction):
+    """``store``, saying once that an earlier spelling of the flag is deprecated."""
+
+    def __init__(self, *args, deprecated: tuple[str, ...] = (), canonical: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deprecated, self.canonical = deprecated, canonical
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.deprecated:
+            print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.canonical}",
+                  file=sys.stderr)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _help(f: dataclasses.Field, show_default: bool) -> str:
+    """The field's help and, with ``show_default``, its default (stated once: in the field)."""
+    text = f.metadata["help"]
+    value = f.default if f.default is not dataclasses.MISSING else None
+    if not show_default or value in (None, "", (), []) or "default" in text or isinstance(value, bool):
+        return text
+    shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return f"{text} (default {shown})"
+
+
 def add_arguments(group, cls, seen: set[str] | None = None, default=None,
-                  where: typing.Callable[[dataclasses.Field], bool] | None = None) -> None:
+                  where: typing.Callable[[dataclasses.Field], bool] | None = None, raw: bool = False,
+                  show_defaults: bool = False) -> None:
     """One flag per CLI field of the dataclass ``cls`` (booleans as --x/--no-x) that ``where`` accepts; flags in
-    ``seen`` are skipped (and added to it)."""
+    ``seen`` are skipped (and added to it). ``default=None`` leaves every flag None unless given (the caller fills
+    in the field's default); ``raw`` keeps the text for the caller to convert (model options: by the chosen
+    model's own field types); ``show_defaults`` appends each field's default to its help (commands without
+    presets)."""
     for f in dataclasses.fields(cls):
         if not f.metadata or not f.metadata.get("cli", True) or (where is not None and not where(f)):
             continue
@@ -85,10 +117,28 @@ def add_arguments(group, cls, seen: set[str] | None = None, default=None,
             seen.add(flag)
         if str(f.type).startswith("bool"):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                               help=f.metadata["help"])
-        else:
-            group.add_argument(flag, dest=f.name, type=_converter(f.type), default=default,
-                               choices=f.metadata.get("choices"), help=f.metadata["help"])
+                               help=_help(f, show_defaults))
+            continue
+        choices = f.metadata.get("choices")
+        kw = {"dest": f.name, "type": None if raw else (f.metadata.get("parse") or _converter(f.type)),
+              "default": default, "action": _Store, "metavar": f.metadata.get("metavar"),
+              "choices": choices if not raw or all(isinstance(c, str) for c in choices or ()) else None}
+        group.add_argument(flag, help=_help(f, show_defaults), **kw)
+        for alias in f.metadata.get("aliases", ()):  # accepted, not shown: one deprecation line when used
+            group.add_argument(alias, help=argparse.SUPPRESS, deprecated=(alias,), canonical=flag, **kw)
+
+
+def convert(f: dataclasses.Field, text, flag: str | None = None):
+    """A raw flag value as field ``f``'s type (``add_arguments(raw=True)``); a bad value is one line."""
+    if not isinstance(text, str) or str(f.type).startswith("bool"):
+        return text
+    kind = f.metadata.get("parse") or _converter(f.type)
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        name = getattr(kind, "__name__", "value")
+        raise BonedistError(f"{flag or flag_of(f)}: expected {'an' if name == 'int' else 'a'} {name}, got {text!r}") \
+            from None
 
 
 def given(args: argparse.Namespace, cls) -> dict:

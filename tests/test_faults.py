@@ -308,7 +308,7 @@ def test_malformed_dicoms_are_skipped_each_with_its_reason_and_the_rest_is_packe
     with table.open("w", newline="") as f:
         csv.writer(f).writerows(rows)
     out = tmp_path / "shards"
-    result = run_cli("pack", str(phantom_copy), "--out", str(out), "--size", "64", "--workers", "1")
+    result = run_cli("pack", str(phantom_copy), "--out", str(out), "--image-size", "64", "--workers", "1")
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -523,7 +523,7 @@ def test_pack_reads_file_names_archives_hold(tmp_path):
     for i, name in enumerate(names):
         write_dicom(src / "x.dcm", _hand().astype(np.uint16) * (8 + i), bits=12, sex="MF"[i % 2], age="008Y")
         os.rename(os.fsencode(src / "x.dcm"), os.path.join(os.fsencode(src), name))
-    result = run_cli("pack", str(src), "--out", str(tmp_path / "shards"), "--size", "64", "--workers", "1")
+    result = run_cli("pack", str(src), "--out", str(tmp_path / "shards"), "--image-size", "64", "--workers", "1")
     assert result.returncode == 0 and "skipped 0" in result.stdout + result.stderr, result.stderr[-2000:]
     index = SplitIndex.from_manifest(load_manifest(tmp_path / "shards"), "test")
     batches = list(raise_shard_errors(iter(EvalStream(tmp_path / "shards", index, batch_size=8))))
@@ -536,7 +536,7 @@ def test_one_radiograph_in_two_splits_is_reported_at_pack_time(phantom_copy, tmp
     victim = sorted((phantom_copy / "boneage-test-dataset").glob("*.png"))[0]
     shutil.copy(train[0], victim)
     out = tmp_path / "shards"
-    result = run_cli("pack", str(phantom_copy), "--out", str(out), "--size", "64", "--workers", "1")
+    result = run_cli("pack", str(phantom_copy), "--out", str(out), "--image-size", "64", "--workers", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "one radiograph in several splits (identical file)" in result.stderr
     assert train[0].name in result.stderr and victim.name in result.stderr

@@ -139,8 +139,8 @@ def test_inspect_detects_a_damaged_shard(phantom_root, tmp_path):
 def test_cli_errors_are_one_clear_line(tmp_path):
     result = run_cli("pack", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("pack", str(tmp_path), "--size", "5")
-    assert result.returncode == 2 and "--size" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("pack", str(tmp_path), "--image-size", "5")
+    assert result.returncode == 2 and "--image-size" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("inspect", str(tmp_path))
     assert result.returncode == 2 and "manifest.json not found" in result.stderr
     result = run_cli("pack", str(tmp_path), "--splits", "train,holdout")
@@ -158,7 +158,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(tmp_path, sig):
     pack_dataset(root, reference, PackOptions(size=128, samples_per_shard=10, workers=1, progress=False))
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bonedist", "pack", str(root), "--out", str(out), "--size", "128",
+    cmd = [sys.executable, "-m", "bonedist", "pack", str(root), "--out", str(out), "--image-size", "128",
            "--samples-per-shard", "10", "--workers", "1", "--quiet"]
     # a suite started in the background (`make test &`) inherits SIGINT ignored, and so would the pack: give it the
     # disposition of a foreground command, where Ctrl-C reaches it
@@ -183,7 +183,7 @@ def test_interrupted_pack_resumes_to_the_same_bytes(tmp_path, sig):
     done = json.loads(state.read_text())["splits"]["train"]
     assert 3 <= len(done) < 16
 
-    result = run_cli("pack", str(root), "--out", str(out), "--size", "128", "--samples-per-shard", "10",
+    result = run_cli("pack", str(root), "--out", str(out), "--image-size", "128", "--samples-per-shard", "10",
                      "--workers", "2", "--quiet")
     assert result.returncode == 0, result.stderr
     assert _tar_bytes(out) == _tar_bytes(reference)
@@ -204,7 +204,7 @@ def test_a_full_disk_stops_the_pack_with_one_line_and_a_rerun_finishes_it(tmp_pa
     pack_dataset(root, reference, PackOptions(size=128, samples_per_shard=10, workers=1, progress=False))
     smallest = min(p.stat().st_size for p in reference.glob("*.tar"))
     out = tmp_path / "out"
-    args = ["pack", str(root), "--out", str(out), "--size", "128", "--samples-per-shard", "10", "--workers", "2",
+    args = ["pack", str(root), "--out", str(out), "--image-size", "128", "--samples-per-shard", "10", "--workers", "2",
             "--quiet"]
     full = run_cli(*args, max_file_bytes=smallest // 2)  # no shard fits: the write fails as on a full disk
     assert full.returncode == 2, full.stderr
@@ -263,7 +263,7 @@ def test_the_official_rsna_test_layout_packs_its_labelled_test_split(tmp_path):
     # the same table without its images: an error naming the table, not a silently missing split
     for png in (tmp_path / "rsna" / "Bone Age Test Set" / "Test Set Images").glob("*.png"):
         png.unlink()
-    result = run_cli("pack", str(tmp_path / "rsna"), "--out", str(tmp_path / "out2"), "--size", "64", "--quiet")
+    result = run_cli("pack", str(tmp_path / "rsna"), "--out", str(tmp_path / "out2"), "--image-size", "64", "--quiet")
     assert result.returncode == 1 and not (tmp_path / "out2" / "manifest.json").exists()
     assert "Bone age ground truth.xlsx: none of its 6 images was found" in result.stderr
 

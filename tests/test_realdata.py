@@ -104,7 +104,7 @@ def test_scratch_cspnext_learns_bone_age_from_real_radiographs(tmp_path):
     if not os.path.isdir(RSNA_100PX):
         pytest.skip(f"real RSNA 100 px set not found at {RSNA_100PX}")
     shards = tmp_path / "shards"
-    packed = run_cli("pack", RSNA_100PX, "--out", str(shards), "--size", "64", "--holdout",
+    packed = run_cli("pack", RSNA_100PX, "--out", str(shards), "--image-size", "64", "--holdout",
                      "validation:600,test:600", "--quiet")
     assert packed.returncode == 0, packed.stderr
     runs = tmp_path / "runs"

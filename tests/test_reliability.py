@@ -61,7 +61,8 @@ def test_a_decompression_bomb_beside_real_radiographs_is_skipped_with_its_size(t
                "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
     exe = os.path.join(os.path.dirname(sys.executable), "bonedist")
     result = subprocess.run([sys.executable, "-c", wrapper, exe, "pack", str(root), "--out", str(tmp_path / "shards"),
-                             "--size", "64", "--workers", "2", "--quiet"], capture_output=True, text=True, timeout=600)
+                             "--image-size", "64", "--workers", "2", "--quiet"], capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 5

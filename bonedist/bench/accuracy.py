@@ -1,7 +1,8 @@
 """``bonedist bench accuracy``: from a folder in an official layout to MAE per model and ensemble, within a budget.
 
     bonedist bench accuracy --data /data/rsna --preset improved --budget 240
-    bonedist bench accuracy --data /data/rsna --preset paper,improved --size 384 --budget 120 --pretrained weights/
+    bonedist bench accuracy --data /data/rsna --preset paper,improved --image-size 384 --budget 120 \
+        --pretrained weights/
 
 Packs ``--data`` (resumable) into OUT/shards, trains each preset's default model list (``bonedist models --preset
 P``; ``--models`` names others) in OUT/runs/PRESET/RUN, each run its share of the time budget (the preset's

@@ -1,10 +1,10 @@
 """``bonedist bench train-loop --model M``: the engine's real training loop beside the bare model step, phase by phase.
 
     bonedist bench train-loop --model xception                        # CPU: tiny sizes
-    bonedist bench train-loop --model resnet50_patch --preset improved --size 500 --batch 32 --steps 60
+    bonedist bench train-loop --model resnet50_patch --preset improved --image-size 500 --batch-size 32 --steps 60
 
 The loop is the real ``Trainer`` (the preset's input pipeline with hand mask and augmentation, EMA, clipping,
-scheduler, rank agreement, logging, device cache) on synthetic phantoms packed at ``--size``; the bare step is the
+scheduler, rank agreement, logging, device cache) on synthetic phantoms packed at ``--image-size``; the bare step is the
 same model's forward, backward and optimizer step on one fixed batch of model inputs, with the engine's precision
 and memory format, in the same process. Both skip their first steps (cuDNN autotuning, lazy init, compilation). The
 loop's time is split into phases (CUDA events on a GPU, wall clock on a CPU); the last line is loop/bare.

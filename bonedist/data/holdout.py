@@ -13,26 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from bonedist import BonedistError
-
-HOLDOUT_SPLITS = ("validation", "test")
-
-
-def parse_holdout(text: str | None) -> dict[str, float]:
-    """``"validation:600,test:0.1"`` → ``{"validation": 600.0, "test": 0.1}`` (counts, or fractions below 1)."""
-    if not text:
-        return {}
-    out: dict[str, float] = {}
-    for item in text.split(","):
-        name, _, amount = item.strip().partition(":")
-        try:
-            value = float(amount)
-        except ValueError:
-            value = -1.0
-        if name not in HOLDOUT_SPLITS or name in out or value <= 0 or (value >= 1 and not value.is_integer()):
-            raise BonedistError(f"--holdout {text!r}: expected validation:N and/or test:N, each N a count of "
-                                f"radiographs or a fraction below 1 (e.g. validation:600,test:0.1)")
-        out[name] = value
-    return out
+from bonedist.data.options import HOLDOUT_SPLITS, parse_holdout  # noqa: F401  (parse_holdout re-exported)
 
 
 def carve_holdout(records: list[dict], holdout: dict[str, float], seed: int = 0) -> dict[str, int]:

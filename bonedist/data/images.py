@@ -8,19 +8,17 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from bonedist.data.options import MAX_PIXELS, RESIZE_MODES  # noqa: F401  (re-exported; their home is the options)
+
 # libpng/libjpeg warnings about corrupt input would otherwise be printed once per bad file by every worker.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
-RESIZE_MODES = ("pad", "stretch")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 PNG_COMPRESSION = 3  # lossless either way; 3 packs smaller than OpenCV's default 1 and still decodes fast
 
 
-# The largest image decoded (``--max-pixels``): RSNA's originals are 3-5 megapixels, the largest radiography detectors
-# about 18 (43 x 43 cm at 100 um). 64 megapixels bounds a decode at ~0.5 GB per worker, whatever the files declare.
-MAX_PIXELS = 64_000_000
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 

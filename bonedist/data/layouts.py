@@ -18,8 +18,8 @@ import pandas as pd
 
 from bonedist import BonedistError
 from bonedist.data.images import IMAGE_SUFFIXES
+from bonedist.data.options import SPLITS, GenericCSV
 
-SPLITS = ("train", "validation", "test")
 MAX_AGE_MONTHS = 240.0  # labels accepted by pack: 0-20 years
 OLDEST_RSNA_AGE = 228.0  # the oldest bone age in RSNA 2017 (19 years): phantoms, age bins and plots stop there
 ZIP_SEP = "!"
@@ -53,21 +53,6 @@ SPLIT_WORDS = {"train": "train", "validation": "valid", "test": "test"}
 
 _TRUE = {"true", "t", "1", "1.0", "m", "male", "yes", "y"}
 _FALSE = {"false", "0", "0.0", "f", "female", "no", "n"}  # "f": False and Female both mean not male
-
-
-@dataclass
-class GenericCSV:
-    """Column mapping for a collection outside the official layouts (``bonedist pack --csv``)."""
-
-    csv: Path
-    id_col: str = "id"
-    age_col: str | None = "boneage"
-    sex_col: str = "male"
-    path_col: str | None = None
-    image_dir: str | None = None
-    split: str = "train"
-    split_col: str | None = None
-    age_unit: str = "months"
 
 
 @dataclass

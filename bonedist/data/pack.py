@@ -1,6 +1,6 @@
 """``bonedist pack``: radiographs in an official layout → validated, resized WebDataset shards + manifest.
 
-    bonedist pack /data/rsna --out shards/rsna --size 500 --resize pad
+    bonedist pack /data/rsna --out shards/rsna --image-size 500 --resize pad
 
 Guarantees:
 - deterministic: the same inputs and flags give byte-identical shards (a fixed sample order, fixed tar metadata);
@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from bonedist.data.holdout import carve_holdout
 from bonedist.data.images import (
     MAX_PIXELS,
     PNG_COMPRESSION,
-    RESIZE_MODES,
     ImageError,
     encode_png,
     not_a_radiograph,
@@ -40,44 +39,12 @@ from bonedist.data.images import (
 )
 from bonedist.data.layouts import SPLITS, ZIP_SEP, GenericCSV, read_source, read_table
 from bonedist.data.manifest import MANIFEST, age_stats, sha256_file, write_json_atomic
+from bonedist.data.options import PackOptions
 from bonedist.files import reason
 from bonedist.progress import progress
 
 STATE = ".pack-state.json"
 FORMAT = "bonedist-shards/1"
-
-
-@dataclass
-class PackOptions:
-    """How to pack. Every field except ``workers`` and ``progress`` changes the shards' bytes."""
-
-    size: int = 500
-    resize: str = "pad"
-    samples_per_shard: int = 500
-    workers: int = 0  # 0: all cores
-    strict: bool = False
-    splits: tuple[str, ...] = SPLITS
-    progress: bool = True
-    holdout: dict = field(default_factory=dict)  # {"validation": 600, "test": 0.1}: carved from train (holdout.py)
-    holdout_seed: int = 0
-    max_pixels: int = MAX_PIXELS  # larger images (by their header) are skipped before any pixel is decoded
-
-    def __post_init__(self):
-        if self.max_pixels < 1:
-            raise BonedistError(f"--max-pixels must be positive, got {self.max_pixels}")
-        if not 32 <= self.size <= 4096:
-            raise BonedistError(f"--size must be between 32 and 4096 pixels, got {self.size}")
-        if self.resize not in RESIZE_MODES:
-            raise BonedistError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
-        if self.samples_per_shard < 1:
-            raise BonedistError(f"--samples-per-shard must be at least 1, got {self.samples_per_shard}")
-        if self.workers < 0:
-            raise BonedistError(f"--workers must be 0 (all cores) or positive, got {self.workers}")
-        unknown = set(self.splits) - set(SPLITS)
-        if unknown:
-            raise BonedistError(f"--splits: unknown {sorted(unknown)}; choose from {', '.join(SPLITS)}")
-        if self.holdout and "train" not in self.splits:
-            raise BonedistError("--holdout carves from the train split, which --splits leaves out")
 
 
 def default_workers() -> int:

@@ -218,7 +218,7 @@ def synth_dataset(out: str | Path, n: int = 400, n_val: int | None = None, n_tes
     if n < 1:
         raise BonedistError(f"--n must be at least 1, got {n}")
     if size < 64:
-        raise BonedistError(f"--size must be at least 64 pixels, got {size}")
+        raise BonedistError(f"--image-size must be at least 64 pixels, got {size}")
     n_val = max(1, n // 4) if n_val is None else n_val
     n_test = max(1, n // 4) if n_test is None else n_test
     out = Path(out)

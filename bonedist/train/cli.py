@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 
 from bonedist import BonedistError, run_command
-from bonedist.options import add_arguments, flag_of, given, parse_value
+from bonedist.options import add_arguments, convert, flag_of, given, parse_value
 from bonedist.spec import INPUT, InputConfig
 from bonedist.train.config import DATA, OPT, TrainConfig
 
@@ -44,8 +44,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the fully resolved configuration as YAML and exit (no data read, no folder made)")
     model = p.add_argument_group("model (the options of the chosen model; `bonedist models --details`)")
     seen: set[str] = set()
-    for cls in _model_option_classes():
-        add_arguments(model, cls, seen)
+    for cls in _model_option_classes():  # one flag per name; its text is read by the chosen model's own type
+        add_arguments(model, cls, seen, raw=True)
     model.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                        help="a model option by name, e.g. fusion_grad=joint, reduction=max, threshold=0.7")
     add_arguments(p.add_argument_group(INPUT), InputConfig)
@@ -86,15 +86,16 @@ def model_options_from_args(args: argparse.Namespace, model: str | None = None) 
             raise BonedistError(f"--model-opt {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         options[key.strip()] = parse_value(value)
+    own = {f.name: f for f in dataclasses.fields(info.options)}
     for cls in _model_option_classes():
         for f in dataclasses.fields(cls):
             value = getattr(args, f.name, None)
             if value is None or f.name in options:
                 continue
-            if f.name not in info.option_names:
+            if f.name not in own:
                 raise BonedistError(f"{flag_of(f)}: {model} has no such option (its options: "
                                     f"{', '.join(info.option_names) or 'none'})")
-            options[f.name] = value
+            options[f.name] = convert(own[f.name], value)
     return options
 
 
