@@ -49,9 +49,9 @@ class StudyOptions:
 
 def study_patches(opts: StudyOptions) -> list[dict]:
     from bonedist.train.config import resolve_config
-    from bonedist.train.engine import end_processes, train_in_process
+    from bonedist.train.engine import NonFiniteLoss, end_processes, train_in_process
 
-    rows, main = [], True
+    rows, main, lr = [], True, None
     try:
         for patches, size in opts.settings:
             overrides = {"log_every": 1, **opts.overrides}
@@ -59,12 +59,18 @@ def study_patches(opts: StudyOptions) -> list[dict]:
             cfg = resolve_config("resnet50_patch", opts.shards, opts.preset,
                                  experiment=f"{opts.experiment}/patches-{patches}x{size}", runs_dir=opts.runs_dir,
                                  epochs=opts.epochs, wandb=opts.wandb, **overrides)
-            image_size = cfg.input.image_size
+            image_size, lr = cfg.input.image_size, cfg.lr
             if size > image_size:
                 raise BonedistError(f"--settings {patches}x{size}: patches larger than the {image_size}-px image")
             start = time.perf_counter()
-            code, run_dir, main = train_in_process(cfg, f"patch study: {patches} patches of {size}x{size} "
-                                                        f"({len(rows) + 1}/{len(opts.settings)})")
+            try:
+                code, run_dir, main = train_in_process(cfg, f"patch study: {patches} patches of {size}x{size} "
+                                                            f"({len(rows) + 1}/{len(opts.settings)})")
+            except NonFiniteLoss as exc:  # one setting's divergence is a result of the study, not its end
+                print(f"patch study: {patches}x{size} diverged: {exc}")
+                run_dir = Path(opts.runs_dir) / cfg.experiment / cfg.run
+                rows.append(_summarise(run_dir, patches, size, time.perf_counter() - start, diverged=True))
+                continue
             if code != 0:
                 raise BonedistError(f"the {patches}x{size} run stopped (exit {code}); run the study again to "
                                     "resume it")
@@ -83,11 +89,17 @@ def study_patches(opts: StudyOptions) -> list[dict]:
     _log_wandb(rows, out, opts)
     print(_table(rows, opts))
     print(f"patch study written to {out}")
+    diverged = [f"{r['patches']}x{r['size']}" for r in rows if r.get("diverged")]
+    if diverged:
+        raise BonedistError(f"{len(diverged)} of {len(rows)} settings diverged ({', '.join(diverged)}; marked in "
+                            f"{out / 'table.md'}): the same command with a lower --lr (now {lr:g}) or "
+                            "--clip-grad 1.0 trains them again and keeps the finished ones")
     return rows
 
 
-def _summarise(run_dir: Path, patches: int, size: int, seconds: float) -> dict:
-    records = read_metrics(run_dir / "metrics.jsonl", warn=print)
+def _summarise(run_dir: Path, patches: int, size: int, seconds: float, diverged: bool = False) -> dict:
+    path = run_dir / "metrics.jsonl"
+    records = read_metrics(path, warn=print) if path.exists() else []
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     last = epochs[-1] if epochs else {}
@@ -95,7 +107,7 @@ def _summarise(run_dir: Path, patches: int, size: int, seconds: float) -> dict:
             "curve": [[r["step"], r["train_loss_step"]] for r in steps],
             "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
             "val_mae_months": last.get("val_mae_months"), "images_per_s": last.get("images_per_s_per_device"),
-            "patches_per_s": (last.get("images_per_s_per_device") or 0.0) * patches}
+            "patches_per_s": (last.get("images_per_s_per_device") or 0.0) * patches, "diverged": diverged}
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -107,6 +119,10 @@ def _table(rows: list[dict], opts: StudyOptions) -> str:
              "| patches | size | train loss (z) | val loss (z) | val MAE (months) | radiographs/s | patches/s | "
              "time (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("diverged"):
+            lines.append(f"| {r['patches']} | {r['size']}x{r['size']} | diverged (non-finite loss) | - | - | - | - | "
+                         f"{r['seconds']:.0f} |")
+            continue
         lines.append(f"| {r['patches']} | {r['size']}x{r['size']} | {_fmt(r['train_loss'])} | {_fmt(r['val_loss'])} | "
                      f"{_fmt(r['val_mae_months'], 2)} | {_fmt(r['images_per_s'], 1)} | {_fmt(r['patches_per_s'], 1)} | "
                      f"{r['seconds']:.0f} |")

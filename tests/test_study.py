@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow  # each test trains through the CLI
 def test_patch_study_trains_each_setting_and_writes_figure_table_and_wandb(train_shards, tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
     result = run_cli("study", "patches", "--shards", str(train_shards), "--settings", "1x64,4x32,16x16",
-                     "--preset", "tiny", "--steps-per-epoch", "4", "--runs-dir", str(tmp_path), "--wandb", "auto",
-                     env=env, timeout=600)
+                     "--preset", "tiny", "--steps-per-epoch", "4", "--clip-grad", "1.0", "--runs-dir", str(tmp_path),
+                     "--wandb", "auto", env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "patch-study" / "study-patches"
     results = json.loads((out / "results.json").read_text())
@@ -40,6 +40,18 @@ def test_patch_study_trains_each_setting_and_writes_figure_table_and_wandb(train
         assert any(k == prefix or k.startswith(prefix + "/") for k in keys), (prefix, sorted(keys)[:20])
 
 
+def test_a_diverged_setting_is_a_row_of_the_table_and_the_study_goes_on(train_shards, tmp_path):
+    result = run_cli("study", "patches", "--shards", str(train_shards), "--settings", "1x32,4x16", "--preset",
+                     "tiny", "--steps-per-epoch", "3", "--lr", "1e30", "--runs-dir", str(tmp_path), "--wandb", "off",
+                     timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "2 of 2 settings diverged (1x32, 4x16" in result.stderr and "--clip-grad 1.0" in result.stderr
+    out = tmp_path / "patch-study" / "study-patches"
+    rows = json.loads((out / "results.json").read_text())["settings"]
+    assert [(r["patches"], r["diverged"], r["val_mae_months"]) for r in rows] == [(1, True, None), (4, True, None)]
+    assert (out / "table.md").read_text().count("diverged (non-finite loss)") == 2
+
+
 def test_patch_study_rejects_bad_settings(train_shards, tmp_path):
     result = run_cli("study", "patches", "--shards", str(train_shards), "--settings", "3by224", "--runs-dir",
                      str(tmp_path))
@@ -54,7 +66,7 @@ def test_bench_accuracy_packs_trains_within_budget_and_reports_mae(tmp_path):
 
     synth_dataset(tmp_path / "raw", n=80, n_val=20, n_test=20, seed=4, size=128, workers=2, progress=False)
     budget = 0.6
-    result = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny", "--size", "64",
+    result = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny", "--image-size", "64",
                      "--budget", str(budget), "--models", "xception,resnet50_patch", "--out", str(tmp_path / "out"),
                      timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,9 +97,35 @@ def test_bench_accuracy_needs_a_validation_split(tmp_path):
     synth_dataset(tmp_path / "raw", n=12, n_val=4, n_test=4, seed=4, size=96, workers=1, progress=False)
     for name in ("Validation Dataset.csv", "boneage-validation-dataset-1.zip", "boneage-validation-dataset-2.zip"):
         (tmp_path / "raw" / name).unlink()
-    result = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny", "--size", "64",
+    result = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny", "--image-size", "64",
                      "--budget", "0.2", "--models", "xception", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "no validation split" in result.stderr and "Traceback" not in result.stderr
     bad = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "nope", "--out",
                   str(tmp_path / "o2"))
     assert bad.returncode == 2 and "presets are" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_compare_is_a_grid_sweep_of_every_setting_and_seed(tmp_path):
+    import yaml
+
+    from bonedist.data.synth import synth_dataset
+
+    synth_dataset(tmp_path / "raw", n=60, n_val=16, n_test=8, seed=5, size=96, workers=2, progress=False)
+    args = ("bench", "compare", "--data", str(tmp_path / "raw"), "--model", "resnet18", "--preset", "tiny",
+            "--image-size", "64", "--budget", "0.08", "--seeds", "0,1", "--vary", "lr=3e-3", "--out",
+            str(tmp_path / "out"))
+    result = run_cli(*args, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert {name: row["n"] for name, row in summary["settings"].items()} == {"baseline": 2, "lr=3e-3": 2}
+    assert sorted(r["seed"] for r in summary["runs"]["lr=3e-3"]) == [0, 1] and not summary["failed"]
+    assert all(math.isfinite(r["val_mae_months"]) for runs in summary["runs"].values() for r in runs)
+    lr = {json.loads((tmp_path / "out" / "runs" / "compare" / r["run"].rsplit("/", 1)[1] / "config.json")
+                     .read_text())["lr"] for r in summary["runs"]["lr=3e-3"]}
+    assert lr == {3e-3}
+    space = yaml.safe_load((tmp_path / "out" / "space.yaml").read_text())  # what a Slurm array would run
+    assert space["sampler"] == "grid" and space["variants"]["lr=3e-3"] == {"lr": 3e-3}
+    assert "| lr=3e-3 |" in (tmp_path / "out" / "compare.md").read_text()
+    again = run_cli(*args, timeout=600)  # the grid is done: nothing trains again, the table is the same
+    assert again.returncode == 0 and "sweep compare: trial" not in again.stdout
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["settings"] == summary["settings"]
