@@ -25,15 +25,23 @@ The search space (YAML)::
       warmup_epochs: {low: 0.0, high: 18.0}
       batch_size: {choices: [32, 64, 128]}
       input.image_size: {low: 64, high: 128, step: 32}      # input.FIELD, model.FIELD, augment (a range factor)
-    sampler: tpe                      # tpe | random
+    sampler: tpe                      # tpe | random | grid (every combination of choices, once each)
     pruner: median                    # median | halving | none
     objective: val_mae_months         # minimised
+
+A ``variant`` parameter names sets of settings under ``variants`` (``bench compare``: the baseline and one change
+at a time, each a grid point with every seed)::
+
+    params: {variant: {choices: [baseline, lr=4e-3]}, seed: {choices: [0, 1]}}
+    variants: {baseline: {}, lr=4e-3: {lr: 0.004}}
+    sampler: grid
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import socket
 import time
@@ -42,11 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonedist import BonedistError
+from bonedist.choices import WANDB_MODES
 from bonedist.files import read_json, read_yaml, write_atomic
 from bonedist.options import check_fields, option
-from bonedist.tracking import WANDB_MODES
 
-SAMPLERS, PRUNERS = ("tpe", "random"), ("median", "halving", "none")
+SAMPLERS, PRUNERS = ("tpe", "random", "grid"), ("median", "halving", "none")
 RETRIES = 1  # a trial whose worker died is run again once
 GRACE_S = 120.0  # a running trial's worker has this long to take its run folder's lock
 
@@ -57,7 +65,8 @@ class SweepOptions:
 
     space: str = option("", "the search space: YAML with base, params, sampler, pruner (see bonedist.sweep)",
                         cli=False)
-    trials: int = option(20, "trials to complete or prune in the whole study (all workers together)", minimum=1)
+    trials: int | None = option(None, "trials to complete or prune in the whole study, all workers together (default "
+                                      "20; with sampler grid: every point of the grid)", minimum=1)
     runs_dir: str | None = option(None, "where the study's folder goes (default: the base configuration's runs_dir)")
     wandb: str | None = option(None, "W&B mode of the trials and the report (default: the base configuration's)",
                                WANDB_MODES)
@@ -76,7 +85,13 @@ class Space:
     pruner: str = "median"
     objective: str = "val_mae_months"
     seed: int = 0
+    variants: dict = field(default_factory=dict)  # name → settings, for a ``variant`` parameter
     distributions: dict = field(default_factory=dict)
+
+    def grid(self) -> list[dict]:
+        """Every combination of the parameters' choices (sampler grid), the first parameter varying slowest."""
+        names = list(self.params)
+        return [dict(zip(names, values)) for values in itertools.product(*(self.params[n]["choices"] for n in names))]
 
 
 def load_space(path: str | Path) -> Space:
@@ -89,10 +104,10 @@ def load_space(path: str | Path) -> Space:
     data = read_yaml(path, "--space")
     if not isinstance(data, dict):
         raise BonedistError(f"--space {path}: expected a mapping with base and params")
-    unknown = sorted(set(data) - {"study", "base", "params", "sampler", "pruner", "objective", "seed"})
+    keys = ("study", "base", "params", "sampler", "pruner", "objective", "seed", "variants")
+    unknown = sorted(set(data) - set(keys))
     if unknown:
-        raise BonedistError(f"--space {path}: unknown key {unknown[0]!r} (keys: study, base, params, sampler, "
-                            f"pruner, objective, seed)")
+        raise BonedistError(f"--space {path}: unknown key {unknown[0]!r} (keys: {', '.join(keys)})")
     base = data.get("base")
     if isinstance(base, str):
         base = read_config_file(str(path.parent / base))
@@ -115,6 +130,15 @@ def load_space(path: str | Path) -> Space:
         raise BonedistError(f"--space {path}: objective {space.objective!r} is not a validation metric (val_...): "
                             f"a sweep never optimises on a test split")
     space.distributions = {name: _distribution(path, name, spec) for name, spec in params.items()}
+    if space.sampler == "grid" and not all("choices" in spec for spec in params.values()):
+        raise BonedistError(f"--space {path}: sampler grid takes params with choices only")
+    space.variants = data.get("variants") or {}
+    if not isinstance(space.variants, dict) or not all(isinstance(v, dict) for v in space.variants.values()):
+        raise BonedistError(f"--space {path}: 'variants' must map each name to its settings")
+    missing = [v for v in params.get("variant", {}).get("choices", []) if v not in space.variants]
+    if missing or ("variant" in params) != bool(space.variants):
+        raise BonedistError(f"--space {path}: params.variant names entries of 'variants' "
+                            f"({', '.join(map(str, missing)) or 'one goes without the other'})")
     return space
 
 
@@ -242,6 +266,8 @@ def trial_config(space: Space, params: dict, run: str, runs_dir: str, wandb: str
     base = {k: v for k, v in space.base.items() if k not in ("model", "shards", "preset")}
     preset = space.base.get("preset", "paper")
     recipe_augment = recipe_values(space.base["model"], preset).get("augment", {})
+    if "variant" in params:  # a named set of settings (bench compare's one factor at a time)
+        params = {**space.variants[params["variant"]], **{k: v for k, v in params.items() if k != "variant"}}
     values = apply(base, params, {**recipe_augment, **base.get("augment", {})})
     values.update(experiment=space.study, run_name=run, runs_dir=runs_dir,
                   wandb_tags=[f"sweep:{space.study}", *values.get("wandb_tags", [])])
@@ -266,15 +292,20 @@ def run_sweep(opts: SweepOptions) -> int:
     if opts.report_only:
         write_report(study, space, root, opts.wandb)
         return 0
+    grid = space.grid() if space.sampler == "grid" else []
+    trials = min(opts.trials or len(grid), len(grid)) if grid else (opts.trials or 20)
     code = 0
     try:
         while True:
             with _exclusive(folder / "ask.lock"):
+                if grid and not study.trials:  # the first worker queues every point; all workers pull them
+                    for point in grid:
+                        study.enqueue_trial(point, skip_if_exists=False)
                 reap_dead_trials(study, root)
                 done, busy = _counts(study)
                 waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
-                if done >= opts.trials or (done + busy >= opts.trials and not waiting):
-                    break
+                if done >= trials or (done + busy >= trials and not waiting) or (grid and not waiting):
+                    break  # a grid's failed points stay failed (in the report); nothing is sampled beyond it
                 trial = study.ask(space.distributions)
                 trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
                                                "slurm_job": os.environ.get("SLURM_JOB_ID"),

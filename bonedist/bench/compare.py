@@ -2,21 +2,25 @@
 split only (never the test split: the recipe is chosen here, the test split judges it once, later).
 
     bonedist bench compare --data ../shared/data/rsna-train-100px --holdout validation:600,test:1200 \\
-        --model resnet18 --preset scratch --size 100 --budget 5 --seeds 0,1 \\
+        --model resnet18 --preset scratch --image-size 100 --budget 5 --seeds 0,1 \\
         --vary lr=1e-3,4e-3 --vary batch_size=32,128 --vary ema=0.999 --vary augment=0.5,2 --vary loss=mse,huber
 
-One factor at a time: the baseline (the preset's recipe at ``--size``, ``--budget`` minutes per run) and, for each
+One factor at a time: the baseline (the preset's recipe at ``--image-size``, ``--budget`` minutes per run) and, for each
 ``--vary KEY=V1,V2``, the baseline with only KEY changed, each trained once per seed. KEY is a ``TrainConfig`` field
 (``lr``, ``batch_size``, ``warmup_epochs``, ``ema``, ``loss``, ``balanced``, ...), ``input.FIELD`` or
 ``model.FIELD``, or ``augment`` (a factor on the preset's rotation, shift and zoom ranges; 0 turns augmentation
 off). Every run of a setting has the same time budget, so a setting that costs more per step gets fewer steps, as
 it would in use. Prints validation MAE and bias per setting as mean ± standard deviation over the seeds, each
 beside the baseline; writes OUT/compare.json and compare.md.
+
+The comparison is a grid sweep (``bonedist.sweep``, sampler ``grid``: every setting with every seed, no pruning),
+written to OUT/space.yaml and run through the sweep's code: an interrupted comparison resumes where it stopped, and
+the same grid runs on a Slurm array (``SPACE=OUT/space.yaml sbatch --array=0-3 launch/slurm/sweep.sbatch``) before
+``bench compare`` with the same arguments tabulates it.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,47 +80,81 @@ def scaled_augment(preset: dict, factor: float) -> dict:
             "scale": (max(0.05, 1 - (1 - low) * factor), 1 + (high - 1) * factor)}
 
 
+STUDY = "compare"
+
+
+def compare_space(model: str, shards: str, preset: str, size: int, budget: float, seeds: list[int],
+                  settings: list[Setting], overrides: dict | None = None) -> dict:
+    """The comparison as a sweep's search space: a grid of every setting (``variant``) with every seed, each point
+    one training of ``budget`` minutes, no pruning."""
+    base = {"model": model, "shards": shards, "preset": preset, "input": {"image_size": size},
+            "time_budget_min": budget, "wandb": "off", **(overrides or {})}
+    return {"study": STUDY, "base": base, "sampler": "grid", "pruner": "none",
+            "params": {"seed": {"choices": list(seeds)}, "variant": {"choices": [s.name for s in settings]}},
+            "variants": {s.name: s.overrides for s in settings}}
+
+
 def bench_compare(data: str | Path, model: str, preset: str = "scratch", size: int = 100, budget: float = 5.0,
                   seeds: list[int] | None = None, vary: list[str] | None = None, out: str | Path = "runs/compare",
                   holdout: dict | None = None, holdout_seed: int = 0, workers: int = 0,
-                  overrides: dict | None = None) -> dict:
+                  overrides: dict | None = None, prepare_only: bool = False) -> dict:
+    """Pack ``data``, write the comparison as a grid sweep (OUT/space.yaml), run its trials in this process through
+    ``bonedist sweep``'s code (resumable; a Slurm array can run the same space), and summarise them per setting."""
+    import yaml
+
     from bonedist.bench.accuracy import pack_for_bench
-    from bonedist.train.config import recipe_values, resolve_config
-    from bonedist.train.engine import end_processes, train_in_process
+    from bonedist.sweep import SweepOptions, load_space, open_study, run_sweep
 
     seeds = seeds or [0, 1]
     settings = [Setting("baseline")] + parse_vary(vary or [])
+    names = [s.name for s in settings]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BonedistError(f"--vary: a setting is named twice ({', '.join(twice)})")
     out = Path(out)
     shards = pack_for_bench(data, out / "shards", size, workers, holdout, holdout_seed)
-    preset_augment = recipe_values(model, preset).get("augment", {})
-    base = {"input": {"image_size": size}, "time_budget_min": budget, "wandb": "off", **(overrides or {})}
-    total = len(settings) * len(seeds) * budget
+    space_file = out / "space.yaml"
+    write_atomic(space_file, yaml.safe_dump(compare_space(model, str(shards.resolve()), preset, size, budget, seeds,
+                                                          settings, overrides), sort_keys=False))
+    points = len(settings) * len(seeds)
+    total = points * budget
+    array = (f"SPACE={space_file} EXTRA_ARGS='--runs-dir {out / 'runs'}' sbatch --array=0-{min(7, points - 1)} "
+             f"launch/slurm/sweep.sbatch")
+    if prepare_only:
+        print(f"wrote {space_file}: {len(settings)} settings x {len(seeds)} seeds. Run the grid, e.g. {array}; then "
+              f"this command again (without --prepare-only) tabulates it")
+        return {}
     print(f"comparing {len(settings)} settings x {len(seeds)} seeds of {model} ({preset}, {size} px, {budget:g} min "
-          f"each): about {total:.0f} minutes of training; validation split only")
-    rows: dict[str, list[dict]] = {s.name: [] for s in settings}
-    try:
-        for seed in seeds:
-            for setting in settings:
-                values = apply(base, setting.overrides, preset_augment)
-                tag = setting.name.replace("/", "-").replace("=", "-")
-                cfg = resolve_config(model, str(shards), preset, experiment=f"{tag}/seed{seed}",
-                                     runs_dir=str(out / "runs"), seed=seed, **values)
-                started = time.perf_counter()
-                code, run_dir, main = train_in_process(cfg, f"--- {setting.name}, seed {seed}")
-                if code != 0:
-                    raise BonedistError(f"{setting.name}, seed {seed}: training stopped (exit {code}); run the same "
-                                        f"command to resume")
-                if main:
-                    rows[setting.name].append({"seed": seed, "minutes": (time.perf_counter() - started) / 60,
-                                               **_validation_result(run_dir)})
-    finally:
-        end_processes()
+          f"each): about {total:.0f} minutes of training; validation split only (the same grid on a Slurm array: "
+          f"--prepare-only, then {array})")
+    code = run_sweep(SweepOptions(space=str(space_file), runs_dir=str(out / "runs"), wandb="off"))
+    if code != 0:
+        raise BonedistError(f"the comparison stopped (exit {code}); run the same command to resume it")
+    space = load_space(space_file)
+    study = open_study(space, out / "runs" / STUDY / "sweep")
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    failed = []
+    for trial in trials:
+        if "variant" not in trial.params:
+            continue
+        if trial.state.name != "COMPLETE":
+            if trial.state.name == "FAIL" and trial.number not in retried:
+                failed.append(f"{trial.params['variant']} (seed {trial.params['seed']})")
+            continue
+        run_dir = out / "runs" / STUDY / trial.user_attrs["run"]
+        rows[trial.params["variant"]].append({"seed": trial.params["seed"], "run": str(run_dir),
+                                              **_validation_result(run_dir)})
     summary = {"data": str(data), "model": model, "preset": preset, "size": size, "budget_min": budget,
-               "seeds": seeds, "settings": {name: _aggregate(runs) for name, runs in rows.items()}, "runs": rows}
+               "seeds": seeds, "settings": {name: _aggregate(runs) for name, runs in rows.items()}, "runs": rows,
+               "failed": failed, "space": str(space_file)}
     write_json_atomic(out / "compare.json", summary)
     table = format_compare(summary)
     write_atomic(out / "compare.md", table + "\n")
     print(table)
+    if failed:
+        print(f"warning: {len(failed)} run(s) failed and are left out of the table: {', '.join(failed)}")
     return summary
 
 
