@@ -89,6 +89,11 @@ def _run_command(command: str, run, resume: str) -> int:
     except KeyboardInterrupt:
         print(f"bonedist {command}: interrupted; finished work is kept, {resume}", file=_sys.stderr)
         return 130
+    except BrokenPipeError:  # `bonedist models | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), _sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except RuntimeError as exc:
         if (reason := lost_peer(exc)) is None:
             raise

@@ -151,3 +151,18 @@ def test_options_of_one_name_agree_on_being_a_switch():
         for f in dataclasses.fields(model_info(name).options):
             kinds.setdefault(f.name, set()).add(str(f.type).startswith("bool"))
     assert all(len(k) == 1 for k in kinds.values()), {n: k for n, k in kinds.items() if len(k) > 1}
+
+
+def test_a_closed_pipe_ends_the_listing_quietly():
+    result = subprocess.run(f"{sys.executable} -m bonedist models --preset tiny | head -1", shell=True,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == list_models("tiny")[0] and result.stderr == "", result.stderr[-1000:]
+
+
+def test_a_presets_default_list_lives_in_the_preset():
+    from bonedist.models import default_roster
+    from bonedist.train.presets import DEFAULT_MODELS
+
+    assert default_roster("scratch") == {m: (1.0, 1) for m in DEFAULT_MODELS["scratch"]}
+    assert list(default_roster("tiny")) == list_models("tiny")  # no list of its own: every model with a recipe
+    assert not hasattr(model_info("cspnext_tiny"), "roster")

@@ -17,8 +17,7 @@ CPU_PRECISION = ("bf16", True)  # dense 3x3 and 1x1 convolutions: bf16 autocast 
 RECIPES = modern_recipes(scratch={"epochs": 60, "warmup_epochs": 18.0})
 
 
-@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=RECIPES,
-                roster={"scratch": 1.0})
+@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=RECIPES)
 def cs3darknet_s(opts: TimmOptions, in_chans: int):
     """CSPDarkNet-S (2.8 M parameters, 512 features) → sex-aware head."""
     return timm_regressor("cs3darknet_s", opts, in_chans)

@@ -23,15 +23,13 @@ RECIPES = modern_recipes(scratch={"epochs": 60, "warmup_epochs": 18.0})
 MASKED = modern_recipes(scratch={"epochs": 60, "warmup_epochs": 18.0, "input": {"hand_mask": True}})
 
 
-@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=MASKED,
-                roster={"scratch": 1.0})
+@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=MASKED)
 def cspnext_tiny(opts: TimmOptions, in_chans: int):
     """CSPNeXt-tiny (2.3 M parameters, 384 features) → sex-aware head."""
     return timm_regressor("cspnext_tiny", opts, in_chans)
 
 
-@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=RECIPES,
-                roster={"scratch": 1.0})
+@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=RECIPES)
 def cspnext_s(opts: TimmOptions, in_chans: int):
     """CSPNeXt-s (4.4 M parameters, 512 features) → sex-aware head."""
     return timm_regressor("cspnext_s", opts, in_chans)

@@ -46,10 +46,6 @@ class ModelInfo:
         cpu_precision: ``(precision, channels_last)`` the engine uses with ``--precision auto`` on a CPU that has
             bf16 matrix units (a measured choice per architecture, see ``bonedist.train.precision``; fp32 for a
             model nobody measured).
-        roster: per preset whose default model list it is in, its relative share of a benchmark's time budget
-            (``default_models``); a preset no model names here defaults to every model with a recipe for it. A
-            pair ``(share, n)`` trains it ``n`` times with different seeds (``replica_run``), each run a separate
-            ensemble member with that share.
     """
 
     name: str
@@ -62,7 +58,6 @@ class ModelInfo:
     paper_weight: float = 0.0
     cpu_precision: tuple[str, bool] = ("fp32", False)
     listed: bool = True  # in list_models() (and so in every default model list); False for models made on demand
-    roster: dict = field(default_factory=dict)
 
     @property
     def option_names(self) -> list[str]:
@@ -138,16 +133,21 @@ def list_models(preset: str | None = None) -> list[str]:
 
 def default_models(preset: str) -> dict[str, float]:
     """The models a preset trains when none are named (``bench accuracy``, ``bonedist models --preset``), each with
-    its relative share of a time budget per run: those whose ``roster`` names the preset (chosen by measurement, see
-    ``docs/results.md``), or, when none does, every model with a recipe for it at equal shares."""
+    its relative share of a time budget per run: the preset's own list (``register_preset(models=...)``, chosen by
+    measurement, see ``docs/results.md``), or, without one, every model with a recipe for it at equal shares."""
     return {name: share for name, (share, _) in default_roster(preset).items()}
 
 
 def default_roster(preset: str) -> dict[str, tuple[float, int]]:
     """``default_models`` with each model's number of runs (seed replicas, ``replica_run``)."""
-    chosen = {name: _roster_entry(info.roster[preset]) for name, info in _MODELS.items() if info.listed
-              and preset in info.roster and preset in info.recipes}
-    return chosen or {name: (1.0, 1) for name in list_models(preset)}
+    from bonedist.train.presets import DEFAULT_MODELS
+
+    if preset not in DEFAULT_MODELS:
+        return {name: (1.0, 1) for name in list_models(preset)}
+    for name in DEFAULT_MODELS[preset]:
+        if preset not in model_info(name).recipes:
+            raise BonedistError(f"preset {preset!r} lists {name} among its default models, which has no recipe for it")
+    return {name: _roster_entry(value) for name, value in DEFAULT_MODELS[preset].items()}
 
 
 def _roster_entry(value) -> tuple[float, int]:

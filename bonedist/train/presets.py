@@ -1,5 +1,5 @@
-"""The presets' shared values; no model is named here. A model adds its own differences in its file (its recipe
-for each preset it supports, ``register_model(recipes=...)``); flags override both.
+"""The presets' shared values and each preset's default model list. A model adds its own differences in its file
+(its recipe for each preset it supports, ``register_model(recipes=...)``); flags override both.
 
 A preset is a function returning ``TrainConfig`` fields (``input`` holds ``InputConfig`` fields, ``model`` the
 model's options, ``augment`` ``AugmentConfig`` fields), registered with a one-line summary for ``--help``:
@@ -16,11 +16,19 @@ from collections.abc import Callable
 from bonedist import BonedistError
 
 PRESETS: dict[str, tuple[Callable[[], dict], str]] = {}
+# a preset's default model list (what `bench accuracy`, the demo and the launch scripts train when no model is named):
+# model → its relative share of a benchmark's time budget per run, or (share, n) for n runs of different seeds
+DEFAULT_MODELS: dict[str, dict[str, float | tuple[float, int]]] = {}
 
 
-def register_preset(name: str, summary: str):
+def register_preset(name: str, summary: str, models: dict[str, float | tuple[float, int]] | None = None):
+    """Register a preset; ``models`` is its default model list (without one: every model with a recipe for it, at
+    equal shares)."""
+
     def register(fn: Callable[[], dict]) -> Callable[[], dict]:
         PRESETS[name] = (fn, summary)
+        if models:
+            DEFAULT_MODELS[name] = dict(models)
         return fn
 
     return register
@@ -58,7 +66,10 @@ def improved() -> dict:
             "input": {"image_size": 500, "hand_mask": True}}
 
 
-@register_preset("scratch", "no ImageNet weights, any image size")
+# cspnext_tiny (on hand-masked radiographs) and cspnext_s learned the most per CPU-minute at 100 px of the
+# architectures screened, with cs3darknet_s as a third, differently built member (docs/results.md, "Accuracy")
+@register_preset("scratch", "no ImageNet weights, any image size",
+                 models={"cspnext_tiny": 1.0, "cspnext_s": 1.0, "cs3darknet_s": 1.0})
 def scratch() -> dict:
     """No ImageNet weights (offline clusters, small images): every model from random initialisation, one cycle
     (30% warmup, cosine to zero), natural age distribution, each radiograph's contrast stretched. Learning rate,
