@@ -115,3 +115,17 @@ def epoch_records(run_dir: Path) -> list[dict]:
 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+
+@pytest.fixture(scope="session")
+def evaluated_pair(train_shards, tmp_path_factory) -> Path:
+    """xception and resnet50_patch trained briefly (tiny, one epoch of 4 steps) and evaluated: ``RUNS/exp`` with
+    report/ (ensemble.json, intervals.json). Shared by the modules that read it; a test that changes it copies it."""
+    runs = tmp_path_factory.mktemp("pair-runs")
+    for model in ("xception", "resnet50_patch"):
+        result = run_train("--model", model, "--shards", str(train_shards), "--preset", "tiny", "--epochs", "1",
+                           "--steps-per-epoch", "4", "--experiment", "exp", runs=runs)
+        assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("evaluate", "--runs", str(runs / "exp"), "--wandb", "off")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return runs / "exp"

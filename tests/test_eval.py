@@ -100,13 +100,15 @@ def test_chronological_age_forms(text, months):
 
 
 @pytest.fixture(scope="module")
-def trained_runs(train_shards, tmp_path_factory):
-    """Three of the four models briefly trained (inception_v3 left out on purpose)."""
+def trained_runs(train_shards, evaluated_pair, tmp_path_factory):
+    """Three of the four models briefly trained (inception_v3 left out on purpose): the shared pair's runs copied,
+    and agcnn."""
     runs = tmp_path_factory.mktemp("eval-runs")
-    for model in ("xception", "resnet50_patch", "agcnn"):
-        result = run_train("--model", model, "--shards", str(train_shards), "--preset", "tiny", "--epochs", "1",
-                           "--steps-per-epoch", "5", "--experiment", "exp", runs=runs)
-        assert result.returncode == 0, result.stderr[-2000:]
+    for model in ("xception", "resnet50_patch"):
+        shutil.copytree(evaluated_pair / model, runs / "exp" / model)
+    result = run_train("--model", "agcnn", "--shards", str(train_shards), "--preset", "tiny", "--epochs", "1",
+                       "--steps-per-epoch", "5", "--experiment", "exp", runs=runs)
+    assert result.returncode == 0, result.stderr[-2000:]
     return runs / "exp"
 
 

@@ -41,16 +41,11 @@ def one_line_error(result, *needles: str) -> str:
     return err
 
 
-@pytest.fixture(scope="module")
-def evaluated(train_shards, tmp_path_factory) -> Path:
-    """Two models trained briefly on the phantom pack and evaluated (report/ensemble.json, intervals.json)."""
-    runs = tmp_path_factory.mktemp("fault-runs")
-    for model in ("xception", "resnet50_patch"):
-        result = run_train("--model", model, "--shards", str(train_shards), *TINY, "--experiment", "exp", runs=runs)
-        assert result.returncode == 0, result.stderr[-2000:]
-    result = run_cli("evaluate", "--runs", str(runs / "exp"), "--wandb", "off")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return runs / "exp"
+@pytest.fixture
+def evaluated(evaluated_pair) -> Path:
+    """Two models trained briefly on the phantom pack and evaluated (report/ensemble.json, intervals.json); read
+    only (``damaged`` is a copy to change)."""
+    return evaluated_pair
 
 
 @pytest.fixture

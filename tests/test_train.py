@@ -110,7 +110,9 @@ def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [m for m in list_models() if "tiny" in model_info(m).presets])
 def test_every_model_learns_well_below_the_mean_baseline(train_shards, tmp_path, model):
-    result = run_train("--model", model, "--shards", str(train_shards), "--preset", "tiny", "--epochs", "4",
+    # three epochs take every model below the bound with room; the AG-CNN's branches start learning in its third
+    epochs = "4" if model_info(model).task.stages else "3"
+    result = run_train("--model", model, "--shards", str(train_shards), "--preset", "tiny", "--epochs", epochs,
                        runs=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     records = epoch_records(tmp_path / "default" / model)
