@@ -252,7 +252,7 @@ def _cmd_sweep(args) -> int:
     return run_sweep(SweepOptions(space=args.space, **given(args, SweepOptions)))
 
 
-STUDY_OVERRIDES = ("steps_per_epoch", "batch_size", "lr", "clip_grad", "data_mode")  # TrainConfig fields
+STUDY_OVERRIDES = ("steps_per_epoch", "batch_size", "lr", "clip_grad", "data_mode", "precision")  # TrainConfig fields
 
 
 def _add_study(sub) -> None:

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow  # each test trains through the CLI
 def test_patch_study_trains_each_setting_and_writes_figure_table_and_wandb(train_shards, tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
     result = run_cli("study", "patches", "--shards", str(train_shards), "--settings", "1x64,4x32,16x16",
-                     "--preset", "tiny", "--steps-per-epoch", "4", "--clip-grad", "1.0", "--runs-dir", str(tmp_path),
-                     "--wandb", "auto", env=env, timeout=600)
+                     "--preset", "tiny", "--steps-per-epoch", "4", "--clip-grad", "1.0", "--precision", "fp32",
+                     "--runs-dir", str(tmp_path), "--wandb", "auto", env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "patch-study" / "study-patches"
     results = json.loads((out / "results.json").read_text())
