@@ -17,8 +17,7 @@ from bonedist import BonedistError, __version__, run_command
 from bonedist.commands import (
     BenchAccuracyOptions,
     BenchAllOptions,
-    BenchAttentionOptions,
-    BenchAugmentOptions,
+    BenchBatchOptions,
     BenchCompareOptions,
     BenchLoaderOptions,
     BenchPackOptions,
@@ -308,11 +307,11 @@ def _add_bench(sub) -> None:
                  "packing images/s vs a single-process PIL resize-and-save loop")
     b.add_argument("root", type=Path, nargs="?", default=None,
                    help="data root in an official layout (default: synthesise phantoms in a temporary folder)")
-    _command(bench, "attention", BenchAttentionOptions, _cmd_bench_attention,
+    _command(bench, "attention", BenchBatchOptions, _cmd_bench_attention,
              "AG-CNN attention crops/s: Kornia batched vs the per-image OpenCV loop")
     _command(bench, "loader", BenchLoaderOptions, _cmd_bench_loader,
              "augmented device-ready batches/s: stream and cache vs PIL + torchvision")
-    _command(bench, "augment", BenchAugmentOptions, _cmd_bench_augment,
+    _command(bench, "augment", BenchBatchOptions, _cmd_bench_augment,
              "Kornia batch augmentation vs torchvision v2 per image, same device")
     _command(bench, "all", BenchAllOptions, _cmd_bench_all, "every benchmark into one markdown table")
     b = _command(bench, "accuracy", BenchAccuracyOptions, _cmd_bench_accuracy,
@@ -434,7 +433,7 @@ def _cmd_bench_predict(args) -> int:
 def _cmd_bench_augment(args) -> int:
     from bonedist.bench.loader import bench_augment
 
-    o = _options(args, BenchAugmentOptions)
+    o = _options(args, BenchBatchOptions)
     bench_augment(batch_size=o.batch_size, size=o.image_size, repeats=o.repeats, device=o.device)
     return 0
 
@@ -442,7 +441,7 @@ def _cmd_bench_augment(args) -> int:
 def _cmd_bench_attention(args) -> int:
     from bonedist.bench.attention import bench_attention
 
-    o = _options(args, BenchAttentionOptions)
+    o = _options(args, BenchBatchOptions)
     bench_attention(batch=o.batch_size, size=o.image_size, repeats=o.repeats, device=o.device)
     return 0
 

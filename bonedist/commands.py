@@ -117,7 +117,9 @@ class BenchPackOptions(Checked):
 
 
 @dataclass
-class BenchAttentionOptions(Checked):
+class BenchBatchOptions(Checked):
+    """A component timed on batches of one size (``bench attention``, ``bench augment``)."""
+
     batch_size: int = option(32, "radiographs per batch", aliases=BATCH, minimum=1)
     image_size: int = option(500, "radiograph side in pixels", aliases=SIZE, minimum=32)
     repeats: int = option(5, "timed repeats", minimum=1)
@@ -130,14 +132,6 @@ class BenchLoaderOptions(Checked):
     batch_size: int = option(32, "radiographs per batch", aliases=BATCH, minimum=1)
     batches: int = option(12, "timed batches per method", minimum=1)
     workers: int = option(0, "DataLoader workers for every method (0: the cores)", minimum=0)
-    device: str | None = option(None, DEVICE)
-
-
-@dataclass
-class BenchAugmentOptions(Checked):
-    batch_size: int = option(32, "radiographs per batch", aliases=BATCH, minimum=1)
-    image_size: int = option(500, "radiograph side in pixels", aliases=SIZE, minimum=32)
-    repeats: int = option(5, "timed repeats", minimum=1)
     device: str | None = option(None, DEVICE)
 
 
