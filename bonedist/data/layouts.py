@@ -18,7 +18,7 @@ import pandas as pd
 
 from bonedist import BonedistError
 from bonedist.data.images import IMAGE_SUFFIXES
-from bonedist.data.options import SPLITS, GenericCSV
+from bonedist.data.options import SPLITS, GenericCSV, parse_male  # noqa: F401  (re-exported)
 
 MAX_AGE_MONTHS = 240.0  # labels accepted by pack: 0-20 years
 OLDEST_RSNA_AGE = 228.0  # the oldest bone age in RSNA 2017 (19 years): phantoms, age bins and plots stop there
@@ -51,8 +51,6 @@ OFFICIAL_LAYOUTS = (
 # ``Bone Age Training Set``, ``Bone Age Validation Set``, ``Bone Age Test Set/Test Set Images``.
 SPLIT_WORDS = {"train": "train", "validation": "valid", "test": "test"}
 
-_TRUE = {"true", "t", "1", "1.0", "m", "male", "yes", "y"}
-_FALSE = {"false", "0", "0.0", "f", "female", "no", "n"}  # "f": False and Female both mean not male
 
 
 @dataclass
@@ -63,20 +61,6 @@ class Table:
     skipped: list[dict] = field(default_factory=list)
     layouts: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # problems that must stop the pack (no manifest written)
-
-
-def parse_male(value) -> bool | None:
-    """True/False, TRUE/FALSE, M/F, male/female, 1/0 → is male; None when unrecognised."""
-    if isinstance(value, bool):
-        return value
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    return None
 
 
 def parse_age(value) -> tuple[float | None, str | None]:

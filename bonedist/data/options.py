@@ -4,6 +4,7 @@ checked against. Light on purpose: the CLI reads it without importing OpenCV, pa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,3 +96,21 @@ class GenericCSV:
 
     def __post_init__(self):
         self.age_col = self.age_col or None  # '' on the command line: unlabeled data
+
+
+_TRUE = {"true", "t", "1", "1.0", "m", "male", "yes", "y"}
+_FALSE = {"false", "0", "0.0", "f", "female", "no", "n"}  # "f": False and Female both mean not male
+
+
+def parse_male(value) -> bool | None:
+    """True/False, TRUE/FALSE, M/F, male/female, 1/0 → is male; None when unrecognised."""
+    if isinstance(value, bool):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None

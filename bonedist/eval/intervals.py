@@ -28,12 +28,11 @@ pulls the youngest towards the mean errs more on them than their predicted age s
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bonedist.eval.metrics import AGE_BANDS_YEARS
+AGE_BANDS_YEARS = ((0, 2), (2, 6), (6, 10), (10, 14), (14, 19))  # the report's bands (metrics re-exports them)
 
 METHODS = ("standard", "age", "age_sex", "normalised", "local", "true_age", "true_age_sex")
 LABEL_CONDITIONAL = ("true_age", "true_age_sex")
@@ -67,6 +66,38 @@ def _out_of_fold(fold: np.ndarray, truth: np.ndarray, bounds) -> tuple[np.ndarra
         inside[held] = (truth[held] >= b[:, 0]) & (truth[held] <= b[:, 1])
         width[held] = b[:, 1] - b[:, 0]
     return inside, width
+
+
+class SplitConformal:
+    """Split conformal regression, standard, normalised (``sigmas``) and Mondrian (``bins``): the arithmetic of
+    crepes' ``ConformalRegressor`` (fit, ``predict_int``) in numpy, so that the bundle runtime, which has neither
+    crepes nor its pandas and scipy, gives the same intervals (``tests/test_serving.py`` compares the two). One
+    difference: a radiograph whose bin had no calibration residual gets the whole age range (crepes: [0, 0])."""
+
+    def __init__(self, residuals: np.ndarray, sigmas: np.ndarray | None = None, bins: np.ndarray | None = None):
+        scores = np.abs(np.asarray(residuals, float))
+        if sigmas is not None:
+            scores = scores / np.asarray(sigmas, float)
+        self.bins = None if bins is None else np.asarray(bins)
+        if self.bins is None:
+            self.scores = {None: np.sort(scores)[::-1]}
+        else:
+            self.scores = {b: np.sort(scores[self.bins == b])[::-1] for b in np.unique(self.bins)}
+
+    def intervals(self, pred: np.ndarray, coverage: float, sigmas: np.ndarray | None = None,
+                  bins: np.ndarray | None = None) -> np.ndarray:
+        """(N, 2) bounds: ``pred`` -/+ the calibration score of rank floor((1 - coverage)(n + 1)) of the
+        radiograph's bin (times its sigma); infinite where the bin has too few residuals for ``coverage``."""
+        pred = np.asarray(pred, float)
+        half = np.full(len(pred), np.inf)
+        keys = np.full(len(pred), None, object) if self.bins is None else np.asarray(bins)
+        for key, scores in self.scores.items():
+            rows = np.ones(len(pred), bool) if key is None else keys == key
+            index = int((1 - coverage) * (len(scores) + 1)) - 1
+            half[rows] = scores[index] if index >= 0 else np.inf
+        if sigmas is not None:
+            half = half * np.asarray(sigmas, float)
+        return np.stack([pred - half, pred + half], axis=1)
 
 
 @dataclass
@@ -110,15 +141,13 @@ class IntervalCalibration:
         nearest = np.argpartition(distance, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((len(pred), 0), int)
         return np.maximum(err[nearest].mean(axis=1) if k > 0 else np.ones(len(pred)), 1e-3)
 
-    def _regressor(self):
+    def _regressor(self) -> SplitConformal:
         """The conformal regressor fitted on the calibration residuals, once (predict asks for every batch)."""
         if getattr(self, "_fitted", None) is None:
-            from crepes import ConformalRegressor
-
             cal_pred, cal_male = np.asarray(self.predicted, float), np.asarray(self.male, bool)
-            self._fitted = ConformalRegressor().fit(np.asarray(self.truth, float) - cal_pred,
-                                                    sigmas=self._sigmas(cal_pred, calibration=True),
-                                                    bins=self._bins(cal_pred, cal_male))
+            self._fitted = SplitConformal(np.asarray(self.truth, float) - cal_pred,
+                                          sigmas=self._sigmas(cal_pred, calibration=True),
+                                          bins=self._bins(cal_pred, cal_male))
         return self._fitted
 
     def _label_conditional(self, pred: np.ndarray, male: np.ndarray, coverage: float) -> np.ndarray:
@@ -193,12 +222,8 @@ class IntervalCalibration:
         male = np.broadcast_to(np.asarray(male, bool), pred.shape)
         if self.method in LABEL_CONDITIONAL:
             return self._label_conditional(pred, male, self._band_level(coverage))
-        regressor = self._regressor()
-        with warnings.catch_warnings():  # too few residuals in a bin: the interval is the whole age range
-            warnings.simplefilter("ignore", UserWarning)
-            out = regressor.predict_int(pred, sigmas=self._sigmas(pred), bins=self._bins(pred, male),
-                                        confidence=coverage, y_min=AGE_RANGE[0], y_max=AGE_RANGE[1])
-        return np.nan_to_num(out, nan=AGE_RANGE[0], posinf=AGE_RANGE[1], neginf=AGE_RANGE[0])
+        out = self._regressor().intervals(pred, coverage, sigmas=self._sigmas(pred), bins=self._bins(pred, male))
+        return np.clip(out, *AGE_RANGE)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 from scipy import stats
 
-AGE_BANDS_YEARS = ((0, 2), (2, 6), (6, 10), (10, 14), (14, 19))
+from bonedist.eval.intervals import AGE_BANDS_YEARS  # noqa: F401  (its home is the numpy-only intervals)
 
 
 def regression_metrics(pred: np.ndarray, true: np.ndarray, male: np.ndarray, mu: float, sigma: float,

@@ -10,6 +10,9 @@ Each image is preprocessed exactly as `bonedist pack` does (8/16-bit PNG, JPEG o
 size and resize mode), then run through every trained model; the ensemble uses the validation-fitted weights that
 `bonedist evaluate` saved (report/ensemble.json), else the paper's weights, else equal weights, and its conformal
 interval calibration (report/intervals.json) gives the interval at ``--coverage``.
+
+Torch is imported where a trained model runs: the parsing, loading and formatting helpers here also serve the bundle
+runtime (``bonedist.serving``), which has no torch.
 """
 
 from __future__ import annotations
@@ -19,16 +22,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bonedist import BonedistError
 from bonedist.data.dicom import decode_radiograph
 from bonedist.data.images import MAX_PIXELS, ImageError, not_a_radiograph, resize_square
-from bonedist.data.layouts import parse_male
+from bonedist.data.options import parse_male
 from bonedist.eval.intervals import IntervalCalibration
-from bonedist.eval.runs import find_runs, load_trained, paper_weights
 from bonedist.files import Fields, read_json, reason
-from bonedist.models import list_models, model_info
 
 
 def parse_sex(text: str) -> bool:
@@ -81,7 +81,9 @@ class Ensemble:
     """The trained models of a runs folder as one predictor: every model's months, the ensemble's, and its
     conformal interval at ``coverage`` (when ``evaluate`` calibrated one)."""
 
-    def __init__(self, runs: str | Path, coverage: float = 0.9, device: str | torch.device = "cpu"):
+    def __init__(self, runs: str | Path, coverage: float = 0.9, device="cpu"):
+        from bonedist.eval.runs import find_runs, load_trained
+
         if not 0.05 <= coverage <= 0.99:
             raise BonedistError(f"--coverage must be between 0.05 and 0.99, got {coverage}")
         self.runs, self.coverage = Path(runs), coverage
@@ -90,10 +92,12 @@ class Ensemble:
         # each run's own test-time flip and patch aggregation, in the precision evaluation uses here
         self.predictors = {name: tm.predictor() for name, tm in self.trained.items()}
         self.pack = same_pack(self.trained)
-        self.weights, self.source, column = self._weights()
-        self.calibration = self._calibration(column)
+        self.weights, self.source, self.column = self._weights()  # column: the report's name of this ensemble
+        self.calibration = self._calibration(self.column)
 
     def _weights(self) -> tuple[dict[str, float], str, str]:
+        from bonedist.eval.runs import paper_weights
+
         names = list(self.trained)
         saved = self.runs / "report" / "ensemble.json"
         if saved.exists():
@@ -118,13 +122,15 @@ class Ensemble:
             return None
         return load_interval_calibration(saved, column)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, male: torch.Tensor) -> dict[str, np.ndarray]:
+    def predict(self, images, male) -> dict[str, np.ndarray]:
         """A uint8 batch (B, 1, S, S) at the pack's size → months per model (``model/NAME``), ``bone_age`` and,
         with a calibration, ``low`` and ``high``."""
+        import torch
+
         batch = {"image": images, "male": male.float()}
-        out = {f"model/{name}": self.trained[name].months(self.predictors[name](batch)["pred"].cpu().numpy())
-               for name in self.trained}
+        with torch.no_grad():
+            out = {f"model/{name}": self.trained[name].months(self.predictors[name](batch)["pred"].cpu().numpy())
+                   for name in self.trained}
         out["bone_age"] = sum(w * out[f"model/{m}"] for m, w in self.weights.items())
         if self.calibration is not None:
             bounds = self.calibration.intervals(out["bone_age"], male.cpu().numpy().astype(bool), self.coverage)
@@ -209,10 +215,13 @@ def result_row(image: str, male: bool, chrono: float | None, values: dict, ensem
     return row
 
 
-@torch.no_grad()
 def predict_images(images: list[str], sex: str, runs: str, chronological_age: str | None = None,
                    heatmap: str | None = None, max_pixels: int = MAX_PIXELS, coverage: float = 0.9) -> list[dict]:
     """Single images with one sex (and chronological age) for all: each gets its result or its error."""
+    import torch
+
+    from bonedist.models import list_models, model_info
+
     male = parse_sex(sex)
     chrono = parse_age(chronological_age) if chronological_age else None
     ensemble = Ensemble(runs, coverage)
@@ -239,16 +248,18 @@ def predict_images(images: list[str], sex: str, runs: str, chronological_age: st
 
 
 def _draw(tm, batch, sexes, original, geometry, pack, heatmap: str, image_path: Path, several: bool) -> str:
+    import torch
+
     inputs = tm.pipe.model_batch({"image": batch, "male": sexes})  # boxes and masks of one plain forward pass
-    attention = tm.model(inputs.image, inputs.male)
+    with torch.no_grad():
+        attention = tm.model(inputs.image, inputs.male)
     target = Path(heatmap) if not several else Path(heatmap).with_name(
         f"{Path(heatmap).stem}-{image_path.stem}{Path(heatmap).suffix}")
     draw_heatmap(original, geometry, pack["image_size"], attention["boxes"][0], attention["masks"][0, 0], target)
     return str(target)
 
 
-def draw_heatmap(original: np.ndarray, geometry: dict, pack_size: int, box: torch.Tensor, mask: torch.Tensor,
-                 path: Path) -> None:
+def draw_heatmap(original: np.ndarray, geometry: dict, pack_size: int, box, mask, path: Path) -> None:
     """The AG-CNN attention box and chosen component, mapped back onto the original radiograph.
 
     Model space (the model's input size) → packed space (``pack_size``, letterboxed or stretched) → original pixels.
