@@ -22,12 +22,15 @@ from bonedist.commands import (
     BenchLoaderOptions,
     BenchPackOptions,
     BenchPredictOptions,
+    BenchServeOptions,
     BenchTrainLoopOptions,
     BenchTrainStepOptions,
     DemoOptions,
+    ExportOptions,
     InspectOptions,
     ModelsOptions,
     PredictOptions,
+    ServeOptions,
     StudyPatchOptions,
     SynthOptions,
 )
@@ -162,6 +165,8 @@ def _cmd_predict(args) -> int:
     from bonedist.eval.predict import format_result, parse_age, parse_sex, predict_images
 
     o = _options(args, PredictOptions)
+    if o.bundle:
+        return _predict_bundle(args.images, o)
     if o.heatmap:
         if not args.images or o.table or not o.sex:
             raise BonedistError("--heatmap draws single images: give image files and --sex")
@@ -185,6 +190,86 @@ def _cmd_predict(args) -> int:
     if failed:
         print(f"bonedist predict: {len(failed)} of {len(rows)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _predict_bundle(images: list[str], o: PredictOptions) -> int:
+    """``predict --bundle``: the exported ensemble on onnxruntime (no torch imported)."""
+    import json
+
+    from bonedist.eval.predict import format_result
+    from bonedist.serving.bundle import Bundle, predict_files
+
+    if o.table or o.heatmap:
+        raise BonedistError("--bundle predicts image files or a folder; --table and --heatmap need --runs")
+    rows = predict_files(Bundle(o.bundle, o.coverage), images, o.sex, o.chronological_age, o.max_pixels,
+                         o.batch_size)
+    failed = [r for r in rows if "error" in r]
+    if o.out:
+        from bonedist.eval.worklist import write_results
+
+        written = write_results([{**r, "index": i} for i, r in enumerate(rows)], Path(o.out))
+        print(f"wrote {written[0]} and {written[1]}: {len(rows) - len(failed)} of {len(rows)} radiographs predicted")
+    elif o.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print("\n".join(format_result(r) for r in rows if "error" not in r))
+    for row in failed[:20]:
+        print(f"bonedist predict: error: {row['error']}", file=sys.stderr)
+    if failed:
+        print(f"bonedist predict: {len(failed)} of {len(rows)} image(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _add_export(sub) -> None:
+    p = _command(sub, "export", ExportOptions, _cmd_export,
+                 "an evaluated runs folder as a bundle: ONNX members, weights, intervals, model card")
+    p.add_argument("runs", help="runs/EXPERIMENT with trained (and evaluated) models")
+
+
+def _cmd_export(args) -> int:
+    from bonedist.serving.bundle import Bundle
+    from bonedist.serving.export import export_bundle
+
+    o = _options(args, ExportOptions)
+    description = export_bundle(args.runs, o.out, overwrite=o.overwrite)
+    Bundle(o.out)  # read back as a user's service will: checksums, fields, onnxruntime sessions
+    cal = description["intervals"]
+    print(f"wrote {o.out}: {len(description['members'])} member(s) "
+          f"({', '.join(m['name'] for m in description['members'])}), {description['ensemble']['source']} weights, "
+          f"intervals {cal['method'] if cal else 'none (evaluate the runs first)'}; MODEL_CARD.md inside")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = _command(sub, "serve", ServeOptions, _cmd_serve,
+                 "an exported bundle behind an HTTP API (FastAPI + uvicorn)")
+    p.add_argument("bundle", nargs="?", help="the bundle folder (bonedist export)")
+
+
+def _cmd_serve(args) -> int:
+    import os
+
+    from bonedist.serving.service import ServeSettings, openapi_text, serve
+
+    o = _options(args, ServeOptions)
+    if o.write_openapi:
+        write_atomic(o.write_openapi, openapi_text())
+        print(f"wrote {o.write_openapi}")
+        return 0
+    if not args.bundle:
+        raise BonedistError("give the bundle folder: bonedist serve BUNDLE")
+    token = os.environ.get("BONEDIST_TOKEN") or None
+    if o.token_file:
+        try:
+            token = Path(o.token_file).read_text().strip()
+        except OSError as exc:
+            raise BonedistError(f"--token-file {o.token_file}: cannot read it ({exc.strerror})") from None
+        if not token:
+            raise BonedistError(f"--token-file {o.token_file}: the file is empty")
+    settings = ServeSettings(int(o.max_upload_mb * 2**20), o.max_pixels, o.max_files, o.timeout, o.max_batch,
+                             o.batch_wait_ms, token)
+    serve(args.bundle, o.host, o.port, settings, o.coverage, o.threads, o.log_level)
+    return 0
 
 
 def _process_state():
@@ -328,6 +413,9 @@ def _add_bench(sub) -> None:
     b = _command(bench, "train-loop", BenchTrainLoopOptions, _cmd_bench_train_loop,
                  "the engine's training loop beside the bare model step, by phase")
     b.add_argument("--model", required=True, help="a model of `bonedist models`")
+    b = _command(bench, "serve", BenchServeOptions, _cmd_bench_serve,
+                 "the HTTP service's radiographs/s and latency beside bonedist predict, onnxruntime beside torch")
+    b.add_argument("bundle", help="an exported bundle (bonedist export)")
     b = _command(bench, "predict", BenchPredictOptions, _cmd_bench_predict,
                  "radiographs/s: a worklist in one predict call vs one call per image")
     b.add_argument("--runs", required=True, help="runs/EXPERIMENT with trained models")
@@ -419,6 +507,14 @@ def _cmd_bench_loader(args) -> int:
 
     o = _options(args, BenchLoaderOptions)
     bench_loader(n=o.n, batch_size=o.batch_size, batches=o.batches, workers=o.workers, device=o.device)
+    return 0
+
+
+def _cmd_bench_serve(args) -> int:
+    from bonedist.bench.serve import bench_serve
+
+    o = _options(args, BenchServeOptions, bundle=args.bundle)
+    bench_serve(o)
     return 0
 
 
@@ -544,6 +640,12 @@ HELP = {
                  "bonedist evaluate --runs runs/rsna --split test"),
     "predict": ("Bone age of radiographs with the trained ensemble, on a CPU if need be; each image gets its "
                 "result or its error.", "bonedist predict hand.png --sex F --runs runs/rsna --chronological-age 10y3m"),
+    "export": ("An evaluated runs folder as a self-contained bundle: each model in ONNX, its input specification, "
+               "the ensemble weights, the interval calibration, a model card and checksums. Predicting from it needs "
+               "numpy, OpenCV, onnxruntime and pydicom only.", "bonedist export runs/rsna --out bundles/rsna"),
+    "serve": ("Serve a bundle over HTTP: POST /v1/predictions with a PNG, JPEG or DICOM radiograph; problem-details "
+              "errors, bounded requests, batching, optional bearer token.",
+              "bonedist serve bundles/rsna --host 0.0.0.0 --port 8000 --token-file token.txt"),
     "models": (None, None),
     "weights": ("Save the ImageNet backbones for compute nodes without internet.", "bonedist weights fetch weights/"),
     "study": ("The paper's studies, as commands.", "bonedist study patches --shards shards/rsna"),
@@ -558,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"bonedist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_evaluate, _add_predict, _add_models,
+    for add in (_add_synth, _add_pack, _add_inspect, _add_train, _add_evaluate, _add_predict, _add_export, _add_serve,
+                _add_models,
                 _add_weights, _add_sweep, _add_study, _add_demo, _add_bench):
         add(sub)
     for name, command in sub.choices.items():
@@ -590,6 +693,7 @@ SUB_EXAMPLES = {
                       "--seeds 2",
     "bench compare": "bonedist bench compare --data /data/rsna --model resnet18 --vary lr=1e-3,4e-3 --vary ema=0.999",
     "bench train-loop": "bonedist bench train-loop --model xception --preset improved --image-size 500 --batch-size 32",
+    "bench serve": "bonedist bench serve bundles/rsna --runs runs/rsna --clients 1,8,32",
     "bench train-step": "bonedist bench train-step --model xception --batch-size 32 --image-size 500",
 }
 

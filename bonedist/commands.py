@@ -60,6 +60,8 @@ class PredictOptions(Checked):
                                    "for a table or folder: predictions.csv)")
     json: bool = option(False, "machine-readable output on stdout")
     heatmap: str | None = option(None, "PNG with the AG-CNN attention box and mask (single images)")
+    bundle: str | None = option(None, "predict with an exported bundle (bonedist export) instead of --runs: needs "
+                                      "numpy, OpenCV, onnxruntime and pydicom only, no torch")
     batch_size: int = option(32, "radiographs per batch", minimum=1)
     workers: int = option(2, "decoding processes", minimum=0)
     max_pixels: int = option(MAX_PIXELS, "refuse images whose header declares more pixels than this", minimum=1,
@@ -219,3 +221,41 @@ class BenchTrainStepOptions(Checked):
                                     minimum=32)
     steps: int = option(10, "timed steps", minimum=1)
     device: str | None = option(None, DEVICE)
+
+
+@dataclass
+class ExportOptions(Checked):
+    out: str = option("bundle", "the bundle folder to write (refused if it exists, unless --overwrite)")
+    overwrite: bool = option(False, "replace an existing --out folder")
+
+
+@dataclass
+class ServeOptions(Checked):
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface, as in a container)")
+    port: int = option(8000, "TCP port", minimum=1, maximum=65535)
+    coverage: float = option(0.9, "of the prediction intervals", minimum=0.05, maximum=0.99)
+    token_file: str | None = option(None, "a file holding the bearer token every /v1 call must send (default: the "
+                                          "BONEDIST_TOKEN environment variable; neither: no token)")
+    max_upload_mb: float = option(64.0, "largest request accepted, in MiB", minimum=0.001)
+    max_pixels: int = option(MAX_PIXELS, "refuse images whose header declares more pixels than this", minimum=1,
+                             parse=parse_pixels)
+    max_files: int = option(32, "files per batch request", minimum=1)
+    max_batch: int = option(16, "radiographs run through the model together", minimum=1)
+    batch_wait_ms: float = option(5.0, "how long the first queued radiograph waits for others", minimum=0)
+    timeout: float = option(60.0, "seconds a request may wait for the model before a 503", minimum=0.1)
+    threads: int | None = option(None, "onnxruntime threads (default: every core)", minimum=1)
+    log_level: str = option("info", "log level", ("debug", "info", "warning", "error"))
+    write_openapi: str | None = option(None, "write the API description (OpenAPI JSON) to this file and exit")
+
+
+@dataclass
+class BenchServeOptions(Checked):
+    bundle: str = option("", "an exported bundle", cli=False)
+    runs: str | None = option(None, "the runs folder it was exported from (default: the bundle's own record), for "
+                                    "the bonedist predict and torch rows")
+    images: str | None = option(None, "a folder of PNG, JPEG or DICOM files (default: the real sample radiographs "
+                                      "next to the repository)")
+    requests: int = option(200, "requests per concurrency level", minimum=1)
+    clients: str = option("1,8,32", "concurrency levels (comma-separated)")
+    single: int = option(5, "bonedist predict calls timed, one image each", minimum=1)
+    batch_size: int = option(32, "radiographs in the onnxruntime-vs-torch batch", minimum=1)
