@@ -326,6 +326,7 @@ def test_the_service_answers_sixteen_concurrent_clients_and_every_bad_request_wi
             if want == 200:
                 assert abs(body["bone_age_months"] - expected[upload[0][0]]) < 0.01
                 assert body["interval"]["low_months"] <= body["bone_age_months"] <= body["interval"]["high_months"]
+                assert body["bundle"] == bundle.identity
                 if upload[0][0] == "hand.dcm":
                     assert body["sex"] == "M" and body["chronological_age_months"] == 132.0
                     assert body["sex_source"] == "dicom"
@@ -348,6 +349,9 @@ def test_the_service_answers_sixteen_concurrent_clients_and_every_bad_request_wi
         response = conn.getresponse()
         assert response.status == 404 and response.getheader("Content-Type") == "application/problem+json"
         response.read()
+        conn.request("GET", "/ready")
+        served = json.loads(conn.getresponse().read())["served"]
+        assert served["batches"] < served["radiographs"]  # concurrent requests shared batches
         conn.request("GET", "/problems/bad-image")
         assert "PNG, JPEG or DICOM" in json.loads(conn.getresponse().read())["meaning"]
         conn.request("GET", "/health")

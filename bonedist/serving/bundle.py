@@ -144,6 +144,9 @@ class Bundle:
             data.fail("format_version", f"is {version}; this bonedist reads bundles up to version {FORMAT_VERSION}: "
                                         f"upgrade bonedist")
         self.description = data.data
+        # which model answered: kept with every result, so a report can be traced back to its bundle
+        self.identity = {"digest": files[DESCRIPTION][:16], "created": data.get("created"),
+                         "bonedist_version": data.get("bonedist_version")}
         pack = data.mapping("pack")
         self.pack = {"image_size": pack.number("image_size", minimum=8, integer=True),
                      "resize_mode": pack.text("resize_mode", RESIZE_MODES)}
@@ -284,7 +287,7 @@ def predict_files(bundle: Bundle, images: list[str], sex: str | None, chronologi
         part = ready[start:start + batch_size]
         values = bundle.predict(np.stack([p[1] for p in part]), np.array([p[2] for p in part]))
         for k, (i, _, male, age) in enumerate(part):
-            rows[i] = result_row(str(paths[i]), male, age, values, bundle, index=k)
+            rows[i] = {**result_row(str(paths[i]), male, age, values, bundle, index=k), "bundle": bundle.identity}
     return rows
 
 

@@ -280,6 +280,7 @@ def create_app(bundle=None, settings: ServeSettings | None = None) -> FastAPI:
         row["sex_source"] = sex_source
         if age_source:
             row["chronological_age_source"] = age_source
+        row["bundle"] = bundle.identity
         row["request_id"] = request.state.request_id
         return row
 
@@ -300,7 +301,9 @@ def create_app(bundle=None, settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/ready", summary="readiness: the bundle is loaded and answered a warm-up request")
     async def ready():
         _ready()
-        return {"status": "ready", "members": bundle.names, "providers": bundle.providers}
+        batcher = state["batcher"]
+        return {"status": "ready", "members": bundle.names, "providers": bundle.providers, "bundle": bundle.identity,
+                "served": {"radiographs": batcher.radiographs, "batches": batcher.batches}}
 
     @app.get("/v1/model", summary="the model card: data, metrics with confidence intervals, interval coverage")
     async def model():
