@@ -12,6 +12,7 @@ and never a number computed from a damaged value.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,15 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     with atomic_open(path, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes)
                                                                        else {"encoding": "utf-8"})) as f:
         f.write(data)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: str | Path, obj, indent: int | None = 1, default=None) -> None:

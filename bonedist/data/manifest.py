@@ -14,7 +14,7 @@ import numpy as np
 
 from bonedist import BonedistError
 from bonedist.data.layouts import MAX_AGE_MONTHS
-from bonedist.files import Fields, read_json, write_atomic
+from bonedist.files import Fields, read_json, sha256_file, write_atomic  # noqa: F401  (sha256_file re-exported)
 
 MANIFEST = "manifest.json"
 AGE_BIN_EDGES = list(range(0, int(MAX_AGE_MONTHS) + 1, 12))  # 20 one-year bins over the accepted ages
@@ -23,14 +23,6 @@ AGE_BIN_EDGES = list(range(0, int(MAX_AGE_MONTHS) + 1, 12))  # 20 one-year bins 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def age_stats(ages: list) -> dict:

@@ -13,7 +13,6 @@ Loading verifies every checksum and every field, and refuses with one line namin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import numpy as np
 from bonedist import BonedistError
 from bonedist.data.images import MAX_PIXELS, RESIZE_MODES
 from bonedist.eval.intervals import METHODS, IntervalCalibration
-from bonedist.files import Fields, read_json
+from bonedist.files import Fields, read_json, sha256_file
 from bonedist.serving.preprocess import model_inputs
 
 FORMAT = "bonedist-bundle"
@@ -44,14 +43,6 @@ def finite(value):
     if isinstance(value, list):
         return [finite(v) for v in value]
     return value
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_manifest(root: Path) -> dict[str, str]:

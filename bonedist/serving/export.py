@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from bonedist import BonedistError, __version__
-from bonedist.files import read_json, write_atomic, write_json_atomic
-from bonedist.serving.bundle import DESCRIPTION, FORMAT, FORMAT_VERSION, MANIFEST, finite, sha256_file
+from bonedist.files import read_json, sha256_file, write_atomic, write_json_atomic
+from bonedist.serving.bundle import DESCRIPTION, FORMAT, FORMAT_VERSION, MANIFEST, finite
 
 OPSET = 18
 TOLERANCE_MONTHS = 0.05  # onnxruntime vs torch on the export's check batch
