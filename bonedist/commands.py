@@ -170,6 +170,9 @@ class BenchAccuracyOptions(Checked):
     replicas: int | None = option(None, "train every model N times, each run another seed (MODEL, MODEL-2, ...; "
                                         "seed + 1000 k) and a separate ensemble member (default: the preset's for its "
                                         "default list, else 1)", minimum=1, metavar="N")
+    single: str = option("auto", "also train one model with the whole budget, alone, as the row the runs sharing it "
+                                 "must beat: auto (the list's first model, when the list has several runs), a "
+                                 "model, or off", metavar="auto|MODEL|off")
 
 
 @dataclass

@@ -27,17 +27,18 @@ def _trainable(model) -> int:
 
 
 def test_each_preset_has_a_default_model_list_with_budget_shares():
-    from bonedist.bench.accuracy import plan_jobs
+    from bonedist.bench.accuracy import plan_jobs, plan_single
     from bonedist.models import default_models
     from bonedist.train.config import resolve_config
     from tests.conftest import run_cli
 
-    # the paper's four stay the paper preset's; scratch trains what its comparison chose (README), with shares:
-    # CSPNeXt-tiny on hand-masked radiographs, two partners on whole ones (errors less alike: the ensemble gains)
+    # the paper's four stay the paper preset's; scratch trains what its comparison chose (README): CSPNeXt-tiny
+    # alone with the whole budget, on hand-masked radiographs (the former partners train on whole ones)
     assert list(default_models("paper")) == ["inception_v3", "xception", "resnet50_patch", "agcnn"]
     scratch = default_models("scratch")
-    assert scratch == {"cspnext_tiny": 1.0, "cspnext_s": 1.0, "cs3darknet_s": 1.0}
-    masked = {m: resolve_config(m, "x", "scratch").input.hand_mask for m in scratch}
+    assert scratch == {"cspnext_tiny": 1.0}
+    masked = {m: resolve_config(m, "x", "scratch").input.hand_mask for m in ("cspnext_tiny", "cspnext_s",
+                                                                              "cs3darknet_s")}
     assert masked == {"cspnext_tiny": True, "cspnext_s": False, "cs3darknet_s": False}
     assert set(default_models("tiny")) == set(list_models("tiny"))  # a preset no model names: every model
     jobs = plan_jobs(["scratch", "paper"])
@@ -48,8 +49,18 @@ def test_each_preset_has_a_default_model_list_with_budget_shares():
     twice = plan_jobs(["scratch"], ["resnet18", "timm/resnet34"], replicas=2)  # seed replicas: separate runs
     assert [(j.run, j.replica) for j in twice] == [("resnet18", 0), ("resnet18-2", 1), ("timm/resnet34", 0),
                                                    ("timm-resnet34-2", 1)]
-    assert {(j.model, j.share) for j in plan_jobs(["scratch"], shares={"cspnext_tiny": 5})} == {
-        ("cspnext_tiny", 5.0), ("cspnext_s", 1.0), ("cs3darknet_s", 1.0)}
+    assert {(j.model, j.share) for j in plan_jobs(["paper"], shares={"xception": 5})} == {
+        ("inception_v3", 1.0), ("xception", 5.0), ("resnet50_patch", 1.0), ("agcnn", 1.0)}
+    # beside a list of several runs, one model alone with the whole budget (bench accuracy --single)
+    assert [(j.experiment, j.model, j.whole) for j in plan_single(plan_jobs(["tiny"], ["xception", "resnet18"]))] \
+        == [("tiny-whole", "xception", True)]
+    assert plan_single(plan_jobs(["tiny"], ["xception", "resnet18"]), "off") == []
+    assert plan_single(plan_jobs(["tiny"], ["xception"])) == []  # one run: it is already alone
+    assert [j.model for j in plan_single(plan_jobs(["tiny"], ["xception"]), "resnet18")] == ["resnet18"]
+    assert [j.model for j in plan_single(plan_jobs(["scratch", "tiny"], ["xception", "resnet18"]))] == [
+        "xception", "xception"]
+    with pytest.raises(BonedistError, match="--single 'vgg'"):
+        plan_single(plan_jobs(["tiny"], ["xception"]), "vgg")
     with pytest.raises(BonedistError, match="--shares"):
         plan_jobs(["scratch"], shares={"xception": 1})  # not a model of the run
     with pytest.raises(BonedistError, match="--replicas 0"):

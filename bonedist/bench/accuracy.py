@@ -11,6 +11,11 @@ trains twice, or ``--replicas 2``, runs again as MODEL-2 with another seed, a se
 each preset on the test split (the validation split when the test split has no ages) with `bonedist evaluate`, and
 prints the MAE of every run and ensemble beside the predict-the-mean baseline measured on the same images (and the
 presets side by side). Runs in one process, on one GPU or on the CPU.
+
+Where a preset's list has several runs, the benchmark also trains the list's first model alone with the whole budget
+(OUT/runs/PRESET-whole/MODEL; ``--single MODEL`` names another, ``--single off`` skips it; the benchmark then takes
+twice the budget) and reports it as the row ``MODEL (whole budget)``: an ensemble earns its compute only where it
+beats that row, the same minutes spent on one model.
 """
 
 from __future__ import annotations
@@ -51,39 +56,49 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
                    models: list[str] | None = None, out: str | Path = "runs/bench-accuracy",
                    pretrained: str | None = None, wandb: str = "off", workers: int = 0,
                    overrides: dict | None = None, holdout: dict | None = None, holdout_seed: int = 0,
-                   seeds: list[int] | None = None, shares: dict | None = None, replicas: int | None = None) -> dict:
+                   seeds: list[int] | None = None, shares: dict | None = None, replicas: int | None = None,
+                   single: str = "auto") -> dict:
     """See the module docstring. ``models``: the same models in every preset (default: each preset's default model
     list, ``bonedist models --preset P``, with its budget shares); ``seeds``: the whole benchmark (training and
     evaluation, ``budget`` minutes each time) once per seed, every row as mean ± standard deviation; ``shares``: each
     model's relative share of the budget (default: the preset's shares for its default list, else equal);
     ``replicas``: runs per model, each another seed and a separate ensemble member (default: the preset's for its
-    default list, else one)."""
+    default list, else one); ``single``: the model trained alone with the whole budget beside a list of several
+    runs (auto: the list's first; off: none)."""
     from bonedist.data.manifest import load_manifest
     from bonedist.train.presets import preset_values
 
     if budget <= 0:
         raise BonedistError(f"--budget must be positive minutes, got {budget}")
     jobs = plan_jobs(presets, models, shares, replicas)
+    alone = plan_single(jobs, single)
     models = list(dict.fromkeys(j.model for j in jobs))
     shares = {f"{j.preset}/{j.run}": j.share for j in jobs}
     size = size or max(preset_values(p).get("input", {}).get("image_size", 500) for p in presets)
     seeds = list(seeds or [None])
     out = Path(out)
     start = time.perf_counter()
-    print(f"[1/3] {len(seeds)} seed(s) x {budget:g} training minutes each")
+    print(f"[1/3] {len(seeds)} seed(s) x {budget:g} training minutes each"
+          + (f", then {budget:g} more for one model alone ({', '.join(f'{j.preset}/{j.model}' for j in alone)}; "
+             f"--single off skips it)" if alone else ""))
     shards = pack_for_bench(data, out / "shards", size, workers, holdout, holdout_seed)
     splits = load_manifest(shards)["splits"]
     split = "test" if splits.get("test", {}).get("labeled") else "validation"
     pack_seconds = time.perf_counter() - start
-    per_seed, trained, train_seconds = [], [], 0.0
+    per_seed, trained, train_seconds, alone_seconds = [], [], 0.0, 0.0
     for seed in seeds:
         runs = out / "runs" if seed is None else out / "runs" / f"seed{seed}"
         t0 = time.perf_counter()
         trained += _train_jobs(shards, runs, jobs, budget, size, pretrained, wandb, overrides, seed)
         train_seconds += time.perf_counter() - t0
-        per_seed.append(_evaluate_presets(runs, presets, split, splits, wandb, workers, jobs))
+        t0 = time.perf_counter()
+        for job in alone:  # each alone with the whole budget
+            trained += _train_jobs(shards, runs, [job], budget, size, pretrained, wandb, overrides, seed)
+        alone_seconds += time.perf_counter() - t0
+        per_seed.append(_evaluate_presets(runs, presets, split, splits, wandb, workers, jobs + alone))
     summary = {"data": str(data), "size": size, "split": split, "n": splits[split]["count"], "presets": presets,
                "models": models, "shares": shares, "budget_min": budget, "seeds": seeds,
+               "single": {j.preset: j.model for j in alone}, "single_min": alone_seconds / 60.0 / len(seeds),
                "pack_min": pack_seconds / 60.0, "train_min": train_seconds / 60.0 / len(seeds), "runs": trained,
                **_combine(per_seed)}
     write_json_atomic(out / "accuracy.json", summary)
@@ -93,14 +108,24 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     return summary
 
 
+WHOLE = "-whole"  # the folder suffix of a preset's model trained alone with the whole budget
+WHOLE_ROW = "{model} (whole budget)"
+
+
 class Job(NamedTuple):
     """One training run of a benchmark: ``run`` is its folder and row (the model's name, or ``MODEL-2`` ... for
-    another seed of it, ``models.replica_run``), ``share`` its relative share of the budget."""
+    another seed of it, ``models.replica_run``), ``share`` its relative share of the budget; ``whole``: the model
+    alone with the whole budget, in PRESET-whole."""
 
     preset: str
     model: str
     share: float
     replica: int = 0
+    whole: bool = False
+
+    @property
+    def experiment(self) -> str:
+        return self.preset + (WHOLE if self.whole else "")
 
     @property
     def run(self) -> str:
@@ -135,6 +160,23 @@ def plan_jobs(presets: list[str], models: list[str] | None = None, shares: dict 
     return jobs
 
 
+def plan_single(jobs: list[Job], single: str = "auto") -> list[Job]:
+    """The whole-budget single-model run beside each preset whose list has several runs: ``auto`` its list's first
+    model, a model name that model, ``off`` none."""
+    from bonedist.models import is_model, list_models
+
+    if single not in ("auto", "off") and not is_model(single):
+        raise BonedistError(f"--single {single!r}: auto, off or a model ({', '.join(list_models())})")
+    if single == "off":
+        return []
+    out = []
+    for preset in dict.fromkeys(j.preset for j in jobs):
+        listed = [j for j in jobs if j.preset == preset]
+        if len(listed) > 1 or (single != "auto" and listed[0].model != single):
+            out.append(Job(preset, listed[0].model if single == "auto" else single, 1.0, whole=True))
+    return out
+
+
 def _train_jobs(shards: Path, runs: Path, jobs: list[Job], budget, size, pretrained, wandb, overrides,
                 seed) -> list[dict]:
     """Every job within ``budget`` minutes, each its share of what is left when it starts (what a run leaves
@@ -154,17 +196,19 @@ def _train_jobs(shards: Path, runs: Path, jobs: list[Job], budget, size, pretrai
         options = {"pretrained": pretrained} if pretrained is not None and model_info(job.model).pretrained else {}
         extra = {**(overrides or {}), **({} if seed is None else {"seed": seed})}
         # patches keep their share of the side (InputConfig.patch_share); Inception keeps its minimum
-        cfg = resolve_config(job.model, str(shards), job.preset, experiment=job.preset, runs_dir=str(runs),
+        cfg = resolve_config(job.model, str(shards), job.preset, experiment=job.experiment, runs_dir=str(runs),
                              input={"image_size": size}, model_options=options, time_budget_min=max(share, 0.05),
                              wandb=wandb, **extra)
         run, run_seed = replica_run(job.model, job.replica, cfg.seed)  # replica k: seed + 1000 k, MODEL-(k+1)
         cfg = dataclasses.replace(cfg, seed=run_seed, run_name=run)
-        print(f"  {job.preset}/{run}: up to {cfg.epochs} epochs in {share:.1f} min, seed {run_seed}")
+        print(f"  {job.experiment}/{run}: up to {cfg.epochs} epochs in {share:.1f} min, seed {run_seed}"
+              + (" (alone, the whole budget)" if job.whole else ""))
         t0 = time.perf_counter()
         code, _, _ = train_in_process(cfg)
         if code != 0:
-            raise BonedistError(f"training {job.preset}/{run} stopped (exit {code}); run the same command to resume")
-        trained.append({"preset": job.preset, "model": job.model, "run": run, "seed": run_seed,
+            raise BonedistError(f"training {job.experiment}/{run} stopped (exit {code}); run the same command to "
+                                f"resume")
+        trained.append({"preset": job.preset, "model": job.model, "run": run, "seed": run_seed, "whole": job.whole,
                         "minutes": (time.perf_counter() - t0) / 60})
     return trained
 
@@ -175,12 +219,19 @@ def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers, jobs: 
     print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
     results, bias, intervals, weights, checks = {}, {}, {}, {}, {}
     for preset in presets:
-        planned = ",".join(dict.fromkeys(j.model for j in jobs if j.preset == preset))  # warn only of what failed
+        planned = ",".join(dict.fromkeys(j.model for j in jobs if j.preset == preset and not j.whole))
         result = evaluate(EvalOptions(runs=str(runs / preset), split=split, wandb=wandb, workers=workers or 2,
-                                      expect=planned))
+                                      expect=planned))  # warns only of what failed
         results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
         bias[preset] = {name: m["bias_months"] for name, m in result["metrics"].items()}
         intervals[preset] = {name: _interval_summary(r) for name, r in result.get("intervals", {}).items()}
+        for job in (j for j in jobs if j.preset == preset and j.whole):
+            alone = evaluate(EvalOptions(runs=str(runs / job.experiment), split=split, wandb=wandb,
+                                         workers=workers or 2, expect=job.model))
+            row, metrics = WHOLE_ROW.format(model=job.run), alone["metrics"][job.run]
+            results[preset][row], bias[preset][row] = metrics["mae_months"], metrics["bias_months"]
+            if job.run in alone.get("intervals", {}):
+                intervals[preset][row] = _interval_summary(alone["intervals"][job.run])
         if "fitted" in result["ensembles"]:
             weights[preset] = {"weights": result["ensembles"]["fitted"], **result.get("ensemble_fit", {})}
         checks[preset] = {name: {kind: c[kind]["mae_months"] for kind in c} | {
@@ -237,6 +288,7 @@ def format_table(summary: dict) -> str:
     width = 16 if not spread else 22
     lines = [f"accuracy on {summary['n']} {summary['split']} radiographs at {summary['size']} px; packing "
              f"{summary['pack_min']:.1f} min, training {summary['train_min']:.1f} of {summary['budget_min']:g} min"
+             + (f" (and {summary['single_min']:.1f} for the model alone)" if summary.get("single") else "")
              + (f" per seed, seeds {','.join(map(str, seeds))} (mean ± sd)" if len(seeds) > 1 else ""),
              f"{'(months)':<26}" + "".join(f"{p + ' MAE':>{width}}{'bias':>8}{'/mean':>7}" for p in presets)]
     for row in rows:
@@ -260,10 +312,18 @@ def format_table(summary: dict) -> str:
         if base:
             lines.append(f"{preset}: best {best[1]} {best[0]:.2f} months = {best[0] / base:.2f}x the "
                          f"predict-the-mean baseline ({base:.2f}: the training split's mean age for everyone)")
-        if members and best[1].startswith("ensemble"):
+        alone = {k: v for k, v in members.items() if k.endswith(WHOLE_ROW.format(model=""))}
+        members = {k: v for k, v in members.items() if k not in alone}
+        shared = min(((v, k) for k, v in results[preset].items()
+                      if v is not None and (k in members or k.startswith("ensemble"))), default=None)
+        if members and shared[1].startswith("ensemble"):
             member = min((v, k) for k, v in members.items())
-            lines.append(f"{preset}: {best[1]} = {best[0] / member[0]:.2f}x its best member ({member[1]} "
+            lines.append(f"{preset}: {shared[1]} = {shared[0] / member[0]:.2f}x its best member ({member[1]} "
                          f"{member[0]:.2f})")
+        for row, value in alone.items() if shared else ():
+            verdict = "beats it" if shared[0] < value else "does not beat it"
+            lines.append(f"{preset}: the best of the runs sharing the budget, {shared[1]} {shared[0]:.2f}, = "
+                         f"{shared[0] / value:.2f}x {row} {value:.2f}: sharing the budget {verdict}")
     for preset, fit in summary.get("ensemble_fit", {}).items():
         if "cross_validated_mae_months" not in fit:
             continue

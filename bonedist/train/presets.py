@@ -66,10 +66,11 @@ def improved() -> dict:
             "input": {"image_size": 500, "hand_mask": True}}
 
 
-# cspnext_tiny (on hand-masked radiographs) and cspnext_s learned the most per CPU-minute at 100 px of the
-# architectures screened, with cs3darknet_s as a third, differently built member (docs/results.md, "Accuracy")
-@register_preset("scratch", "no ImageNet weights, any image size",
-                 models={"cspnext_tiny": 1.0, "cspnext_s": 1.0, "cs3darknet_s": 1.0})
+# one model with the whole budget: cspnext_tiny (on hand-masked radiographs) learned the most per CPU-minute at
+# 100 px of the architectures screened, and alone with the hour it beat the three-model ensemble that shared it
+# (cspnext_tiny, cspnext_s, cs3darknet_s: docs/results.md, "Accuracy"); `bench accuracy --models` with several
+# still trains this one alone beside them (--single)
+@register_preset("scratch", "no ImageNet weights, any image size", models={"cspnext_tiny": 1.0})
 def scratch() -> dict:
     """No ImageNet weights (offline clusters, small images): every model from random initialisation, one cycle
     (30% warmup, cosine to zero), natural age distribution, each radiograph's contrast stretched. Learning rate,
