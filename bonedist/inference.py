@@ -27,17 +27,22 @@ class Predictor:
     flip: bool = False
     aggregate: str = "mean"
     autocast: Callable | None = None  # a context manager factory (Accelerate's ``autocast``), None: fp32
+    views: tuple[tuple[float, float], ...] = ((0.0, 1.0),)  # test-time (degrees, zoom) views (``spec.tta_views``)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        outputs = self._forward(batch, flip=False)
-        if self.flip:  # average with the mirror (test-time augmentation)
-            mirrored = self._forward(batch, flip=True)
-            outputs = {k: (v + mirrored[k]) / 2 for k, v in outputs.items()}
-        return outputs
+        """The mean over the test-time views (each with its mirror when ``flip``), in the order the serving
+        runtime sums them."""
+        total, count = None, 0
+        for view in self.views:
+            for flip in (False, True) if self.flip else (False,):
+                outputs = self._forward(batch, flip=flip, view=view)
+                total = outputs if total is None else {k: total[k] + v for k, v in outputs.items()}
+                count += 1
+        return total if count == 1 else {k: v / count for k, v in total.items()}
 
-    def _forward(self, batch: dict, flip: bool) -> dict[str, torch.Tensor]:
-        inputs = self.pipe.model_batch(batch, flip=flip)
+    def _forward(self, batch: dict, flip: bool, view: tuple[float, float] = (0.0, 1.0)) -> dict[str, torch.Tensor]:
+        inputs = self.pipe.model_batch(batch, flip=flip, view=None if view == (0.0, 1.0) else view)
         with self.autocast() if self.autocast else nullcontext():
             out = self.model(inputs.image, inputs.male)
         result = {"pred": out["pred"].float(), **{k: out[k].float() for k in self.model.task.branches}}

@@ -15,6 +15,20 @@ MIN_PATCH = 8  # the smallest patch side a preset's share may give
 INPUT = "input"
 
 
+def tta_views(rotate: float = 0.0, scale: float = 0.0) -> tuple[tuple[float, float], ...]:
+    """The views a model's test-time averaging sees beside the radiograph itself, as (degrees, zoom) about its
+    centre: rotated by -``rotate`` and +``rotate`` degrees and zoomed by 1 -/+ ``scale`` (Deeplasia's rotations;
+    each also mirrored when the flip is on). 0 leaves that kind out."""
+    if rotate < 0 or not 0 <= scale < 1:
+        raise BonedistError(f"test-time views: rotation {rotate} must be >= 0 degrees and zoom {scale} in [0, 1)")
+    views = [(0.0, 1.0)]
+    if rotate:
+        views += [(-float(rotate), 1.0), (float(rotate), 1.0)]
+    if scale:
+        views += [(0.0, 1.0 - float(scale)), (0.0, 1.0 + float(scale))]
+    return tuple(views)
+
+
 @dataclass
 class InputConfig:
     """The input settings of a run; a preset gives them, flags override them, ``InputSpec.resolve`` applies them to a

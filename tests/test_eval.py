@@ -182,6 +182,26 @@ def test_two_process_evaluation_equals_one_process(trained_runs, report, tmp_pat
 
 
 @pytest.mark.slow
+def test_test_time_views_are_averaged_reported_and_bounded(evaluated_pair, tmp_path):
+    """--tta-rotate/--tta-scale: each radiograph also seen rotated -/+ and zoomed -/+ (each mirrored), the views'
+    mean reported; a run's own setting (its config) is the default."""
+    plain = run_cli("evaluate", "--runs", str(evaluated_pair), "--split", "validation", "--flip", "--wandb", "off",
+                    "--out", str(tmp_path / "plain"))
+    viewed = run_cli("evaluate", "--runs", str(evaluated_pair), "--split", "validation", "--flip", "--tta-rotate",
+                     "8", "--tta-scale", "0.1", "--wandb", "off", "--out", str(tmp_path / "views"))
+    assert plain.returncode == 0 and viewed.returncode == 0, viewed.stderr[-3000:]
+    one, five = (pd.read_csv(tmp_path / name / "predictions.csv") for name in ("plain", "views"))
+    assert list(one["id"]) == list(five["id"]) and np.isfinite(five["xception"]).all()
+    assert not np.allclose(one["xception"], five["xception"], atol=1e-3)
+    text = (tmp_path / "views" / "report.md").read_text()
+    assert "views -8 deg x1, +8 deg x1, +0 deg x0.9, +0 deg x1.1" in text
+    assert "xception: test-time views other than those its calibration was refit with" in text  # not refit: said
+    for flag, value in (("--tta-rotate", "60"), ("--tta-scale", "-0.1")):
+        bad = run_cli("evaluate", "--runs", str(evaluated_pair), "--wandb", "off", flag, value)
+        assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
 def test_unlabeled_kaggle_test_split_gives_predictions_only(trained_runs, tmp_path):
     root = tmp_path / "kaggle"
     synth_dataset(root, n=4, n_val=2, n_test=6, seed=9, size=96, workers=1, progress=False)

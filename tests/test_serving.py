@@ -88,16 +88,17 @@ def test_numpy_preprocessing_gives_the_torch_pipelines_inputs():
                              hand_mask=mask, contrast=contrast)
             described = {"image_size": size, "input_size": patch or size, "channels": 3, "mean": spec.mean,
                          "std": spec.std, "hand_mask": mask, "contrast": contrast, "grid": eval_grid_size(spec)}
-            for flip in (False, True):
+            # the mirror and test-time views (rotated, zoomed: Kornia's warp against OpenCV's)
+            for flip, view in [(False, None), (True, None), (False, (-8.0, 1.0)), (True, (0.0, 1.1))]:
                 ref = InputPipeline(spec).model_batch({"image": torch.from_numpy(images)[:, None],
-                                                       "male": torch.zeros(len(files))}, flip=flip)
-                ours, repeats = model_inputs(images, described, flip)
+                                                       "male": torch.zeros(len(files))}, flip=flip, view=view)
+                ours, repeats = model_inputs(images, described, flip, view)
                 assert repeats == ref.repeats and ours.shape == tuple(ref.image.shape)
                 differ = np.abs(ours - ref.image.numpy()) > 1e-3
                 if pack == size or not mask:
-                    assert not differ.any(), (pack, size, patch, mask, contrast, flip)
+                    assert not differ.any(), (pack, size, patch, mask, contrast, flip, view)
                 else:  # a resize's last-bit differences may move a mask pixel on an Otsu boundary, no more
-                    assert differ.mean() < 1e-4, (pack, size, patch, mask, contrast, flip)
+                    assert differ.mean() < 1e-4, (pack, size, patch, mask, contrast, flip, view)
 
 
 # ------------------------------------------------------------------------------------------------- the bundle itself
@@ -133,6 +134,20 @@ def test_the_bundle_predicts_as_bonedist_predict_on_real_radiographs(bundle_dir,
     # the same calibration: the bundle's interval of a bone age is the runs folder's, exactly
     same = ensemble.calibration.intervals(ref["bone_age"], male, 0.9)
     assert np.array_equal(bundle.calibration.intervals(ref["bone_age"], male, 0.9), same)
+    # test-time views (rotations and zooms, each mirrored): the bundle's numpy views give Predictor's
+    from bonedist.spec import tta_views
+
+    views = tta_views(8.0, 0.1)
+    assert json.loads((bundle_dir / "bundle.json").read_text())["members"][0]["views"] == [[0.0, 1.0]]
+    for member in bundle.members:
+        member.views = views
+    for predictor in ensemble.predictors.values():
+        predictor.views = views
+    ours, viewed = bundle.predict(images, male), ensemble.predict(torch.from_numpy(images)[:, None],
+                                                                  torch.from_numpy(male))
+    for key in ("model/xception", "model/resnet50_patch", "bone_age"):
+        assert np.abs(ours[key] - viewed[key]).max() < 0.1, key
+    assert np.abs(viewed["model/xception"] - ref["model/xception"]).max() > 1e-3  # the views changed something
     card = json.loads((bundle_dir / "model_card.json").read_text())
     assert card["evaluation"]["metrics"]["ensemble_fitted"]["mae_ci95_months"]
     assert "age_bands" in card["intervals"]["coverage_on_evaluation"]

@@ -248,3 +248,61 @@ def test_a_kill_while_best_is_replaced_is_recovered_on_resume(train_shards, tmp_
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 7 not in steps and steps == sorted(steps)  # the stray line dropped, nothing logged twice
     assert [r["epoch"] for r in epoch_records(run)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_swa_keeps_the_mean_of_the_tail_weights_as_best(train_shards, tmp_path):
+    """--swa 0.5: best/ holds the uniform mean of the weights after each optimizer step of the cosine's second
+    half (every step checkpointed here, so the mean can be recomputed from the raw weights)."""
+    result = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "2", "--swa", "0.5",
+                       "--scheduler", "cosine", "--ema", "0", "--checkpoint-every", "1", "--keep-last", "20",
+                       "--recalibrate", "0", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "default" / "xception"
+    last = torch.load(run / "checkpoints" / "step-00000012" / "state.pt", weights_only=True)
+    averaged = last["trainer"]["averaged"]
+    assert 4 <= averaged <= 8, averaged  # about the second half of 12 steps
+    raws = [load_file(str(run / "checkpoints" / f"step-{s:08d}" / "model.safetensors"))
+            for s in range(13 - averaged, 13)]
+    key = "head.0.weight"
+    swa = last["ema"][key].float()  # the averaged model, checkpointed with the run (resume continues its mean)
+    mean = torch.stack([r[key].float() for r in raws]).mean(dim=0)
+    assert torch.allclose(swa, mean, atol=1e-6), (swa - mean).abs().max()
+    assert not torch.allclose(swa, raws[-1][key].float(), atol=1e-6)  # not the last weights
+    best = json.loads((run / "best" / "meta.json").read_text())
+    if best["epoch"] == 2:  # best/ is the averaged model when the last validation was the best
+        assert torch.equal(load_file(str(run / "best" / "model.safetensors"))[key].float(), swa)
+    bad = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--swa", "0.5", "--ema", "0.9",
+                    runs=tmp_path / "bad")
+    assert bad.returncode == 2 and "--swa 0.5" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_test_time_views_recalibrate_best_at_the_end_and_evaluation_uses_them(train_shards, tmp_path):
+    """--tta-rotate/--tta-scale: validation during training sees the radiograph and its mirror; at the end best/'s
+    calibration is refit with the views (written into its meta.json), which evaluate then uses by default."""
+    from tests.conftest import run_cli
+
+    result = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "1", "--tta-flip",
+                       "--tta-rotate", "6", "--tta-scale", "0.05", "--experiment", "views", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test-time views +0 deg x1, -6 deg x1, +6 deg x1, +0 deg x0.95, +0 deg x1.05 (each mirrored)" \
+        in result.stdout
+    meta = json.loads((tmp_path / "views" / "xception" / "best" / "meta.json").read_text())
+    assert meta["views"] == [[0.0, 1.0], [-6.0, 1.0], [6.0, 1.0], [0.0, 0.95], [0.0, 1.05]]
+    assert meta["views_metrics"]["val_mae_months"] > 0 and len(meta["calibration_z"]["pred"]) == 2
+    first = meta["calibration_z"]["pred"]
+    again = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "1", "--tta-flip",
+                      "--tta-rotate", "6", "--tta-scale", "0.05", "--experiment", "views", runs=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]  # a finished run again: the same refit, nothing else
+    assert json.loads((tmp_path / "views" / "xception" / "best" / "meta.json").read_text())["calibration_z"][
+        "pred"] == first
+    # in the precision training validated in (bf16 autocast on a CPU with bf16 units; evaluate's auto: fp32)
+    precision = json.loads((tmp_path / "views" / "xception" / "best" / "meta.json").read_text())["precision"]
+    evaluated = run_cli("evaluate", "--runs", str(tmp_path / "views"), "--split", "validation", "--wandb", "off",
+                        "--precision", "bf16" if "bf16" in precision else "fp32")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = (tmp_path / "views" / "report" / "report.md").read_text()
+    assert "views -6 deg x1, +6 deg x1, +0 deg x0.95, +0 deg x1.05" in report and "bias may shift" not in report
+    metrics = json.loads((tmp_path / "views" / "report" / "metrics.json").read_text())["metrics"]["xception"]
+    assert metrics["mae_months"] == pytest.approx(meta["views_metrics"]["val_mae_months"], abs=0.05)

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import kornia.augmentation as K
+import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +67,20 @@ def stretch_contrast(x: torch.Tensor, low: float = 0.01, high: float = 0.99, wor
     bounds = torch.quantile(small, torch.tensor([low, high], device=x.device, dtype=x.dtype), dim=1)  # (2, B)
     lo, hi = bounds[0].view(-1, 1, 1, 1), bounds[1].view(-1, 1, 1, 1)
     return ((x - lo) / (hi - lo).clamp_min(1.0 / 255.0)).clamp_(0.0, 1.0)
+
+
+def view_transform(x: torch.Tensor, degrees: float, zoom: float) -> torch.Tensor:
+    """Images (B, C, H, W) rotated by ``degrees`` (counter-clockwise) and zoomed by ``zoom`` about their centre,
+    bilinear, zeros outside: a test-time view. OpenCV's matrix and pixel convention (``cv2.getRotationMatrix2D``,
+    ``cv2.warpAffine``), so the serving runtime repeats it without torch."""
+    if degrees == 0.0 and zoom == 1.0:
+        return x
+    batch, _, h, w = x.shape
+    centre = torch.tensor([[(w - 1) / 2.0, (h - 1) / 2.0]], device=x.device, dtype=torch.float32).expand(batch, -1)
+    angle = torch.full((batch,), float(degrees), device=x.device, dtype=torch.float32)
+    scale = torch.full((batch, 2), float(zoom), device=x.device, dtype=torch.float32)
+    matrix = KT.get_rotation_matrix2d(centre, angle, scale)
+    return KT.warp_affine(x, matrix.to(x.dtype), (h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def gather_patches(images: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
@@ -169,15 +184,16 @@ class InputPipeline:
         return ((x - mean) / std).contiguous(memory_format=fmt)
 
     def model_batch(self, batch: dict, step: int | None = None, scale: TargetScale | None = None,
-                    flip: bool = False) -> ModelBatch:
+                    flip: bool = False, view: tuple[float, float] | None = None) -> ModelBatch:
         """A loader batch (uint8 ``image`` (B, 1, H, W), ``male``, ``age``; ``hand_mask``: the images' hand masks
         when a cache kept them) → the model's inputs: augmented for training step ``step``, or the deterministic
-        evaluation inputs (``step`` None; ``flip``: of the mirror)."""
+        evaluation inputs (``step`` None; ``flip``: of the mirror; ``view``: (degrees, zoom) of a test-time view,
+        ``view_transform``)."""
         images, small = batch["image"], batch.get("hand_mask")
         if flip:
             images, small = images.flip(-1), (small.flip(-1) if small is not None else None)
         if step is None:
-            x, repeats = self.eval(images, small), self.eval_repeats
+            x, repeats = self.eval(images, small, view), self.eval_repeats
         else:
             x, repeats = self.train(images, step, small), self.train_repeats
         target = scale.z(batch["age"]).repeat_interleave(repeats) if scale is not None else None
@@ -200,9 +216,13 @@ class InputPipeline:
             patches = gather_patches(x, ys, xs, p)  # (B*K, 1, P, P)
             return self._finish(self.patch_ops(patches) if len(self.patch_ops) else patches)
 
-    def eval(self, images: torch.Tensor, small_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Deterministic inputs: whole images, or the G x G overlapping grid (B*G*G, C, P, P) per radiograph."""
+    def eval(self, images: torch.Tensor, small_mask: torch.Tensor | None = None,
+             view: tuple[float, float] | None = None) -> torch.Tensor:
+        """Deterministic inputs: whole images, or the G x G overlapping grid (B*G*G, C, P, P) per radiograph;
+        ``view``: of the (hand-masked) images rotated and zoomed (``view_transform``) before the grid."""
         x = self._to_unit(images, small_mask=small_mask)
+        if view is not None:
+            x = view_transform(x, *view)
         if not self.spec.is_patch:
             return self._finish(x)
         size, p, g = self.spec.image_size, self.spec.input_size, self.grid

@@ -70,6 +70,10 @@ def evaluate(opts: EvalOptions) -> dict:
     if not acc.is_main_process:
         return {}
     result = _score(months, opts.split, trained, missing, out, opts.coverage)
+    for name, tm in trained.items():
+        if tm.views(opts.tta_rotate, opts.tta_scale) != tm.own_views:
+            result["notes"].append(f"{name}: test-time views other than those its calibration was refit with at the "
+                                   f"end of training, so its bias may shift (train with --tta-rotate/--tta-scale)")
     from bonedist.eval.report import write_report
 
     write_report(out, result, months[opts.split], trained, seen.get("sample"), opts)
@@ -117,7 +121,8 @@ def _predict_split(acc, trained, shards, manifest, split, opts,
                      mode=opts.data_mode, workers=opts.workers)
     data = open_split(cfg, split, acc.device, acc.process_index, acc.num_processes, manifest,
                       progress=acc.is_local_main_process)
-    predictors = {name: tm.predictor(opts.flip, opts.aggregate, opts.precision) for name, tm in trained.items()}
+    predictors = {name: tm.predictor(opts.flip, opts.aggregate, opts.precision, opts.tta_rotate, opts.tta_scale)
+                  for name, tm in trained.items()}
     seen: dict = {"thumbs": {}}
     local = predict_batches(predictors, data.evaluation(), observe=_keeper(seen, thumbnails))
     preds = gather_predictions(local, len(data.index))
@@ -334,7 +339,8 @@ def _log_wandb(opts: EvalOptions, out: Path, result: dict, table: pd.DataFrame, 
 
     run = wandb.init(project="bonedist", group=Path(opts.runs).name, job_type="evaluate", name=f"evaluate-{opts.split}",
                      dir=str(out), mode=mode,
-                     config={"split": opts.split, "flip": opts.flip, "aggregate": opts.aggregate, "shards": shards,
+                     config={"split": opts.split, "flip": opts.flip, "tta_rotate": opts.tta_rotate,
+                             "tta_scale": opts.tta_scale, "aggregate": opts.aggregate, "shards": shards,
                              "models": list(trained)})
     for tm in trained.values():
         use_artifact(run, model_artifact(tm.run_dir, tm.meta))

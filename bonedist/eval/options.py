@@ -18,6 +18,11 @@ class EvalOptions:
     shards: str | None = option(None, "packed data (default: the one the models were trained on)")
     flip: bool | None = option(None, "test-time horizontal flip averaging (default: each run's own setting; on in "
                                      "improved and scratch)")
+    tta_rotate: float | None = option(None, "test-time views rotated by -/+ this many degrees beside the radiograph "
+                                             "(0: none; default: each run's own, those its calibration was refit "
+                                             "with)", minimum=0.0, maximum=45.0)
+    tta_scale: float | None = option(None, "test-time views zoomed by 1 -/+ this (0: none; default: each run's own)",
+                                     minimum=0.0, maximum=0.5)
     aggregate: str | None = option(None, "patch models: mean or median over the grid (default: each run's own)",
                                    PATCH_AGGREGATES, flag="--patch-aggregate")
     batch_size: int = option(16, "radiographs per batch", minimum=1)

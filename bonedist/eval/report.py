@@ -47,8 +47,10 @@ def _markdown(result: dict, figures: list[Path], opts, trained: dict) -> str:
     for name, tm in trained.items():
         flip, aggregate = tm.settings(opts.flip, opts.aggregate)
         grid = f", {tm.pipe.grid}x{tm.pipe.grid} patch grid ({aggregate})" if tm.pipe.spec.is_patch else ""
+        views = tm.views(opts.tta_rotate, opts.tta_scale)[1:]
+        shown = f", views {', '.join(f'{d:+g} deg x{z:g}' for d, z in views)}" if views else ""
         lines.append(f"- {name}: preset {tm.meta['config'].get('preset', '?')}, test-time flip "
-                     f"{'on' if flip else 'off'}{grid}{', hand mask' if tm.pipe.spec.hand_mask else ''}")
+                     f"{'on' if flip else 'off'}{shown}{grid}{', hand mask' if tm.pipe.spec.hand_mask else ''}")
     for name, tm in trained.items():
         if tm.model.task.main_branch:
             branch = tm.model.task.main_branch

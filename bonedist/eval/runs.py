@@ -17,7 +17,7 @@ from bonedist.data.augment import InputPipeline
 from bonedist.files import Fields, read_json
 from bonedist.inference import Predictor
 from bonedist.models import create_model, default_models, is_model, list_models, model_info
-from bonedist.spec import InputSpec
+from bonedist.spec import InputSpec, tta_views
 from bonedist.train.precision import autocast_for, inference_precision
 from bonedist.train.presets import list_presets
 
@@ -73,9 +73,23 @@ class TrainedModel:
         """Test-time flip and patch aggregation: the given ones (command line), else the run's own."""
         return (self.flip if flip is None else flip), (self.aggregate if aggregate is None else aggregate)
 
-    def predictor(self, flip: bool | None = None, aggregate: str | None = None, precision: str = "auto") -> Predictor:
-        """The model as evaluation runs it: test-time flip and patch aggregation (the given ones, else the run's
-        own) in the precision and memory format ``inference_precision`` chooses for ``precision`` here."""
+    @property
+    def own_views(self) -> tuple[tuple[float, float], ...]:
+        """The test-time views its calibration was refit with at the end of training (``best/meta.json``'s
+        ``views``; runs without them: the radiograph alone)."""
+        return tuple((float(d), float(z)) for d, z in self.meta.get("views", [[0.0, 1.0]]))
+
+    def views(self, rotate: float | None = None, scale: float | None = None) -> tuple[tuple[float, float], ...]:
+        """Test-time (degrees, zoom) views, ``spec.tta_views``: of the given rotation and zoom (command line; either
+        alone keeps the other at 0), else the run's own (``own_views``)."""
+        if rotate is None and scale is None:
+            return self.own_views
+        return tta_views(rotate or 0.0, scale or 0.0)
+
+    def predictor(self, flip: bool | None = None, aggregate: str | None = None, precision: str = "auto",
+                  rotate: float | None = None, scale: float | None = None) -> Predictor:
+        """The model as evaluation runs it: test-time flip, views and patch aggregation (the given ones, else the
+        run's own) in the precision and memory format ``inference_precision`` chooses for ``precision`` here."""
         flip, aggregate = self.settings(flip, aggregate)
         device = next(self.model.parameters()).device
         chosen = inference_precision(precision, device.type == "cuda", self.info.cpu_precision,
@@ -84,7 +98,7 @@ class TrainedModel:
         if chosen.channels_last:
             self.model.to(memory_format=torch.channels_last)
             pipe = InputPipeline(self.model.spec, channels_last=True)
-        return Predictor(self.model, pipe, flip, aggregate, autocast_for(chosen, device))
+        return Predictor(self.model, pipe, flip, aggregate, autocast_for(chosen, device), self.views(rotate, scale))
 
 
 def find_runs(runs: str | Path, expected: list[str] | None = None) -> tuple[dict[str, Path], list[str]]:
@@ -173,6 +187,13 @@ def check_meta(data, path: Path) -> dict:
         lines = meta.mapping("calibration_z")
         for key in lines.data:
             lines.numbers(key, length=2)
+    if meta.has("views"):
+        views = meta.get("views")
+        if (not isinstance(views, list) or not views or views[0] != [0.0, 1.0]
+                or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) for t in v)
+                           and abs(v[0]) <= 45 and 0.5 <= v[1] <= 1.5 for v in views)):
+            meta.fail("views", "must be a list of [degrees, zoom] pairs starting with [0, 1] (|degrees| <= 45, "
+                               "zoom 0.5-1.5)")
     if meta.has("offsets_z"):
         offsets = meta.mapping("offsets_z")
         for key in offsets.data:

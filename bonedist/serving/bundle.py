@@ -76,6 +76,7 @@ class Member:
     file: str
     spec: dict
     flip: bool
+    views: tuple[tuple[float, float], ...]
     aggregate: str
     mu: float
     sigma: float
@@ -108,8 +109,15 @@ def _member(entry: Fields, files: dict[str, str]) -> Member:
     flip = entry.get("flip")
     if not isinstance(flip, bool):
         entry.fail("flip", "must be true or false")
+    views = entry.get("views", [[0.0, 1.0]])  # bundles before test-time views: the radiograph alone
+    if (not isinstance(views, list) or not views or list(views[0]) != [0.0, 1.0]
+            or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) for t in v)
+                       and abs(v[0]) <= 45 and 0.5 <= v[1] <= 1.5 for v in views)):
+        entry.fail("views", "must be a list of [degrees, zoom] pairs starting with [0, 1] (|degrees| <= 45, zoom "
+                            "0.5-1.5)")
     scale = entry.mapping("scale")
-    return Member(name, entry.text("model"), file, spec.data, flip, entry.text("aggregate", AGGREGATES),
+    return Member(name, entry.text("model"), file, spec.data, flip, tuple((float(d), float(z)) for d, z in views),
+                  entry.text("aggregate", AGGREGATES),
                   scale.number("mu"), scale.number("sigma", minimum=0, inclusive=False),
                   tuple(scale.numbers("line", length=2)))
 
@@ -196,10 +204,12 @@ class Bundle:
         return [m.name for m in self.members]
 
     def member_z(self, member: Member, images: np.ndarray, male: np.ndarray) -> np.ndarray:
-        """One member's z prediction per radiograph: its flip average and patch aggregation, as ``Predictor``."""
-        total = None
-        for flip in (False, True) if member.flip else (False,):
-            x, repeats = model_inputs(images, member.spec, flip)
+        """One member's z prediction per radiograph: its mean over the test-time views and mirrors and its patch
+        aggregation, as ``Predictor``."""
+        total, count = None, 0
+        for view, flip in ((v, f) for v in member.views for f in ((False, True) if member.flip else (False,))):
+            count += 1
+            x, repeats = model_inputs(images, member.spec, flip, None if view == (0.0, 1.0) else view)
             sexes = np.repeat(male.astype(np.float32), repeats)
             z = member.session.run(["pred"], {"image": x, "male": sexes})[0].astype(np.float32)
             if repeats > 1:
@@ -207,7 +217,7 @@ class Bundle:
                 z = (np.sort(grouped, axis=1)[:, (repeats - 1) // 2] if member.aggregate == "median"
                      else grouped.mean(axis=1))
             total = z if total is None else total + z
-        return total / (2 if member.flip else 1)
+        return total if count == 1 else total / np.float32(count)
 
     def predict(self, images: np.ndarray, male: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 radiographs (B, S, S) or (B, 1, S, S) at the pack's size and their sexes → months per member

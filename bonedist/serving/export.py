@@ -97,7 +97,7 @@ def _member_entry(name: str, tm, file: str, exporter: str) -> dict:
                       "mean": list(spec.mean), "std": list(spec.std), "grid": eval_grid_size(spec),
                       "contrast": spec.contrast, "hand_mask": spec.hand_mask,
                       "hand_mask_config": HandMaskConfig().to_dict() if spec.hand_mask else None},
-            "flip": flip, "aggregate": aggregate,
+            "flip": flip, "views": [list(v) for v in tm.views()], "aggregate": aggregate,
             "scale": {"mu": tm.mu, "sigma": tm.sigma, "line": [float(line[0]), float(line[1])]},
             "trained": {"bonedist_version": tm.meta.get("bonedist_version"), "git": tm.meta.get("git"),
                         "epoch": tm.meta.get("epoch"), "global_step": tm.meta.get("global_step"),
@@ -153,7 +153,8 @@ def _model_card(runs: Path, description: dict, ensemble) -> dict:
         "ensemble": {"weights": description["ensemble"]["weights"], "source": description["ensemble"]["source"]},
         "intervals": {"column": column, "method": (description.get("intervals") or {}).get("method"),
                       "coverage_on_evaluation": intervals.get(column)},
-        "members": [{k: m[k] for k in ("name", "model", "opset", "exporter", "input", "flip", "aggregate")}
+        "members": [{k: m[k] for k in ("name", "model", "opset", "exporter", "input", "flip", "views",
+                                       "aggregate")}
                     | {"trained": m["trained"]} for m in description["members"]],
         "runtime": "numpy, OpenCV, onnxruntime, pydicom (deploy/requirements.txt)",
     }
@@ -192,7 +193,7 @@ def card_markdown(card: dict) -> str:
                          f"{_fmt(row.get('mean_width_months'), 1)} |")
     else:
         lines.append("No interval coverage was reported for this ensemble.")
-    lines += ["", "## Members", "", "| member | model | input | flip | exporter (opset) | weight |",
+    lines += ["", "## Members", "", "| member | model | input | flip (test-time views) | exporter (opset) | weight |",
               "|---|---|---|---|---|---|"]
     for m in card["members"]:
         spec = m["input"]
@@ -200,7 +201,9 @@ def card_markdown(card: dict) -> str:
                 + (", contrast stretch" if spec["contrast"] == "stretch" else "")
                 + (f", {spec['grid']}x{spec['grid']} patches of {spec['input_size']} px"
                    if spec["input_size"] < spec["image_size"] else ""))
-        lines.append(f"| {m['name']} | {m['model']} | {what} | {m['flip']} | {m['exporter']} ({m['opset']}) | "
+        views = ", ".join(f"{d:+g} deg x{z:g}" for d, z in m.get("views", [])[1:])
+        lines.append(f"| {m['name']} | {m['model']} | {what} | {m['flip']}{f' + {views}' if views else ''} | "
+                     f"{m['exporter']} ({m['opset']}) | "
                      f"{card['ensemble']['weights'].get(m['name'], 0):.3f} |")
     lines += ["", f"Ensemble weights: {card['ensemble']['source']}.", "", f"Runtime: {card['runtime']}.", ""]
     return "\n".join(lines)

@@ -218,9 +218,22 @@ def upsample_mask(small: np.ndarray, height: int, width: int) -> np.ndarray:
     return (left * w0 + right * w1) > 0.5
 
 
-def model_inputs(images: np.ndarray, spec: dict, flip: bool = False) -> tuple[np.ndarray, int]:
+def view_transform(x: np.ndarray, degrees: float, zoom: float) -> np.ndarray:
+    """Images (B, H, W) float32 rotated by ``degrees`` (counter-clockwise) and zoomed by ``zoom`` about their centre,
+    bilinear, zeros outside (``bonedist.data.augment.view_transform``: Kornia's warp with OpenCV's matrix)."""
+    if degrees == 0.0 and zoom == 1.0:
+        return x
+    h, w = x.shape[1:]
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), float(degrees), float(zoom))
+    return np.stack([cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                    borderValue=0.0) for image in x])
+
+
+def model_inputs(images: np.ndarray, spec: dict, flip: bool = False,
+                 view: tuple[float, float] | None = None) -> tuple[np.ndarray, int]:
     """uint8 images (B, S, S) at the pack's size → one member's network inputs (B*R, C, P, P) float32 and R, the
-    inputs per radiograph (the G x G patch grid of a patch model, else 1); ``flip``: of the mirror images."""
+    inputs per radiograph (the G x G patch grid of a patch model, else 1); ``flip``: of the mirror images; ``view``:
+    (degrees, zoom) of a test-time view."""
     x = images.astype(np.float32) / np.float32(255.0)
     if flip:
         x = np.ascontiguousarray(x[:, :, ::-1])
@@ -232,6 +245,8 @@ def model_inputs(images: np.ndarray, spec: dict, flip: bool = False) -> tuple[np
     if spec.get("hand_mask"):
         mask = upsample_mask(hand_mask_small(x, spec.get("hand_mask_config")), size, size)
         x = x * mask.astype(np.float32)
+    if view is not None:
+        x = view_transform(x, *view)
     repeats = 1
     if spec["input_size"] < size:
         grid, p = int(spec["grid"]), int(spec["input_size"])

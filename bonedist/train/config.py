@@ -71,6 +71,9 @@ class TrainConfig:
                           cli=False)
     clip_grad: float = option(0.0, "max gradient norm (0: off)", group=OPT, minimum=0)
     ema: float = option(0.0, "EMA decay of the weights, validated and kept as best/ (0: off)", group=OPT, minimum=0)
+    swa: float = option(0.0, "SWA: the uniform mean of the weights over the cosine's tail from this share of it on "
+                              "(e.g. 0.75), validated and kept as best/ in the EMA's place (0: off)", group=OPT,
+                        minimum=0)
     recalibrate: int = option(0, "training radiographs (a fixed random sample, seen as evaluation sees them) on "
                                  "which, before each validation, BatchNorm statistics are recomputed and the output "
                                  "calibration refit (0: off; see bonedist.train.batchnorm)", group=OPT, minimum=0)
@@ -92,6 +95,11 @@ class TrainConfig:
     eval_batch_size: int = option(16, "radiographs per validation batch", group=VAL, minimum=1)
     tta_flip: bool = option(False, "average each image with its mirror (also evaluate's and predict's default)",
                             group=VAL)
+    tta_rotate: float = option(0.0, "also average views rotated by -/+ this many degrees (each mirrored with "
+                                     "--tta-flip; evaluate's and predict's default too; 0: none)", group=VAL,
+                               minimum=0.0, maximum=45.0)
+    tta_scale: float = option(0.0, "also average views zoomed by 1 -/+ this (0: none)", group=VAL, minimum=0.0,
+                              maximum=0.5)
     patch_aggregate: str = option("mean", "patch models: how the evaluation grid's predictions become one",
                                   PATCH_AGGREGATES, VAL)
     # engine
@@ -127,6 +135,9 @@ class TrainConfig:
         check_fields(self)
         if self.ema >= 1.0:
             raise BonedistError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.swa >= 1.0 or (self.swa and (self.ema or self.scheduler != "cosine")):
+            raise BonedistError(f"--swa {self.swa}: a share of the cosine schedule in [0, 1), with --scheduler cosine "
+                                f"and without --ema (both average the weights)")
         if self.cache_share > 1.0:
             raise BonedistError(f"--cache-share must be in (0, 1], got {self.cache_share}")
         if self.model:

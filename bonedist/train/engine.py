@@ -34,6 +34,7 @@ from bonedist.data.source import CachedSplit, DataConfig, open_split, verify_pac
 from bonedist.files import write_atomic
 from bonedist.models import create_model
 from bonedist.progress import progress
+from bonedist.spec import tta_views
 from bonedist.tracking import MetricsLog, wandb_mode
 from bonedist.train import checkpoint as ckpt
 from bonedist.train import resume
@@ -186,6 +187,10 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.unwrapped, decay=cfg.ema, use_warmup=True)  # short runs: decay ramps up
+        elif cfg.swa:  # the mean over the cosine's tail, in the EMA's place
+            from bonedist.train.averaging import TailAverage
+
+            self.ema = TailAverage(self.unwrapped, cfg.swa, lambda: self.scheduler.progress(self.state.global_step))
 
     @property
     def mu(self) -> float:
@@ -201,7 +206,7 @@ class Trainer:
 
     @property
     def evaluated_model(self) -> torch.nn.Module:
-        """What validation, ``best/`` and evaluation use: the EMA weights when EMA is on."""
+        """What validation, ``best/`` and evaluation use: the EMA (or SWA) weights when it is on."""
         return self.ema.module if self.ema is not None else self.unwrapped
 
     @property
@@ -238,6 +243,12 @@ class Trainer:
                     break
             acc.print(f"done: best validation {self.best_name(self.state.epoch - 1)} {self.state.best:.4f} "
                       f"(epoch {self.state.best_epoch + 1}); model in {self.run_dir / 'best'}")
+            viewed = self.validation.calibrate_views()
+            if viewed is not None:
+                shown = ", ".join(f"{d:+g} deg x{z:g}" for d, z in tta_views(cfg.tta_rotate, cfg.tta_scale))
+                acc.print(f"test-time views {shown}{' (each mirrored)' if cfg.tta_flip else ''}: best/ recalibrated "
+                          f"with them; validation MAE {viewed['val_mae_months']:.2f} months, bias "
+                          f"{viewed['val_bias_months']:+.2f}")
             self.tracker.safely(self.tracker.finish, "log best/ as an artifact")
             return 0
         finally:
@@ -354,6 +365,8 @@ class Trainer:
             if acc.sync_gradients and self.ema is not None:
                 with timer.phase("ema"):
                     self.ema.update(self.unwrapped, step=self.state.global_step)
+                    if cfg.swa:
+                        self.state.averaged = self.ema.count
         abs_err = (out["pred"].detach().double() - inputs.target.double()).abs().sum()
         return loss, parts, abs_err, inputs.target.numel()
 

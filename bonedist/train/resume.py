@@ -108,6 +108,8 @@ def restore(trainer, folder) -> str | None:
     if trainer.ema is not None and saved.get("ema") is not None:
         trainer.ema.module.load_state_dict(saved["ema"])
     trainer.state = TrainState(**saved["trainer"])
+    if trainer.cfg.swa and trainer.ema is not None:
+        trainer.ema.count = trainer.state.averaged
     rng = saved["rng"][trainer.rank] if trainer.rank < len(saved["rng"]) else saved["rng"][0]
     torch.set_rng_state(rng["torch"])
     state = rng["python"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -17,6 +18,13 @@ class Schedule:
         self._clock = clock if clock is not None else {"fraction": 0.0}
         self.per_step = kind == "cosine"
         self.per_epoch = kind == "plateau"
+
+    def progress(self, step: int) -> float:
+        """How far into its current cosine cycle (0 to 1) the schedule is at optimizer ``step``: by steps, or by the
+        clock when it is further, as the learning rate follows it (0 for other schedules)."""
+        return self._progress(step) if self.kind == "cosine" and self._progress is not None else 0.0
+
+    _progress: Callable[[int], float] | None = None
 
     def follow_clock(self, fraction: float) -> None:
         """The share of the current stage's time budget used so far (0 without a budget)."""
@@ -46,16 +54,21 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
         warmup = int(cfg.warmup_epochs * steps_per_epoch)
         clock = {"fraction": 0.0}  # under a time budget the cosine also follows the clock, whichever is further
 
-        def factor(step: int) -> float:
+        def position(step: int) -> tuple[float, int]:
             begin, total = next(((b, t) for b, t in reversed(cycles) if step >= b), cycles[0])
-            ramp = min(warmup, total // 2)
             # how far into the cycle, in steps: by the step count, or by the clock when it is further (a time
             # budget that ends the stage before its epochs do), so warmup and cosine both follow the clock
-            done = max(step - begin, clock["fraction"] * total)
+            return max(step - begin, clock["fraction"] * total), total
+
+        def factor(step: int) -> float:
+            done, total = position(step)
+            ramp = min(warmup, total // 2)
             if done < ramp:
                 return min(1.0, (done + 1) / ramp)
             progress = (done - ramp) / max(1, total - ramp)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-        return Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor), clock)
+        schedule = Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor), clock)
+        schedule._progress = lambda step: min(1.0, position(step)[0] / position(step)[1])
+        return schedule
     return Schedule("constant")

@@ -21,6 +21,7 @@ class TrainState:
     bad_epochs: int = 0  # epochs since the last improvement (early stopping)
     elapsed: float = 0.0  # seconds of training so far (time budget)
     stage_began: float = 0.0  # ``elapsed`` when the current stage began
+    averaged: int = 0  # optimizer steps in the SWA mean so far (--swa)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from bonedist.inference import Predictor, gather_predictions, predict_batches
+from bonedist.spec import tta_views
 from bonedist.train.batchnorm import recalibrate_batchnorm, training_norm_names
 
 
@@ -30,10 +31,58 @@ class Validation:
         self.trainer = trainer
         self.calibration: dict[str, tuple[float, float]] = {}
 
-    def predictor(self) -> Predictor:
-        """The evaluated model as validation (and recalibration) runs it."""
+    def predictor(self, model=None, views: tuple = ((0.0, 1.0),)) -> Predictor:
+        """The evaluated model (or ``model``) as validation (and recalibration) runs it: with its mirror, without the
+        test-time views (``calibrate_views`` adds them once, at the end)."""
         t = self.trainer
-        return Predictor(t.evaluated_model, t.pipe, t.cfg.tta_flip, t.cfg.patch_aggregate, t.accelerator.autocast)
+        return Predictor(t.evaluated_model if model is None else model, t.pipe, t.cfg.tta_flip, t.cfg.patch_aggregate,
+                         t.accelerator.autocast, views)
+
+    def _fit(self, local: dict) -> dict[str, tuple[float, float]]:
+        """Each output's calibration fit on the whole recalibration sample (every rank the same)."""
+        t = self.trainer
+        if t.world > 1:  # every rank fits the same line on the whole sample
+            from accelerate.utils import gather_object
+
+            parts = [p for p in gather_object([local]) if p]
+            local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        z_true = (local["age"] - t.scale.mu) / t.scale.sigma if local else np.zeros(0)
+        return {k: fit_calibration(local[k] if local else np.zeros(0), z_true, t.cfg.calibration)
+                for k in ["pred", *t.task.branches]}
+
+    def calibrate_views(self) -> dict | None:
+        """With test-time views (``--tta-rotate``, ``--tta-scale``): ``best/``'s output calibration refit on the
+        recalibration sample as the views see it, and its validation MAE with them, written into its meta.json
+        (``views``: what evaluate, predict and export then use). Once, when training ends: in every validation they
+        would cost several passes over 1,600 radiographs per epoch, out of the time budget. Idempotent (a resumed
+        finished run repeats it to the same result). None without views or best/."""
+        import copy
+
+        from safetensors.torch import load_file
+
+        from bonedist.files import read_json, write_json_atomic
+
+        t = self.trainer
+        views = tta_views(t.cfg.tta_rotate, t.cfg.tta_scale)
+        best = t.run_dir / "best"
+        if len(views) == 1 or t.recal_data is None or not (best / "meta.json").is_file():
+            return None
+        model = copy.deepcopy(t.evaluated_model)
+        model.load_state_dict(load_file(str(best / "model.safetensors")))
+        predictor = self.predictor(model, views)
+        calibration = self._fit(predict_batches(predictor, t.recal_data))
+        preds = gather_predictions(predict_batches(predictor, t.val_data.evaluation()), len(t.val_data.index))
+        z_true = (preds["age"] - t.scale.mu) / t.scale.sigma
+        error = (calibrate(preds["pred"], calibration["pred"]) - z_true) * t.scale.sigma
+        found = {"val_mae_months": float(np.mean(np.abs(error))), "val_bias_months": float(np.mean(error))}
+        if t.accelerator.is_main_process:
+            meta = read_json(best / "meta.json", "the run's best/ description")
+            meta["views"] = [list(v) for v in views]
+            meta["calibration_z"] = {k: list(v) for k, v in calibration.items()}
+            meta["views_metrics"] = found
+            write_json_atomic(best / "meta.json", meta)
+        t.accelerator.wait_for_everyone()
+        return found
 
     def recalibrate(self) -> None:
         """Before a validation, on ``recalibrate`` clean training radiographs (the same batches every time, whatever
@@ -52,16 +101,7 @@ class Validation:
         inputs = ((b.image, b.male) for b in map(t.pipe.model_batch, t.recal_data))
         recalibrate_batchnorm(t.evaluated_model, training_norm_names(t.unwrapped), inputs, t.world,
                               t.accelerator.autocast)
-        local = predict_batches(self.predictor(), t.recal_data)
-        keys = ["pred", *t.task.branches]
-        if t.world > 1:  # every rank fits the same line on the whole sample
-            from accelerate.utils import gather_object
-
-            parts = [p for p in gather_object([local]) if p]
-            local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
-        z_true = (local["age"] - t.scale.mu) / t.scale.sigma if local else np.zeros(0)
-        self.calibration = {k: fit_calibration(local[k] if local else np.zeros(0), z_true, t.cfg.calibration)
-                            for k in keys}
+        self.calibration = self._fit(predict_batches(self.predictor(), t.recal_data))
 
     def run(self) -> dict:
         """Exact metrics over the whole validation split (every sample once, across all ranks): MSE on z and MAE per
