@@ -410,6 +410,9 @@ def _add_bench(sub) -> None:
                    help="a setting to compare with the baseline, one value at a time (repeatable): a TrainConfig "
                         "field (lr, batch_size, ema, loss, balanced, warmup_epochs, ...), input.FIELD, model.FIELD, "
                         "or augment=FACTOR (the preset's augmentation ranges times FACTOR; 0: none)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_",
+                   help="a setting of every run, the baseline's included (repeatable; the keys of --vary), e.g. "
+                        "--set tta_rotate=5 to report each run's validation MAE with test-time views too")
     b = _command(bench, "train-loop", BenchTrainLoopOptions, _cmd_bench_train_loop,
                  "the engine's training loop beside the bare model step, by phase")
     b.add_argument("--model", required=True, help="a model of `bonedist models`")
@@ -444,17 +447,17 @@ def _cmd_bench_accuracy(args) -> int:
     bench_accuracy(args.data, presets, size=o.image_size, budget=o.budget, models=parse_models(o.models),
                    out=Path(o.out), pretrained=o.pretrained, wandb=o.wandb, workers=o.workers, overrides=overrides,
                    holdout=o.holdout, holdout_seed=o.holdout_seed, seeds=parse_seeds(o.seeds),
-                   shares=parse_shares(o.shares), replicas=o.replicas)
+                   shares=parse_shares(o.shares), replicas=o.replicas, single=o.single)
     return 0
 
 
 def _cmd_bench_compare(args) -> int:
-    from bonedist.bench.compare import bench_compare
+    from bonedist.bench.compare import bench_compare, parse_shared
 
     o = _options(args, BenchCompareOptions, data=str(args.data), model=args.model)
     bench_compare(args.data, o.model, preset=o.preset, size=o.image_size, budget=o.budget, seeds=parse_seeds(o.seeds),
                   vary=args.vary, out=Path(o.out), holdout=o.holdout, holdout_seed=o.holdout_seed, workers=o.workers,
-                  prepare_only=o.prepare_only)
+                  prepare_only=o.prepare_only, overrides=parse_shared(args.set_))
     return 0
 
 

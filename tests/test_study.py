@@ -89,6 +89,14 @@ def test_bench_accuracy_packs_trains_within_budget_and_reports_mae(tmp_path):
     assert {"as_trained", "validation_offset", "validation_linear", "slope"} <= set(check)
     assert "a correction fitted on validation" in result.stdout
     assert summary["shares"] == {"tiny/xception": 1.0, "tiny/resnet50_patch": 1.0}
+    # the list's first model alone with the whole budget, its own row: what sharing the budget must beat
+    assert summary["single"] == {"tiny": "xception"} and summary["single_min"] < budget + 0.5
+    assert math.isfinite(mae["xception (whole budget)"])  # (equal to xception's when both finish their epochs)
+    assert [r["whole"] for r in summary["runs"]] == [False, False, True]
+    assert (tmp_path / "out" / "runs" / "tiny-whole" / "xception" / "best" / "meta.json").is_file()
+    assert not (tmp_path / "out" / "runs" / "tiny-whole" / "resnet50_patch").exists()
+    assert "x xception (whole budget)" in result.stdout and "sharing the budget" in result.stdout
+    assert "xception (whole budget)" in summary["intervals"]["tiny"]
 
 
 def test_bench_accuracy_needs_a_validation_split(tmp_path):
@@ -113,7 +121,7 @@ def test_bench_compare_is_a_grid_sweep_of_every_setting_and_seed(tmp_path):
     synth_dataset(tmp_path / "raw", n=60, n_val=16, n_test=8, seed=5, size=96, workers=2, progress=False)
     args = ("bench", "compare", "--data", str(tmp_path / "raw"), "--model", "resnet18", "--preset", "tiny",
             "--image-size", "64", "--budget", "0.08", "--seeds", "0,1", "--vary", "lr=3e-3", "--out",
-            str(tmp_path / "out"))
+            str(tmp_path / "out"), "--set", "tta_rotate=4")  # every run: best/ also scored with test-time views
     result = run_cli(*args, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "compare.json").read_text())
@@ -125,7 +133,13 @@ def test_bench_compare_is_a_grid_sweep_of_every_setting_and_seed(tmp_path):
     assert lr == {3e-3}
     space = yaml.safe_load((tmp_path / "out" / "space.yaml").read_text())  # what a Slurm array would run
     assert space["sampler"] == "grid" and space["variants"]["lr=3e-3"] == {"lr": 3e-3}
-    assert "| lr=3e-3 |" in (tmp_path / "out" / "compare.md").read_text()
+    assert space["base"]["tta_rotate"] == 4
+    assert all(math.isfinite(r["views_mae_months"]) for runs in summary["runs"].values() for r in runs)
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "| lr=3e-3 |" in table and "with test-time views |" in table
+    bad = run_cli("bench", "compare", "--data", str(tmp_path / "raw"), "--model", "resnet18", "--set", "lr=1,2",
+                  "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--set 'lr=1,2'" in bad.stderr and "Traceback" not in bad.stderr
     again = run_cli(*args, timeout=600)  # the grid is done: nothing trains again, the table is the same
     assert again.returncode == 0 and "sweep compare: trial" not in again.stdout
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["settings"] == summary["settings"]

@@ -51,6 +51,17 @@ def parse_vary(items: list[str]) -> list[Setting]:
     return settings
 
 
+def parse_shared(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` (repeatable) → the overrides every run of a comparison shares (one value each)."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or not text.strip() or "," in text:
+            raise BonedistError(f"--set {item!r}: expected KEY=VALUE (one value), e.g. tta_rotate=5")
+        out[key.strip()] = parse_value(text.strip())
+    return out
+
+
 def apply(base: dict, overrides: dict, preset_augment: dict) -> dict:
     """The baseline's overrides with one setting's changes (dotted keys go into their dict field)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
@@ -88,7 +99,11 @@ def compare_space(model: str, shards: str, preset: str, size: int, budget: float
     """The comparison as a sweep's search space: a grid of every setting (``variant``) with every seed, each point
     one training of ``budget`` minutes, no pruning."""
     base = {"model": model, "shards": shards, "preset": preset, "input": {"image_size": size},
-            "time_budget_min": budget, "wandb": "off", **(overrides or {})}
+            "time_budget_min": budget, "wandb": "off"}
+    if overrides:  # --set: shared by every setting (augment=F scales the recipe's ranges, as --vary does)
+        from bonedist.train.config import recipe_values
+
+        base = apply(base, overrides, recipe_values(model, preset).get("augment", {}))
     return {"study": STUDY, "base": base, "sampler": "grid", "pruner": "none",
             "params": {"seed": {"choices": list(seeds)}, "variant": {"choices": [s.name for s in settings]}},
             "variants": {s.name: s.overrides for s in settings}}
@@ -164,14 +179,15 @@ def _validation_result(run_dir: Path) -> dict:
 
     meta = check_meta(read_json(run_dir / "best" / "meta.json"), run_dir / "best" / "meta.json")
     metrics = meta.get("metrics") or {}
+    views = meta.get("views_metrics") or {}  # with --set tta_rotate=... (best/ recalibrated with its views)
     return {"val_mae_months": metrics.get("val_mae_months"), "val_bias_months": metrics.get("val_bias_months"),
             "baseline_mae_months": metrics.get("val_baseline_mae_months"), "epochs": meta.get("epoch"),
-            "steps": meta.get("global_step")}
+            "steps": meta.get("global_step"), "views_mae_months": views.get("val_mae_months")}
 
 
 def _aggregate(runs: list[dict]) -> dict:
     out = {"n": len(runs)}
-    for key in ("val_mae_months", "val_bias_months", "steps"):
+    for key in ("val_mae_months", "val_bias_months", "steps", "views_mae_months"):
         values = np.array([r[key] for r in runs if r.get(key) is not None], dtype=float)
         if len(values):
             out[key] = float(values.mean())
@@ -182,13 +198,17 @@ def _aggregate(runs: list[dict]) -> dict:
 def format_compare(summary: dict) -> str:
     settings = summary["settings"]
     base = settings["baseline"].get("val_mae_months")
+    views = any("views_mae_months" in row for row in settings.values())
     lines = [f"{summary['model']} ({summary['preset']}, {summary['size']} px, {summary['budget_min']:g} min per run), "
              f"validation MAE over seeds {','.join(map(str, summary['seeds']))} (mean ± sd)",
-             "| setting | MAE (months) | vs baseline | bias (months) | optimizer steps |", "|---|---|---|---|---|"]
+             "| setting | MAE (months) | vs baseline | bias (months) | optimizer steps |"
+             + (" with test-time views |" if views else ""), "|---|---|---|---|---|" + ("---|" if views else "")]
     for name, row in settings.items():
         if "val_mae_months" not in row:
             continue
         delta = f"{row['val_mae_months'] - base:+.2f}" if base is not None and name != "baseline" else "–"
         lines.append(f"| {name} | {row['val_mae_months']:.2f} ± {row['val_mae_months_sd']:.2f} | {delta} | "
-                     f"{row['val_bias_months']:+.2f} ± {row['val_bias_months_sd']:.2f} | {row['steps']:.0f} |")
+                     f"{row['val_bias_months']:+.2f} ± {row['val_bias_months_sd']:.2f} | {row['steps']:.0f} |"
+                     + (f" {row['views_mae_months']:.2f} ± {row['views_mae_months_sd']:.2f} |"
+                        if "views_mae_months" in row else (" – |" if views else "")))
     return "\n".join(lines)
