@@ -29,6 +29,17 @@ def tta_views(rotate: float = 0.0, scale: float = 0.0) -> tuple[tuple[float, flo
     return tuple(views)
 
 
+VIEWS_RULE = "a list of [degrees, zoom] pairs starting with [0, 1] (|degrees| <= 45, zoom 0.5-1.5)"
+
+
+def valid_views(views) -> bool:
+    """Whether ``views`` (read back from a run's meta.json or a bundle) is a list of views as ``tta_views`` makes
+    them (``VIEWS_RULE``)."""
+    return (isinstance(views, list) and bool(views) and views[0] == [0.0, 1.0]
+            and all(isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) for t in v)
+                    and abs(v[0]) <= 45 and 0.5 <= v[1] <= 1.5 for v in views))
+
+
 @dataclass
 class InputConfig:
     """The input settings of a run; a preset gives them, flags override them, ``InputSpec.resolve`` applies them to a

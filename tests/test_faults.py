@@ -93,6 +93,8 @@ DAMAGES = {
     "a text for mu": ("xception/best/meta.json", lambda p: _edit_json(p, lambda d: d.update(mu="abc")), "'mu'"),
     "an input size of 0": ("xception/best/meta.json", lambda p: _edit_json(
         p, lambda d: d["spec"].update(input_size=0, image_size=0)), "image_size"),
+    "a test-time view of 90 degrees": ("xception/best/meta.json", lambda p: _edit_json(
+        p, lambda d: d.update(views=[[0.0, 1.0], [90.0, 1.0]])), "'views'"),
     "a cut meta.json": ("xception/best/meta.json", _cut, "damaged JSON"),
     "a cut model.safetensors": ("xception/best/model.safetensors", _cut, "does not load"),
 }

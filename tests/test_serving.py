@@ -166,6 +166,8 @@ def test_a_changed_or_damaged_bundle_is_refused_with_one_line(bundle_dir, tmp_pa
         (lambda b: (b / "manifest.json").unlink(), "manifest.json"),
         (lambda b: (b / "manifest.json").write_text('{"files": {"../x": {"sha256": "0", "bytes": 1}}}'),
          "not a file name inside the bundle"),
+        (lambda b: _reseal(b, lambda d: d["members"][0].update(views=[[0.0, 1.0], [90, 1.0]])),  # checksums agree
+         "views.*must be a list of"),
     ]:
         copy = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
         shutil.copytree(bundle_dir, copy)
@@ -178,6 +180,19 @@ def test_a_changed_or_damaged_bundle_is_refused_with_one_line(bundle_dir, tmp_pa
     assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("export", str(bundle_dir), "--out", str(bundle_dir))  # exists
     assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+def _reseal(bundle: Path, edit) -> None:
+    """bundle.json edited by ``edit`` and its manifest entry made to agree: only the field checks can refuse it."""
+    from bonedist.files import sha256_file
+
+    description = json.loads((bundle / "bundle.json").read_text())
+    edit(description)
+    (bundle / "bundle.json").write_text(json.dumps(description))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["bundle.json"] = {"sha256": sha256_file(bundle / "bundle.json"),
+                                        "bytes": (bundle / "bundle.json").stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _entrypoint(dockerfile: Path) -> list[str]:

@@ -17,7 +17,7 @@ from bonedist.data.augment import InputPipeline
 from bonedist.files import Fields, read_json
 from bonedist.inference import Predictor
 from bonedist.models import create_model, default_models, is_model, list_models, model_info
-from bonedist.spec import InputSpec, tta_views
+from bonedist.spec import VIEWS_RULE, InputSpec, tta_views, valid_views
 from bonedist.train.precision import autocast_for, inference_precision
 from bonedist.train.presets import list_presets
 
@@ -187,13 +187,8 @@ def check_meta(data, path: Path) -> dict:
         lines = meta.mapping("calibration_z")
         for key in lines.data:
             lines.numbers(key, length=2)
-    if meta.has("views"):
-        views = meta.get("views")
-        if (not isinstance(views, list) or not views or views[0] != [0.0, 1.0]
-                or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) for t in v)
-                           and abs(v[0]) <= 45 and 0.5 <= v[1] <= 1.5 for v in views)):
-            meta.fail("views", "must be a list of [degrees, zoom] pairs starting with [0, 1] (|degrees| <= 45, "
-                               "zoom 0.5-1.5)")
+    if meta.has("views") and not valid_views(meta.get("views")):
+        meta.fail("views", f"must be {VIEWS_RULE}")
     if meta.has("offsets_z"):
         offsets = meta.mapping("offsets_z")
         for key in offsets.data:

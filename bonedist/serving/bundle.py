@@ -26,6 +26,7 @@ from bonedist.data.images import MAX_PIXELS, RESIZE_MODES
 from bonedist.eval.intervals import METHODS, IntervalCalibration
 from bonedist.files import Fields, read_json, sha256_file
 from bonedist.serving.preprocess import model_inputs
+from bonedist.spec import VIEWS_RULE, valid_views
 
 FORMAT = "bonedist-bundle"
 FORMAT_VERSION = 1
@@ -110,11 +111,8 @@ def _member(entry: Fields, files: dict[str, str]) -> Member:
     if not isinstance(flip, bool):
         entry.fail("flip", "must be true or false")
     views = entry.get("views", [[0.0, 1.0]])  # bundles before test-time views: the radiograph alone
-    if (not isinstance(views, list) or not views or list(views[0]) != [0.0, 1.0]
-            or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) for t in v)
-                       and abs(v[0]) <= 45 and 0.5 <= v[1] <= 1.5 for v in views)):
-        entry.fail("views", "must be a list of [degrees, zoom] pairs starting with [0, 1] (|degrees| <= 45, zoom "
-                            "0.5-1.5)")
+    if not valid_views(views):
+        entry.fail("views", f"must be {VIEWS_RULE}")
     scale = entry.mapping("scale")
     return Member(name, entry.text("model"), file, spec.data, flip, tuple((float(d), float(z)) for d, z in views),
                   entry.text("aggregate", AGGREGATES),
