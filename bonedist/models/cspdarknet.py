@@ -14,8 +14,8 @@ from bonedist.models.registry import register_model
 from bonedist.models.timm_regressor import timm_regressor
 
 CPU_PRECISION = ("bf16", True)  # dense 3x3 and 1x1 convolutions: bf16 autocast + channels_last (bench train-step)
-# 60 epochs (warmup 30 %): a time budget, not the epoch count, ends a CPU run
-RECIPES = modern_recipes(scratch={"epochs": 60, "warmup_epochs": 18.0})
+# 100 epochs (warmup 30 %): a time budget, not the epoch count, ends a CPU run (as cspnext's)
+RECIPES = modern_recipes(scratch={"epochs": 100, "warmup_epochs": 30.0})
 
 
 @register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=RECIPES)
