@@ -65,7 +65,7 @@ def test_print_config_imports_nothing_heavy(name, preset, tmp_path):
     assert answer["code"] == 0 and answer["heavy"] == [], answer
 
 
-@pytest.mark.parametrize("argv", [("models",), ("models", "--details"), ("models", "--preset", "scratch", "--shares"),
+@pytest.mark.parametrize("argv", [("models",), ("models", "--details"), ("models", "--preset", "paper", "--shares"),
                                   ("models", "--runs", "--preset", "scratch", "--replicas", "2")])
 def test_listing_models_imports_nothing_heavy(argv):
     answer = probe(*argv)
