@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from bonedist.data.manifest import load_manifest
+from bonedist.data.sampling import SplitIndex
 from bonedist.models import list_models, model_info
 from tests.conftest import epoch_records, run_train
 from tests.wandb_reader import read_artifacts, read_history, read_metric_definitions, read_summary
@@ -101,6 +102,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(t
     (["--model", "xception", "--shards", "x", "--preset", "fast"], "unknown preset 'fast'"),
     (["--model", "agcnn", "--shards", "x", "--model-opt", "reduction"], "expected KEY=VALUE"),
     (["--model", "xception", "--shards", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--model", "xception", "--shards", "x", "--distill", "0.5"], "--distill and --teacher-column need --teacher"),
+    (["--model", "xception", "--shards", "x", "--teacher", "t.csv", "--distill", "1.5"], "--distill must be at most"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
     result = run_train(*args, runs=tmp_path)
@@ -306,3 +309,83 @@ def test_test_time_views_recalibrate_best_at_the_end_and_evaluation_uses_them(tr
     assert "views -6 deg x1, +6 deg x1, +0 deg x0.95, +0 deg x1.05" in report and "bias may shift" not in report
     metrics = json.loads((tmp_path / "views" / "report" / "metrics.json").read_text())["metrics"]["xception"]
     assert metrics["mae_months"] == pytest.approx(meta["views_metrics"]["val_mae_months"], abs=0.05)
+
+
+def _teacher_table(path, train_shards, shift: float = 0.0, **columns):
+    """A teacher table for the pack's training radiographs, laid out like evaluate's predictions.csv: the truth plus
+    ``shift``."""
+    import pandas as pd
+
+    index = SplitIndex.from_manifest(load_manifest(train_shards), "train")
+    table = pd.DataFrame({"id": index.keys, "sex": ["M" if m else "F" for m in index.male], "truth": index.age,
+                          "xception": index.age + shift, "ensemble_paper": index.age + shift, **columns})
+    table.to_csv(path, index=False)
+    return index
+
+
+@pytest.mark.slow
+def test_distillation_learns_each_radiographs_teacher_target_and_resumes_only_on_its_table(train_shards, tmp_path):
+    """--teacher: with the labels as the teacher at --distill 1 the run is bit-identical to one without a teacher
+    (each radiograph met its own row); another table changes the weights, is named in best/meta.json, and a resume
+    on a changed table is refused in one line."""
+    from bonedist.train.distill import file_sha256
+
+    args = ["--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "1", "--recalibrate", "0"]
+    truth, shifted = tmp_path / "truth.csv", tmp_path / "shifted.csv"
+    _teacher_table(truth, train_shards)
+    _teacher_table(shifted, train_shards, shift=30.0)
+    runs = {}
+    for name, extra in {"plain": [], "truth": ["--teacher", str(truth), "--distill", "1"],
+                        "shifted": ["--teacher", str(shifted)]}.items():
+        runs[name] = run_train(*args, "--experiment", name, *extra, runs=tmp_path)
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+
+    def last_weights(name):
+        step = sorted((tmp_path / name / "xception" / "checkpoints").iterdir())[-1]
+        return load_file(str(step / "model.safetensors"))
+
+    plain, taught, other = last_weights("plain"), last_weights("truth"), last_weights("shifted")
+    assert all(torch.equal(plain[k], taught[k]) for k in plain)
+    assert not all(torch.equal(plain[k], other[k]) for k in plain)
+    assert "distilling: " in runs["shifted"].stdout and "weight 0.5 beside the labels" in runs["shifted"].stdout
+    meta = json.loads((tmp_path / "shifted" / "xception" / "best" / "meta.json").read_text())
+    assert meta["teacher"] == {"path": str(shifted), "column": "xception", "sha256": file_sha256(shifted),
+                               "rows": 300, "weight": 0.5}
+    _teacher_table(shifted, train_shards, shift=12.0)  # the table changed under the run
+    again = run_train(*args[:-4], "--epochs", "2", "--recalibrate", "0", "--experiment", "shifted", "--teacher",
+                      str(shifted), runs=tmp_path)
+    assert again.returncode == 2 and "the teacher table" in again.stderr and "Traceback" not in again.stderr
+
+
+def _break_teacher(path, index):
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype={"id": str})
+    return {"missing": table.iloc[1:], "nan": table.assign(xception=[float("nan")] + [1.0] * (len(table) - 1)),
+            "negative": table.assign(xception=-5.0), "duplicate": pd.concat([table, table.iloc[:1]]),
+            "nokey": table.drop(columns=["id"]), "twomodels": table.assign(other=1.0),
+            "text": table.assign(xception="old")}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "1 of the 300 training radiographs have no prediction (first: "),
+    ("nan", "row 2 (key "), ("negative", "is not an age in months"), ("text", "'old' is not an age in months"),
+    ("duplicate", "appears more than once"), ("nokey", "no 'id' (or 'key') column"),
+    ("twomodels", "name the teacher's column with --teacher-column (it has xception, ensemble_paper, other)"),
+    ("absent", "no such file"), ("binary", "not a readable CSV"), ("column", "--teacher-column 'truth': not a "),
+])
+def test_a_bad_teacher_table_is_one_line_before_anything_is_written(train_shards, tmp_path, damage, message):
+    good = tmp_path / "good.csv"
+    index = _teacher_table(good, train_shards)
+    bad = tmp_path / "bad.csv"
+    extra = []
+    if damage == "binary":
+        bad.write_bytes(bytes(range(256)) * 8)
+    elif damage == "column":
+        bad, extra = good, ["--teacher-column", "truth"]
+    elif damage != "absent":
+        _break_teacher(good, index)[damage].to_csv(bad, index=False)
+    result = run_train("--model", "xception", "--shards", str(train_shards), *TINY, "--teacher", str(bad), *extra,
+                       runs=tmp_path / "runs")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()

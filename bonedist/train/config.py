@@ -74,6 +74,13 @@ class TrainConfig:
     swa: float = option(0.0, "SWA: the uniform mean of the weights over the cosine's tail from this share of it on "
                               "(e.g. 0.75), validated and kept as best/ in the EMA's place (0: off)", group=OPT,
                         minimum=0)
+    teacher: str | None = option(None, "distill: a table of a teacher's predictions for the training radiographs "
+                                       "(`bonedist evaluate --runs TEACHER --split train`'s report/predictions.csv,"
+                                       " or a CSV with key and months), learnt beside the labels", group=OPT)
+    teacher_column: str | None = option(None, "the teacher table's column (default: ensemble_fitted, "
+                                              "ensemble_equal, or its only model)", group=OPT)
+    distill: float | None = option(None, "the teacher's share of the loss, the labels' the rest (default with "
+                                         "--teacher: 0.5)", group=OPT, minimum=0.0, maximum=1.0)
     recalibrate: int = option(0, "training radiographs (a fixed random sample, seen as evaluation sees them) on "
                                  "which, before each validation, BatchNorm statistics are recomputed and the output "
                                  "calibration refit (0: off; see bonedist.train.batchnorm)", group=OPT, minimum=0)
@@ -135,6 +142,8 @@ class TrainConfig:
         check_fields(self)
         if self.ema >= 1.0:
             raise BonedistError(f"--ema must be in [0, 1), got {self.ema}")
+        if (self.distill is not None or self.teacher_column) and not self.teacher:
+            raise BonedistError("--distill and --teacher-column need --teacher (the teacher's predictions)")
         if self.swa >= 1.0 or (self.swa and (self.ema or self.scheduler != "cosine")):
             raise BonedistError(f"--swa {self.swa}: a share of the cosine schedule in [0, 1), with --scheduler cosine "
                                 f"and without --ema (both average the weights)")

@@ -29,7 +29,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from bonedist import BonedistError
 from bonedist.data.augment import InputPipeline, ModelBatch, TargetScale
 from bonedist.data.manifest import load_manifest
-from bonedist.data.sampling import balance_weights, target_stats
+from bonedist.data.sampling import SplitIndex, balance_weights, target_stats
 from bonedist.data.source import CachedSplit, DataConfig, open_split, verify_pack
 from bonedist.files import write_atomic
 from bonedist.models import create_model
@@ -40,6 +40,7 @@ from bonedist.train import checkpoint as ckpt
 from bonedist.train import resume
 from bonedist.train.clock import RunClock, max_over_ranks, sum_over_ranks
 from bonedist.train.config import TrainConfig
+from bonedist.train.distill import distill_loss, load_teacher
 from bonedist.train.lock import RunLock
 from bonedist.train.losses import build_loss
 from bonedist.train.optim import build_optimizer
@@ -83,6 +84,10 @@ class Trainer:
         self.manifest = load_manifest(cfg.shards)
         if "validation" not in self.manifest["splits"]:
             raise BonedistError(f"{cfg.shards} has no validation split: training selects checkpoints on it")
+        # a distillation's teacher table is checked before anything is written
+        self.teacher = load_teacher(cfg.teacher, cfg.teacher_column,
+                                    SplitIndex.from_manifest(self.manifest, "train").keys) if cfg.teacher else None
+        self.distill_weight = (0.5 if cfg.distill is None else cfg.distill) if self.teacher else 0.0
         self.lock, self.resume_changes = RunLock(self.run_dir), []
         self.resume_from = self._claim_run_folder()  # nothing is written before the folder is ours and fits
         if acc.is_main_process:
@@ -161,6 +166,9 @@ class Trainer:
         weights = balance_weights(index.age, index.male, data.n_bins, data.max_age) if cfg.balanced else None
         self.scale = TargetScale(*target_stats(index.age, weights))
         self.train_mean = float(np.mean(index.age))  # the natural mean: what predict-the-mean predicts
+        if self.teacher:
+            acc.print(f"distilling: {self.teacher.path} column {self.teacher.column} ({len(self.teacher.months)} "
+                      f"training radiographs), weight {self.distill_weight:g} beside the labels")
         self.recal_data = self.train_data.subset(cfg.recalibrate, seed=cfg.seed, equal=self.synced) \
             if cfg.recalibrate else None
         self.pipe = InputPipeline(self.spec, cfg.augment_config(), seed=cfg.seed, rank=self.rank,
@@ -347,11 +355,17 @@ class Trainer:
         acc, cfg, timer = self.accelerator, self.cfg, self.timer
         with timer.phase("input"):
             inputs = self.model_batch(batch, step=self.state.micro_step)
+            taught = self.teacher.z_targets(batch["key"], self.scale, inputs.repeats, inputs.target.device) \
+                if self.teacher else None
         with acc.accumulate(self.model):
             with timer.phase("forward"):
                 with acc.autocast():
                     out = self.model(inputs.image, inputs.male)
-                loss, parts = self.task.loss(out, inputs.target, self.loss_fn, self.stage)
+                if taught is None:
+                    loss, parts = self.task.loss(out, inputs.target, self.loss_fn, self.stage)
+                else:
+                    loss, parts = distill_loss(self.task, out, inputs.target, taught, self.loss_fn, self.stage,
+                                               self.distill_weight)
                 nonfinite |= ~torch.isfinite(loss.detach())
             with timer.phase("backward"):
                 acc.backward(loss)

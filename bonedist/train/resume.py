@@ -8,6 +8,7 @@ import json
 import math
 import random
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,7 @@ def best_meta(trainer, metrics: dict | None = None) -> dict:
             "train_mean_months": trainer.train_mean,
             "epoch": trainer.state.epoch, "global_step": trainer.state.global_step, "metrics": metrics,
             "precision": trainer.precision.name, "config": cfg.to_dict(), "bonedist_version": __version__,
+            "teacher": {**trainer.teacher.identity, "weight": trainer.distill_weight} if trainer.teacher else None,
             "git": trainer.git, "pack": {"image_size": trainer.manifest["image_size"],
                                          "resize_mode": trainer.manifest["resize_mode"]}}
 
@@ -71,12 +73,28 @@ def check(trainer, folder) -> list[str]:
     changes = [f"preset {saved_cfg.get('preset')} → {cfg.preset}"] if saved_cfg.get("preset") != cfg.preset else []
     if meta.get("pack_identity"):  # checkpoints before 0.2 did not record it
         changes += pack_differences(meta["pack_identity"], pack_identity(trainer.manifest))
+    changes += teacher_differences(meta.get("teacher"), cfg.teacher)
     if changes and not cfg.allow_changed_data:
         raise BonedistError(f"cannot resume from {folder}: {'; '.join(changes)} since it was written (the "
                             f"normalisation and data position refer to what it trained on). Start a new run (--resume "
                             f"never, or another --experiment), or pass --allow-changed-data to continue on purpose")
     trainer.resume_changes = changes
     return changes
+
+
+def teacher_differences(saved: dict | None, teacher: str | None) -> list[str]:
+    """A distilled run resumes on the same teacher table (its SHA-256), an undistilled one on none."""
+    from bonedist.train.distill import file_sha256
+
+    was = (saved or {}).get("sha256")
+    now = file_sha256(Path(teacher)) if teacher and Path(teacher).is_file() else None
+    if was == now or (teacher and now is None):  # a missing table is reported by load_teacher, naming the flag
+        return []
+    if was and now:
+        return [f"the teacher table {teacher} (SHA-256 {was[:12]} → {now[:12]})"]
+    if was:
+        return [f"it was distilled from {saved.get('path')}, now without --teacher"]
+    return [f"it trained without a teacher, now --teacher {teacher}"]
 
 
 def restore(trainer, folder) -> str | None:
