@@ -447,7 +447,8 @@ def _cmd_bench_accuracy(args) -> int:
     bench_accuracy(args.data, presets, size=o.image_size, budget=o.budget, models=parse_models(o.models),
                    out=Path(o.out), pretrained=o.pretrained, wandb=o.wandb, workers=o.workers, overrides=overrides,
                    holdout=o.holdout, holdout_seed=o.holdout_seed, seeds=parse_seeds(o.seeds),
-                   shares=parse_shares(o.shares), replicas=o.replicas, single=o.single)
+                   shares=parse_shares(o.shares), replicas=o.replicas, single=o.single,
+                   student=o.student, student_share=o.student_share)
     return 0
 
 

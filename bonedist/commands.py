@@ -173,6 +173,11 @@ class BenchAccuracyOptions(Checked):
     single: str = option("auto", "also train one model with the whole budget, alone, as the row the runs sharing it "
                                  "must beat: auto (the list's first model, when the list has several runs), a "
                                  "model, or off", metavar="auto|MODEL|off")
+    student: str | None = option(None, "also distil inside the budget: the runs train in 1 - --student-share of it, "
+                                       "predict the training split, and this model learns from their predictions "
+                                       "beside the labels in the rest (the row MODEL (student); one preset)",
+                                 metavar="MODEL")
+    student_share: float = option(0.5, "the student's share of the budget", minimum=0.01, maximum=0.99)
 
 
 @dataclass

@@ -99,6 +99,34 @@ def test_bench_accuracy_packs_trains_within_budget_and_reports_mae(tmp_path):
     assert "xception (whole budget)" in summary["intervals"]["tiny"]
 
 
+def test_bench_accuracy_distils_a_student_inside_the_budget(tmp_path):
+    """--student: the list trains in half the budget, predicts the training split (the teacher table), and the
+    student learns from it in the rest; its row is reported beside its teacher and the whole-budget model."""
+    from bonedist.data.synth import synth_dataset
+
+    synth_dataset(tmp_path / "raw", n=80, n_val=20, n_test=20, seed=4, size=128, workers=2, progress=False)
+    result = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny", "--image-size", "64",
+                     "--budget", "0.6", "--models", "xception", "--student", "resnet18", "--out",
+                     str(tmp_path / "out"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert summary["student"] == {"tiny": "resnet18"} and summary["student_share"] == 0.5
+    assert summary["single"] == {"tiny": "xception"}  # the teacher shares the budget with its student
+    assert [(r["model"], r["whole"], r["student"]) for r in summary["runs"]] == [
+        ("xception", False, False), ("resnet18", False, True), ("xception", True, False)]
+    runs = tmp_path / "out" / "runs"
+    table = runs / "tiny-teacher" / "predictions.csv"
+    meta = json.loads((runs / "tiny-student" / "resnet18" / "best" / "meta.json").read_text())
+    assert meta["teacher"]["path"] == str(table) and meta["teacher"]["column"] == "xception"
+    assert meta["teacher"]["rows"] == 80 and meta["teacher"]["weight"] == 0.5
+    mae = summary["mae_months"]["tiny"]
+    assert math.isfinite(mae["resnet18 (student)"]) and math.isfinite(mae["xception (whole budget)"])
+    assert "the student resnet18 (student)" in result.stdout and "x its teacher ensemble_paper" in result.stdout
+    bad = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny,scratch", "--budget",
+                  "0.1", "--student", "resnet18", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--student: one preset at a time" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_bench_accuracy_needs_a_validation_split(tmp_path):
     from bonedist.data.synth import synth_dataset
 

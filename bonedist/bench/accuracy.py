@@ -16,6 +16,11 @@ Where a preset's list has several runs, the benchmark also trains the list's fir
 (OUT/runs/PRESET-whole/MODEL; ``--single MODEL`` names another, ``--single off`` skips it; the benchmark then takes
 twice the budget) and reports it as the row ``MODEL (whole budget)``: an ensemble earns its compute only where it
 beats that row, the same minutes spent on one model.
+
+``--student MODEL`` distils inside the same budget: the preset's runs (the teachers) train in ``1 - --student-share``
+of it, predict the training split (`bonedist evaluate --split train`, into OUT/runs/PRESET-teacher), and MODEL learns
+from their ensemble's predictions beside the labels (``bonedist train --teacher``, OUT/runs/PRESET-student/MODEL) in
+what is left; it is reported as the row ``MODEL (student)`` beside its teachers and the whole-budget model.
 """
 
 from __future__ import annotations
@@ -57,21 +62,23 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
                    pretrained: str | None = None, wandb: str = "off", workers: int = 0,
                    overrides: dict | None = None, holdout: dict | None = None, holdout_seed: int = 0,
                    seeds: list[int] | None = None, shares: dict | None = None, replicas: int | None = None,
-                   single: str = "auto") -> dict:
+                   single: str = "auto", student: str | None = None, student_share: float = 0.5) -> dict:
     """See the module docstring. ``models``: the same models in every preset (default: each preset's default model
     list, ``bonedist models --preset P``, with its budget shares); ``seeds``: the whole benchmark (training and
     evaluation, ``budget`` minutes each time) once per seed, every row as mean ± standard deviation; ``shares``: each
     model's relative share of the budget (default: the preset's shares for its default list, else equal);
     ``replicas``: runs per model, each another seed and a separate ensemble member (default: the preset's for its
     default list, else one); ``single``: the model trained alone with the whole budget beside a list of several
-    runs (auto: the list's first; off: none)."""
+    runs (auto: the list's first; off: none); ``student``: a model distilled from the runs inside the budget, in
+    ``student_share`` of it (one preset)."""
     from bonedist.data.manifest import load_manifest
     from bonedist.train.presets import preset_values
 
     if budget <= 0:
         raise BonedistError(f"--budget must be positive minutes, got {budget}")
     jobs = plan_jobs(presets, models, shares, replicas)
-    alone = plan_single(jobs, single)
+    pupils = plan_student(presets, student, student_share)
+    alone = plan_single(jobs, single, distilled=bool(pupils))
     models = list(dict.fromkeys(j.model for j in jobs))
     shares = {f"{j.preset}/{j.run}": j.share for j in jobs}
     size = size or max(preset_values(p).get("input", {}).get("image_size", 500) for p in presets)
@@ -79,6 +86,8 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     out = Path(out)
     start = time.perf_counter()
     print(f"[1/3] {len(seeds)} seed(s) x {budget:g} training minutes each"
+          + (f" ({1 - student_share:.0%} for the runs, then {student_share:.0%} for {student} distilled from them)"
+             if pupils else "")
           + (f", then {budget:g} more for one model alone ({', '.join(f'{j.preset}/{j.model}' for j in alone)}; "
              f"--single off skips it)" if alone else ""))
     shards = pack_for_bench(data, out / "shards", size, workers, holdout, holdout_seed)
@@ -89,16 +98,23 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
     for seed in seeds:
         runs = out / "runs" if seed is None else out / "runs" / f"seed{seed}"
         t0 = time.perf_counter()
-        trained += _train_jobs(shards, runs, jobs, budget, size, pretrained, wandb, overrides, seed)
+        trained += _train_jobs(shards, runs, jobs, budget * (1.0 - student_share) if pupils else budget, size,
+                               pretrained, wandb, overrides, seed)
+        for job in pupils:  # the teachers predict the training split; the student learns in what is left
+            table = _teacher_predictions(runs, job.preset, wandb, workers, jobs)
+            left = budget - (time.perf_counter() - t0) / 60.0
+            trained += _train_jobs(shards, runs, [job], max(left, 0.05), size, pretrained, wandb,
+                                   {**(overrides or {}), "teacher": str(table)}, seed)
         train_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         for job in alone:  # each alone with the whole budget
             trained += _train_jobs(shards, runs, [job], budget, size, pretrained, wandb, overrides, seed)
         alone_seconds += time.perf_counter() - t0
-        per_seed.append(_evaluate_presets(runs, presets, split, splits, wandb, workers, jobs + alone))
+        per_seed.append(_evaluate_presets(runs, presets, split, splits, wandb, workers, jobs + alone + pupils))
     summary = {"data": str(data), "size": size, "split": split, "n": splits[split]["count"], "presets": presets,
                "models": models, "shares": shares, "budget_min": budget, "seeds": seeds,
                "single": {j.preset: j.model for j in alone}, "single_min": alone_seconds / 60.0 / len(seeds),
+               "student": {j.preset: j.model for j in pupils}, "student_share": student_share if pupils else 0.0,
                "pack_min": pack_seconds / 60.0, "train_min": train_seconds / 60.0 / len(seeds), "runs": trained,
                **_combine(per_seed)}
     write_json_atomic(out / "accuracy.json", summary)
@@ -110,22 +126,31 @@ def bench_accuracy(data: str | Path, presets: list[str], size: int | None = None
 
 WHOLE = "-whole"  # the folder suffix of a preset's model trained alone with the whole budget
 WHOLE_ROW = "{model} (whole budget)"
+STUDENT = "-student"  # ... of the model distilled from the preset's runs
+STUDENT_ROW = "{model} (student)"
+TEACHER = "-teacher"  # ... of the runs' predictions on the training split, the student's teacher table
 
 
 class Job(NamedTuple):
     """One training run of a benchmark: ``run`` is its folder and row (the model's name, or ``MODEL-2`` ... for
     another seed of it, ``models.replica_run``), ``share`` its relative share of the budget; ``whole``: the model
-    alone with the whole budget, in PRESET-whole."""
+    alone with the whole budget, in PRESET-whole; ``student``: distilled from the preset's runs, in PRESET-student."""
 
     preset: str
     model: str
     share: float
     replica: int = 0
     whole: bool = False
+    student: bool = False
 
     @property
     def experiment(self) -> str:
-        return self.preset + (WHOLE if self.whole else "")
+        return self.preset + (WHOLE if self.whole else STUDENT if self.student else "")
+
+    @property
+    def row(self) -> str:
+        """Its row in the tables: a whole-budget model's and a student's are named so."""
+        return (WHOLE_ROW if self.whole else STUDENT_ROW if self.student else "{model}").format(model=self.run)
 
     @property
     def run(self) -> str:
@@ -160,9 +185,24 @@ def plan_jobs(presets: list[str], models: list[str] | None = None, shares: dict 
     return jobs
 
 
-def plan_single(jobs: list[Job], single: str = "auto") -> list[Job]:
-    """The whole-budget single-model run beside each preset whose list has several runs: ``auto`` its list's first
-    model, a model name that model, ``off`` none."""
+def plan_student(presets: list[str], student: str | None, share: float) -> list[Job]:
+    """The distilled student's run (one preset), with ``share`` of the budget."""
+    from bonedist.models import is_model, list_models
+
+    if not student:
+        return []
+    if not is_model(student):
+        raise BonedistError(f"--student {student!r}: a model ({', '.join(list_models())})")
+    if len(presets) != 1:
+        raise BonedistError(f"--student: one preset at a time (got {', '.join(presets)})")
+    if not 0.0 < share < 1.0:
+        raise BonedistError(f"--student-share {share:g}: the student's share of the budget, between 0 and 1")
+    return [Job(presets[0], student, share, student=True)]
+
+
+def plan_single(jobs: list[Job], single: str = "auto", distilled: bool = False) -> list[Job]:
+    """The whole-budget single-model run beside each preset whose list has several runs (or shares the budget
+    with a distilled student): ``auto`` its list's first model, a model name that model, ``off`` none."""
     from bonedist.models import is_model, list_models
 
     if single not in ("auto", "off") and not is_model(single):
@@ -172,7 +212,7 @@ def plan_single(jobs: list[Job], single: str = "auto") -> list[Job]:
     out = []
     for preset in dict.fromkeys(j.preset for j in jobs):
         listed = [j for j in jobs if j.preset == preset]
-        if len(listed) > 1 or (single != "auto" and listed[0].model != single):
+        if len(listed) > 1 or distilled or (single != "auto" and listed[0].model != single):
             out.append(Job(preset, listed[0].model if single == "auto" else single, 1.0, whole=True))
     return out
 
@@ -209,8 +249,20 @@ def _train_jobs(shards: Path, runs: Path, jobs: list[Job], budget, size, pretrai
             raise BonedistError(f"training {job.experiment}/{run} stopped (exit {code}); run the same command to "
                                 f"resume")
         trained.append({"preset": job.preset, "model": job.model, "run": run, "seed": run_seed, "whole": job.whole,
-                        "minutes": (time.perf_counter() - t0) / 60})
+                        "student": job.student, "minutes": (time.perf_counter() - t0) / 60})
     return trained
+
+
+def _teacher_predictions(runs: Path, preset: str, wandb, workers, jobs: list[Job]) -> Path:
+    """The preset's runs' predictions on the training split (their ensemble's, with several): the teacher table."""
+    from bonedist.eval.evaluate import EvalOptions, evaluate
+
+    out = runs / (preset + TEACHER)
+    planned = ",".join(dict.fromkeys(j.model for j in jobs if j.preset == preset))
+    print(f"  {preset}: the teachers ({planned}) predict the training split into {out}")
+    evaluate(EvalOptions(runs=str(runs / preset), split="train", wandb=wandb, workers=workers or 2, expect=planned,
+                         out=str(out)))
+    return out / "predictions.csv"
 
 
 def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers, jobs: list[Job]) -> dict:
@@ -219,16 +271,16 @@ def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers, jobs: 
     print(f"[3/3] evaluating on the {split} split ({splits[split]['count']} radiographs)")
     results, bias, intervals, weights, checks = {}, {}, {}, {}, {}
     for preset in presets:
-        planned = ",".join(dict.fromkeys(j.model for j in jobs if j.preset == preset and not j.whole))
+        planned = ",".join(dict.fromkeys(j.model for j in jobs if j.preset == preset and not (j.whole or j.student)))
         result = evaluate(EvalOptions(runs=str(runs / preset), split=split, wandb=wandb, workers=workers or 2,
                                       expect=planned))  # warns only of what failed
         results[preset] = {name: m["mae_months"] for name, m in result["metrics"].items()}
         bias[preset] = {name: m["bias_months"] for name, m in result["metrics"].items()}
         intervals[preset] = {name: _interval_summary(r) for name, r in result.get("intervals", {}).items()}
-        for job in (j for j in jobs if j.preset == preset and j.whole):
+        for job in (j for j in jobs if j.preset == preset and (j.whole or j.student)):
             alone = evaluate(EvalOptions(runs=str(runs / job.experiment), split=split, wandb=wandb,
                                          workers=workers or 2, expect=job.model))
-            row, metrics = WHOLE_ROW.format(model=job.run), alone["metrics"][job.run]
+            row, metrics = job.row, alone["metrics"][job.run]
             results[preset][row], bias[preset][row] = metrics["mae_months"], metrics["bias_months"]
             if job.run in alone.get("intervals", {}):
                 intervals[preset][row] = _interval_summary(alone["intervals"][job.run])
@@ -313,13 +365,19 @@ def format_table(summary: dict) -> str:
             lines.append(f"{preset}: best {best[1]} {best[0]:.2f} months = {best[0] / base:.2f}x the "
                          f"predict-the-mean baseline ({base:.2f}: the training split's mean age for everyone)")
         alone = {k: v for k, v in members.items() if k.endswith(WHOLE_ROW.format(model=""))}
-        members = {k: v for k, v in members.items() if k not in alone}
-        shared = min(((v, k) for k, v in results[preset].items()
-                      if v is not None and (k in members or k.startswith("ensemble"))), default=None)
-        if members and shared[1].startswith("ensemble"):
+        students = {k: v for k, v in members.items() if k.endswith(STUDENT_ROW.format(model=""))}
+        members = {k: v for k, v in members.items() if k not in alone and k not in students}
+        teacher = min(((v, k) for k, v in results[preset].items()
+                       if v is not None and (k in members or k.startswith("ensemble"))), default=None)
+        if members and teacher[1].startswith("ensemble"):
             member = min((v, k) for k, v in members.items())
-            lines.append(f"{preset}: {shared[1]} = {shared[0] / member[0]:.2f}x its best member ({member[1]} "
+            lines.append(f"{preset}: {teacher[1]} = {teacher[0] / member[0]:.2f}x its best member ({member[1]} "
                          f"{member[0]:.2f})")
+        for row, value in students.items():  # the runs' ensemble (or run) taught it
+            against = [f"{value / teacher[0]:.2f}x its teacher {teacher[1]} {teacher[0]:.2f}"] if teacher else []
+            against += [f"{value / v:.2f}x {k} {v:.2f}" for k, v in alone.items()]
+            lines.append(f"{preset}: the student {row} {value:.2f} = " + ", ".join(against))
+        shared = min([teacher] * bool(teacher) + [(v, k) for k, v in students.items()], default=None)
         for row, value in alone.items() if shared else ():
             verdict = "beats it" if shared[0] < value else "does not beat it"
             lines.append(f"{preset}: the best of the runs sharing the budget, {shared[1]} {shared[0]:.2f}, = "
