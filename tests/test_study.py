@@ -122,6 +122,14 @@ def test_bench_accuracy_distils_a_student_inside_the_budget(tmp_path):
     mae = summary["mae_months"]["tiny"]
     assert math.isfinite(mae["resnet18 (student)"]) and math.isfinite(mae["xception (whole budget)"])
     assert "the student resnet18 (student)" in result.stdout and "x its teacher ensemble_paper" in result.stdout
+    digest = meta["teacher"]["sha256"]
+    again = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny", "--image-size", "64",
+                    "--budget", "0.6", "--models", "xception", "--student", "resnet18", "--out",
+                    str(tmp_path / "out"), timeout=600)  # the same command again: every run resumes, finished
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "are newer than their best/: kept" in again.stdout  # the student's teacher table is not rewritten
+    assert json.loads((runs / "tiny-student" / "resnet18" / "best" / "meta.json").read_text())["teacher"][
+        "sha256"] == digest
     bad = run_cli("bench", "accuracy", "--data", str(tmp_path / "raw"), "--preset", "tiny,scratch", "--budget",
                   "0.1", "--student", "resnet18", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "--student: one preset at a time" in bad.stderr and "Traceback" not in bad.stderr

@@ -258,11 +258,17 @@ def _teacher_predictions(runs: Path, preset: str, wandb, workers, jobs: list[Job
     from bonedist.eval.evaluate import EvalOptions, evaluate
 
     out = runs / (preset + TEACHER)
-    planned = ",".join(dict.fromkeys(j.model for j in jobs if j.preset == preset))
+    teachers = [j for j in jobs if j.preset == preset]
+    planned = ",".join(dict.fromkeys(j.model for j in teachers))
+    table, bests = out / "predictions.csv", [runs / preset / j.run / "best" / "meta.json" for j in teachers]
+    if table.is_file() and all(b.is_file() and b.stat().st_mtime <= table.stat().st_mtime for b in bests):
+        print(f"  {preset}: the teachers' predictions on the training split, {table}, are newer than their "
+              f"best/: kept (a resumed student continues on the same table)")
+        return table
     print(f"  {preset}: the teachers ({planned}) predict the training split into {out}")
     evaluate(EvalOptions(runs=str(runs / preset), split="train", wandb=wandb, workers=workers or 2, expect=planned,
                          out=str(out)))
-    return out / "predictions.csv"
+    return table
 
 
 def _evaluate_presets(runs: Path, presets, split, splits, wandb, workers, jobs: list[Job]) -> dict:
