@@ -328,7 +328,7 @@ def test_distillation_learns_each_radiographs_teacher_target_and_resumes_only_on
     """--teacher: with the labels as the teacher at --distill 1 the run is bit-identical to one without a teacher
     (each radiograph met its own row); another table changes the weights, is named in best/meta.json, and a resume
     on a changed table is refused in one line."""
-    from bonedist.train.distill import file_sha256
+    from bonedist.files import sha256_file
 
     args = ["--model", "xception", "--shards", str(train_shards), *TINY, "--epochs", "1", "--recalibrate", "0"]
     truth, shifted = tmp_path / "truth.csv", tmp_path / "shifted.csv"
@@ -349,7 +349,7 @@ def test_distillation_learns_each_radiographs_teacher_target_and_resumes_only_on
     assert not all(torch.equal(plain[k], other[k]) for k in plain)
     assert "distilling: " in runs["shifted"].stdout and "weight 0.5 beside the labels" in runs["shifted"].stdout
     meta = json.loads((tmp_path / "shifted" / "xception" / "best" / "meta.json").read_text())
-    assert meta["teacher"] == {"path": str(shifted), "column": "xception", "sha256": file_sha256(shifted),
+    assert meta["teacher"] == {"path": str(shifted), "column": "xception", "sha256": sha256_file(shifted),
                                "rows": 300, "weight": 0.5}
     _teacher_table(shifted, train_shards, shift=12.0)  # the table changed under the run
     again = run_train(*args[:-4], "--epochs", "2", "--recalibrate", "0", "--experiment", "shifted", "--teacher",

@@ -15,7 +15,6 @@ best/meta.json and every checkpoint, so that a resume on another teacher is refu
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bonedist import BonedistError
+from bonedist.files import sha256_file
 
 KEYS = ("id", "key")  # the radiograph's key: predictions.csv's id (the pack's key), or key
 NOT_PREDICTIONS = (*KEYS, "sex", "male", "truth")  # predictions.csv's columns that are not a model's
@@ -59,14 +59,6 @@ def default_column(columns: list[str], path: str) -> str:
     predictions = [c for c in columns if c not in NOT_PREDICTIONS]
     raise BonedistError(f"--teacher {path}: name the teacher's column with --teacher-column (it has "
                         f"{', '.join(predictions) or 'no prediction column'})")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_teacher(path: str, column: str | None, keys: list[str]) -> Teacher:
@@ -108,7 +100,7 @@ def load_teacher(path: str, column: str | None, keys: list[str]) -> Teacher:
         if key in wanted and not (math.isfinite(value) and 0.0 <= value <= MAX_AGE_MONTHS):
             raise BonedistError(f"--teacher {path}: row {row + 2} (key {key!r}), column {column!r}: "
                                 f"{table[column].iloc[row]!r} is not an age in months (0-{MAX_AGE_MONTHS:g})")
-    return Teacher(str(path), str(column), file_sha256(file), {k: v for k, v in months.items() if k in wanted})
+    return Teacher(str(path), str(column), sha256_file(file), {k: v for k, v in months.items() if k in wanted})
 
 
 def distill_loss(task, out: dict, target: torch.Tensor, teacher: torch.Tensor, loss_fn, stage: str | None,

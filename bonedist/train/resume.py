@@ -8,7 +8,6 @@ import json
 import math
 import random
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
@@ -73,7 +72,7 @@ def check(trainer, folder) -> list[str]:
     changes = [f"preset {saved_cfg.get('preset')} → {cfg.preset}"] if saved_cfg.get("preset") != cfg.preset else []
     if meta.get("pack_identity"):  # checkpoints before 0.2 did not record it
         changes += pack_differences(meta["pack_identity"], pack_identity(trainer.manifest))
-    changes += teacher_differences(meta.get("teacher"), cfg.teacher)
+    changes += teacher_differences(meta.get("teacher"), trainer.teacher)
     if changes and not cfg.allow_changed_data:
         raise BonedistError(f"cannot resume from {folder}: {'; '.join(changes)} since it was written (the "
                             f"normalisation and data position refer to what it trained on). Start a new run (--resume "
@@ -82,19 +81,17 @@ def check(trainer, folder) -> list[str]:
     return changes
 
 
-def teacher_differences(saved: dict | None, teacher: str | None) -> list[str]:
-    """A distilled run resumes on the same teacher table (its SHA-256), an undistilled one on none."""
-    from bonedist.train.distill import file_sha256
-
-    was = (saved or {}).get("sha256")
-    now = file_sha256(Path(teacher)) if teacher and Path(teacher).is_file() else None
-    if was == now or (teacher and now is None):  # a missing table is reported by load_teacher, naming the flag
+def teacher_differences(saved: dict | None, teacher) -> list[str]:
+    """A distilled run resumes on the same teacher table (its SHA-256), an undistilled one on none. ``teacher``:
+    the run's loaded ``distill.Teacher`` (checked and hashed before the run folder is claimed), or None."""
+    was, now = (saved or {}).get("sha256"), teacher.sha256 if teacher else None
+    if was == now:
         return []
     if was and now:
-        return [f"the teacher table {teacher} (SHA-256 {was[:12]} → {now[:12]})"]
+        return [f"the teacher table {teacher.path} (SHA-256 {was[:12]} → {now[:12]})"]
     if was:
         return [f"it was distilled from {saved.get('path')}, now without --teacher"]
-    return [f"it trained without a teacher, now --teacher {teacher}"]
+    return [f"it trained without a teacher, now --teacher {teacher.path}"]
 
 
 def restore(trainer, folder) -> str | None:
