@@ -502,7 +502,8 @@ def _cmd_bench_train_step(args) -> int:
     from bonedist.bench.train_step import bench_train_step
 
     o = _options(args, BenchTrainStepOptions, model=args.model)
-    bench_train_step(o.model, batch=o.batch_size, size=o.image_size, steps=o.steps, device=o.device, preset=o.preset)
+    bench_train_step(o.model, batch=o.batch_size, size=o.image_size, steps=o.steps, device=o.device, preset=o.preset,
+                     compile_model=o.compile)
     return 0
 
 

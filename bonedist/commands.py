@@ -229,6 +229,8 @@ class BenchTrainStepOptions(Checked):
                                     minimum=32)
     steps: int = option(10, "timed steps", minimum=1)
     device: str | None = option(None, DEVICE)
+    compile: str = option("auto", "also time the defaults under torch.compile (train --compile): auto (on CUDA), on, "
+                                  "off", choices=("auto", "on", "off"))
 
 
 @dataclass

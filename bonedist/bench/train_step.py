@@ -1,10 +1,12 @@
-"""``bonedist bench train-step --model NAME``: training images/s of plain fp32 eager vs the engine's defaults, same
-model (its recipe for ``--preset``), same inputs, same run; MFU on CUDA.
+"""``bonedist bench train-step --model NAME``: training images/s of plain fp32 eager vs the engine's defaults, and
+the defaults under ``torch.compile`` (``--compile``: on CUDA unless ``off``, on a CPU when ``on``), same model (its
+recipe for ``--preset``), same inputs, same run; MFU on CUDA.
 
-The engine's defaults are what ``--precision auto`` resolves to (``bonedist.train.precision``): bf16 autocast,
-channels_last and torch.compile on CUDA; on a CPU with bf16 matrix units the model's measured choice (bf16 and
-channels_last for most CNNs), fp32 on other CPUs. A step is forward, backward and AdamW step on one fixed batch of
-prepared inputs (the input pipeline is timed by ``bench augment`` and ``bench train-loop``).
+The engine's defaults are what ``--precision auto`` resolves to (``bonedist.train.precision``): bf16 autocast and
+channels_last on CUDA; on a CPU with bf16 matrix units the model's measured choice (bf16 and channels_last for most
+CNNs), fp32 on other CPUs. Compilation time is left out of the timing (it runs in the warm-up steps). A step is
+forward, backward and AdamW step on one fixed batch of prepared inputs (the input pipeline is timed by ``bench
+augment`` and ``bench train-loop``).
 """
 
 from __future__ import annotations
@@ -94,18 +96,20 @@ def measure(model_name: str, batch: int, size: int, steps: int, device: torch.de
 
 
 def bench_train_step(model_name: str, batch: int | None = None, size: int | None = None, steps: int = 10,
-                     device: str | None = None, preset: str = "scratch") -> dict:
+                     device: str | None = None, preset: str = "scratch", compile_model: str = "auto") -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     size = size or (500 if cuda else 100)
     batch = batch or (32 if cuda else 64)
     info = model_info(model_name)
     defaults = resolve_precision("auto", None, cuda, info.cpu_precision)
-    compiled = cuda and info.task.compilable
+    compiled = info.task.compilable and (cuda if compile_model == "auto" else compile_model == "on")
     rows = {"baseline: fp32 eager": measure(model_name, batch, size, steps, device, FP32_EAGER, preset),
-            "bonedist defaults": measure(model_name, batch, size, steps, device, defaults, preset, compiled)}
+            "bonedist defaults": measure(model_name, batch, size, steps, device, defaults, preset)}
+    if compiled:
+        rows["defaults + torch.compile"] = measure(model_name, batch, size, steps, device, defaults, preset, True)
     base = rows["baseline: fp32 eager"]["images_per_s"]
-    what = defaults.describe() + (" + compile" if compiled else "")
+    what = defaults.describe()
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"\ntrain step of {model_name} ({preset} recipe), batch {batch} at {size}x{size}, device {name}; "
           f"defaults = {what}")
