@@ -348,3 +348,45 @@ def test_timm_architectures_with_a_layer_after_the_pooling_get_a_head_of_its_wid
     model = create_model(f"timm/{arch}", inputs={"image_size": 64})
     assert model.head[0].in_features == model.backbone.head_hidden_size + 32 != model.backbone.num_features + 32
     assert model(torch.randn(2, 1, 64, 64), torch.tensor([1.0, 0.0]))["pred"].shape == (2,)
+
+
+def test_an_age_distribution_head_predicts_its_mean_and_trains_on_soft_labels(tmp_path):
+    """--age-bins N: the prediction is the mean of a distribution over N bins fixed in z; the soft labels centre on
+    the target; the loss adds their divergence (zero for a distribution equal to the soft label); the model exports
+    to ONNX with the same prediction."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bonedist.models.age_bins import SPAN_Z, distribution_loss, soft_labels
+    from bonedist.serving.export import export_onnx
+    from bonedist.train.config import resolve_config
+    from bonedist.train.losses import L1
+
+    cfg = resolve_config("cspnext_tiny", "x", "scratch", input={"image_size": 48}, model_options={"age_bins": 41})
+    torch.manual_seed(0)
+    model = create_model("cspnext_tiny", cfg.input, **cfg.model_options).eval()
+    image, male = torch.randn(3, 1, 48, 48), torch.tensor([0.0, 1.0, 1.0])
+    out = model(image, male)
+    probs = out["age_logits"].softmax(-1)
+    centers = torch.linspace(*SPAN_Z, 41)
+    assert out["age_logits"].shape == (3, 41) and torch.allclose(out["pred"], (probs * centers).sum(-1), atol=1e-6)
+
+    target = torch.tensor([-2.6, 0.0, 1.37])
+    labels = soft_labels(target, 41)
+    assert torch.allclose(labels.sum(-1), torch.ones(3)) and torch.allclose((labels * centers).sum(-1), target,
+                                                                            atol=1e-4)
+    assert float(distribution_loss(labels.clamp_min(1e-30).log(), target)) == pytest.approx(0.0, abs=1e-6)
+    loss, parts = model.task.loss(out, target, L1())
+    assert float(parts["loss_age_bins"]) > 0.5
+    assert float(loss) == pytest.approx(float(L1()(out["pred"], target) + parts["loss_age_bins"]), rel=1e-6)
+    loss.backward()
+    assert model.head.layers[-1].weight.grad.abs().sum() > 0
+
+    export_onnx(model, model.spec, tmp_path / "m.onnx")
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["pred"], {"image": image.numpy(),
+                                                                         "male": male.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(image, male)["pred"].numpy()).max() < 1e-4
+
+    with pytest.raises(BonedistError, match="--age-bins 1: an age distribution needs at least 2 bins"):
+        create_model("cspnext_tiny", cfg.input, **{**cfg.model_options, "age_bins": 1})

@@ -35,6 +35,9 @@ class TimmOptions(BackboneOptions):
     head_width: int = option(256, "units of the head's hidden Dense layer", group=MODEL, minimum=1)
     drop_path: float = option(0.0, "stochastic depth of the backbone's blocks (timm's drop_path_rate)",
                               group=MODEL, minimum=0, maximum=1)
+    age_bins: int = option(0, "0: the head predicts one age; N: a distribution over N age bins whose mean is the "
+                              "prediction, trained with a soft-label term too (bonedist.models.age_bins)",
+                           group=MODEL, minimum=0)
 
 
 # -- recipes of an ImageNet-backbone regressor: what it adds to each preset's shared values ---------------------------

@@ -79,7 +79,8 @@ class SexImageRegressor(BoneAgeModel):
         sex = male.to(features.dtype).view(-1, 1)  # (B, 1)
         if self.sex_encoder is not None:
             sex = self.sex_encoder(sex)  # (B, 32)
-        return {"pred": self.head(torch.cat([features, sex], dim=1)).squeeze(1)}
+        out = self.head(torch.cat([features, sex], dim=1))
+        return out if isinstance(out, dict) else {"pred": out.squeeze(1)}  # a dict: an age-distribution head
 
 
 def mlp(sizes: list[int], act: type[nn.Module], dropout: float = 0.0) -> nn.Sequential:

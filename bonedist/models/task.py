@@ -42,10 +42,16 @@ class Task:
     def loss(self, output: dict[str, torch.Tensor], target: torch.Tensor, loss_fn: LossFn,
              stage: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss on z (in fp32) and its parts (detached, for logging). In a stage only that branch's
-        term counts."""
+        term counts. A model with an age-distribution head (``age_logits``) adds the divergence of its distribution
+        from a soft label around the target (``bonedist.models.age_bins``), logged as ``loss_age_bins``."""
         if not self.branches:
             loss = loss_fn(output["pred"].float(), target.float())
-            return loss, {"loss": loss.detach()}
+            if "age_logits" not in output:
+                return loss, {"loss": loss.detach()}
+            from bonedist.models.age_bins import distribution_loss
+
+            bins = distribution_loss(output["age_logits"], target)
+            return loss + bins, {"loss": (loss + bins).detach(), "loss_age_bins": bins.detach()}
         weights = {stage: 1.0} if stage else self.weights
         parts = {name: loss_fn(output[name].float(), target.float()) for name in weights}
         loss = sum(weights[name] * parts[name] for name in weights)

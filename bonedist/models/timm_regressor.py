@@ -1,6 +1,7 @@
 """Any timm architecture as a bone-age regressor with the same sex input and head conventions as the models built
 on it here: the backbone's pooled features (layer-normalised with ``feature_norm``), concatenated with an encoded
-sex (Dense(32, sigmoid)), through Dense(``head_width``, ReLU) to one z value.
+sex (Dense(32, sigmoid)), through Dense(``head_width``, ReLU) to one z value, or with ``--age-bins N`` to a
+distribution over N age bins whose mean is the prediction (``age_bins.py``).
 
     bonedist train --model timm/regnety_004 --shards shards/rsna --preset scratch
     bonedist train --model timm/convnext_nano --shards shards/rsna --preset improved --pretrained default
@@ -22,11 +23,15 @@ def timm_regressor(arch: str, opts: TimmOptions, in_chans: int):
     """A ``SexImageRegressor`` on timm's ``arch`` (torch and timm imported here, when a model is built)."""
     from torch import nn
 
+    from bonedist.models.age_bins import AgeBinsHead
     from bonedist.models.regressor import SexImageRegressor, mlp, sigmoid_sex_encoder
 
+    def head(features: int) -> nn.Module:
+        layers = mlp([features + 32, opts.head_width, opts.age_bins or 1], nn.ReLU)
+        return AgeBinsHead(layers, opts.age_bins) if opts.age_bins else layers
+
     backbone_kw = {"drop_path_rate": opts.drop_path} if opts.drop_path else {}
-    return SexImageRegressor(arch, lambda features: mlp([features + 32, opts.head_width, 1], nn.ReLU),
-                             sigmoid_sex_encoder(), opts, in_chans, **backbone_kw)
+    return SexImageRegressor(arch, head, sigmoid_sex_encoder(), opts, in_chans, **backbone_kw)
 
 
 def _resolve(name: str) -> bool:

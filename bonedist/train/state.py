@@ -30,35 +30,35 @@ class EpochSums:
 
     loss: torch.Tensor  # sum of loss x inputs
     abs_err_months: torch.Tensor  # sum of |pred - target| in months
-    branches: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of each branch's loss x inputs
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of each named part of the loss x inputs
 
     @classmethod
-    def zeros(cls, branches: tuple[str, ...], device: torch.device) -> EpochSums:
+    def zeros(cls, terms: tuple[str, ...], device: torch.device) -> EpochSums:
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-        return cls(zero(), zero(), {name: zero() for name in branches})
+        return cls(zero(), zero(), {name: zero() for name in terms})
 
     def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], abs_err_months: torch.Tensor, n: int) -> None:
         self.loss += loss.detach().double() * n
         self.abs_err_months += abs_err_months
-        for name, total in self.branches.items():
+        for name, total in self.terms.items():  # a branch outside the training stage counts the stage's loss
             total += parts.get(f"loss_{name}", loss).detach().double() * n
 
     def stacked(self) -> torch.Tensor:
-        return torch.stack([self.loss, self.abs_err_months, *self.branches.values()])
+        return torch.stack([self.loss, self.abs_err_months, *self.terms.values()])
 
 
 @dataclass
 class EpochStats:
     """One epoch of training on this rank (sums over all ranks where named so), for its metrics line."""
 
-    sums: list[float]  # EpochSums.stacked(), summed over ranks: loss, abs error, each branch's loss
+    sums: list[float]  # EpochSums.stacked(), summed over ranks: loss, abs error, each term of the loss
     inputs: float  # model inputs over all ranks (radiographs x patches)
     batches: int  # micro-steps run in this call (a resumed epoch: from its saved batch)
     data_wait: float  # seconds waiting for batches
     seconds: float  # wall clock of the epoch's steps
     steady: tuple[float, int] | None  # (seconds, inputs) after the first steps (autotuning, lazy init)
 
-    def metrics(self, batch_size: int, repeats: int, branches: tuple[str, ...]) -> dict:
+    def metrics(self, batch_size: int, repeats: int, terms: tuple[str, ...]) -> dict:
         n = max(self.inputs, 1.0)
         radiographs = self.batches * batch_size
         out = {"train_loss": self.sums[0] / n, "train_mae_months": self.sums[1] / n,
@@ -68,5 +68,5 @@ class EpochStats:
                                            radiographs / max(self.seconds, 1e-9)),
                "images_per_s_per_device_with_warmup": radiographs / max(self.seconds, 1e-9),
                "data_wait_share": self.data_wait / max(self.seconds, 1e-9)}
-        out.update({f"train_loss_{name}": self.sums[2 + i] / n for i, name in enumerate(branches)})
+        out.update({f"train_loss_{name}": self.sums[2 + i] / n for i, name in enumerate(terms)})
         return out
