@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import chi2_contingency, chisquare
 
+from bonedist import BonedistError
 from bonedist.data.augment import AugmentConfig, InputPipeline, gather_patches
 from bonedist.data.manifest import load_manifest
 from bonedist.data.pack import PackOptions, pack_dataset
@@ -120,6 +122,19 @@ def test_augmentation_is_the_identity_at_zero_ranges():
     x = InputPipeline(spec, AugmentConfig.off(), seed=0).train(images, step=1)
     assert torch.equal(x, InputPipeline(spec).eval(images))
     assert torch.allclose(x[:, 0], images[:, 0].float() / 127.5 - 1.0)  # [0, 255] -> [-1, 1]
+
+
+def test_progressive_resizing_downsamples_the_augmented_image_and_refuses_patches():
+    """--low-res: the same augmentation as at full size, then an antialiased downsampling to the low side."""
+    spec = InputSpec(image_size=96, input_size=96, channels=1, mean=(0.5,), std=(0.5,))
+    images, pipe = _uint8_batch(), InputPipeline(spec, AugmentConfig(), seed=3)
+    full, low = pipe.train(images, step=5), pipe.train(images, step=5, size=48)
+    assert low.shape == (4, 1, 48, 48) and torch.equal(pipe.train(images, step=5, size=96), full)
+    expected = F.interpolate(full, size=(48, 48), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(low, expected, atol=1e-5)  # normalising commutes with the resampling's weighted means
+    patches = InputSpec(image_size=96, input_size=48, channels=1, mean=(0.5,), std=(0.5,), num_patches=4)
+    with pytest.raises(BonedistError, match="--low-res is for whole-image models"):
+        InputPipeline(patches).train(images, step=1, size=32)
 
 
 def test_resize_to_the_model_input_size():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -102,6 +103,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(t
     (["--model", "xception", "--shards", "x", "--preset", "fast"], "unknown preset 'fast'"),
     (["--model", "agcnn", "--shards", "x", "--model-opt", "reduction"], "expected KEY=VALUE"),
     (["--model", "xception", "--shards", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--model", "xception", "--shards", "x", "--low-res", "500"], "--low-res 500: a side below --image-size"),
+    (["--model", "xception", "--shards", "x", "--low-res", "32", "--scheduler", "plateau"], "with --scheduler cosine"),
     (["--model", "xception", "--shards", "x", "--distill", "0.5"], "--distill and --teacher-column need --teacher"),
     (["--model", "xception", "--shards", "x", "--teacher", "t.csv", "--distill", "1.5"], "--distill must be at most"),
 ])
@@ -123,6 +126,26 @@ def test_every_model_learns_well_below_the_mean_baseline(train_shards, tmp_path,
     best = min(r[key] for r in records)
     baseline = records[-1]["val_baseline_mae_months"]
     assert best < 0.75 * baseline, f"{model}: best validation MAE {best:.1f} vs predict-the-mean {baseline:.1f}"
+
+
+@pytest.mark.slow
+def test_an_age_distribution_head_with_progressive_resizing_learns_and_records_both(train_shards, tmp_path):
+    """--age-bins logs its soft-label term each epoch; --low-res trains the first half of the cosine at 32 px and
+    says when it switches to the image size; validation is at the image size throughout; the model still learns."""
+    result = run_train("--model", "cspnext_tiny", "--shards", str(train_shards), "--preset", "tiny", "--epochs", "3",
+                       "--age-bins", "41", "--low-res", "32", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    size = json.loads((tmp_path / "default" / "cspnext_tiny" / "config.json").read_text())["input"]["image_size"]
+    assert f"progressive resizing: training at 32 px until 50% of the cosine cycle, then at {size} px" in result.stdout
+    switch = re.search(rf"progressive resizing: training at {size} px from step (\d+)", result.stdout)
+    assert switch and result.stdout.count("progressive resizing: training at") == 2
+    run = tmp_path / "default" / "cspnext_tiny"
+    assert json.loads((run / "config.json").read_text())["model_options"]["age_bins"] == 41
+    records = epoch_records(run)
+    assert abs(int(switch.group(1)) - records[-1]["step"] / 2) <= 1  # half of the cosine cycle's optimizer steps
+    assert min(r["val_mae_months"] for r in records) < 0.75 * records[-1]["val_baseline_mae_months"]
+    assert all(0 < r["train_loss_age_bins"] < r["train_loss"] for r in records)  # the soft-label term, logged
+    assert records[-1]["train_loss_age_bins"] < records[0]["train_loss_age_bins"]
 
 
 @pytest.mark.slow
@@ -348,6 +371,11 @@ def test_distillation_learns_each_radiographs_teacher_target_and_resumes_only_on
     assert all(torch.equal(plain[k], taught[k]) for k in plain)
     assert not all(torch.equal(plain[k], other[k]) for k in plain)
     assert "distilling: " in runs["shifted"].stdout and "weight 0.5 beside the labels" in runs["shifted"].stdout
+    shifted_epoch = epoch_records(tmp_path / "shifted" / "xception")[-1]  # both terms logged, mixed 1:1
+    assert shifted_epoch["train_loss_teacher"] > 0 and shifted_epoch["train_loss_label"] > 0
+    assert shifted_epoch["train_loss_teacher"] != shifted_epoch["train_loss_label"]
+    assert shifted_epoch["train_loss"] == pytest.approx(
+        0.5 * (shifted_epoch["train_loss_label"] + shifted_epoch["train_loss_teacher"]), rel=1e-6)
     meta = json.loads((tmp_path / "shifted" / "xception" / "best" / "meta.json").read_text())
     assert meta["teacher"] == {"path": str(shifted), "column": "xception", "sha256": sha256_file(shifted),
                                "rows": 300, "weight": 0.5}

@@ -21,6 +21,7 @@ import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
 
+from bonedist import BonedistError
 from bonedist.data.handmask import hand_mask_small, upsample_mask
 from bonedist.data.sampling import mix_seed
 from bonedist.spec import AugmentConfig, InputSpec
@@ -184,33 +185,41 @@ class InputPipeline:
         return ((x - mean) / std).contiguous(memory_format=fmt)
 
     def model_batch(self, batch: dict, step: int | None = None, scale: TargetScale | None = None,
-                    flip: bool = False, view: tuple[float, float] | None = None) -> ModelBatch:
+                    flip: bool = False, view: tuple[float, float] | None = None,
+                    size: int | None = None) -> ModelBatch:
         """A loader batch (uint8 ``image`` (B, 1, H, W), ``male``, ``age``; ``hand_mask``: the images' hand masks
-        when a cache kept them) → the model's inputs: augmented for training step ``step``, or the deterministic
-        evaluation inputs (``step`` None; ``flip``: of the mirror; ``view``: (degrees, zoom) of a test-time view,
-        ``view_transform``)."""
+        when a cache kept them) → the model's inputs: augmented for training step ``step`` (``size``: downsampled
+        to this side after augmentation, progressive resizing), or the deterministic evaluation inputs (``step``
+        None; ``flip``: of the mirror; ``view``: (degrees, zoom) of a test-time view, ``view_transform``)."""
         images, small = batch["image"], batch.get("hand_mask")
         if flip:
             images, small = images.flip(-1), (small.flip(-1) if small is not None else None)
         if step is None:
             x, repeats = self.eval(images, small, view), self.eval_repeats
         else:
-            x, repeats = self.train(images, step, small), self.train_repeats
+            x, repeats = self.train(images, step, small, size), self.train_repeats
         target = scale.z(batch["age"]).repeat_interleave(repeats) if scale is not None else None
         return ModelBatch(x, batch["male"].repeat_interleave(repeats), target, repeats)
 
     def _seed(self, step: int) -> None:
         torch.manual_seed(mix_seed(self.seed, self.rank, step))
 
-    def train(self, images: torch.Tensor, step: int, small_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def train(self, images: torch.Tensor, step: int, small_mask: torch.Tensor | None = None,
+              size: int | None = None) -> torch.Tensor:
         """Augmented model inputs: (B, C, S, S), or (B*K, C, P, P) for patch models (patch k of image b at b*K+k).
-        ``small_mask``: the images' hand masks at the work size, when kept (else computed here)."""
+        ``small_mask``: the images' hand masks at the work size, when kept (else computed here); ``size``: whole
+        images downsampled to this side after augmentation (antialiased, as a smaller radiograph would be)."""
+        if size not in (None, self.spec.image_size) and self.spec.is_patch:
+            raise BonedistError("--low-res is for whole-image models; a patch model's patches keep their size")
         x, mask = self._to_unit(images, keep_mask=True, small_mask=small_mask)
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # Kornia samples from the global RNG: seed it, then restore
             self._seed(step)
             if not self.spec.is_patch:
-                return self._finish(self.image_ops(x) if len(self.image_ops) else x)
+                x = self.image_ops(x) if len(self.image_ops) else x
+                if size not in (None, self.spec.image_size):
+                    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                return self._finish(x)
             batch, size, p, k = x.shape[0], self.spec.image_size, self.spec.input_size, self.spec.num_patches
             ys, xs = self._patch_corners(mask, batch, k, size, p, x.device)
             patches = gather_patches(x, ys, xs, p)  # (B*K, 1, P, P)

@@ -74,6 +74,11 @@ class TrainConfig:
     swa: float = option(0.0, "SWA: the uniform mean of the weights over the cosine's tail from this share of it on "
                               "(e.g. 0.75), validated and kept as best/ in the EMA's place (0: off)", group=OPT,
                         minimum=0)
+    low_res: int = option(0, "progressive resizing: train on radiographs downsampled to this side until "
+                             "--low-res-until of the cosine cycle, then at the image size (validation always at the "
+                             "image size; 0: off)", group=OPT, minimum=0)
+    low_res_until: float = option(0.5, "the share of the cosine cycle trained at --low-res", group=OPT, minimum=0.0,
+                                  maximum=1.0)
     teacher: str | None = option(None, "distill: a table of a teacher's predictions for the training radiographs "
                                        "(`bonedist evaluate --runs TEACHER --split train`'s report/predictions.csv,"
                                        " or a CSV with key and months), learnt beside the labels", group=OPT)
@@ -147,6 +152,10 @@ class TrainConfig:
         if self.swa >= 1.0 or (self.swa and (self.ema or self.scheduler != "cosine")):
             raise BonedistError(f"--swa {self.swa}: a share of the cosine schedule in [0, 1), with --scheduler cosine "
                                 f"and without --ema (both average the weights)")
+        if self.low_res and (self.scheduler != "cosine" or self.low_res >= self.input.image_size):
+            raise BonedistError(f"--low-res {self.low_res}: a side below --image-size {self.input.image_size}, with "
+                                f"--scheduler cosine (whose progress decides when training switches to the image "
+                                f"size)")
         if self.cache_share > 1.0:
             raise BonedistError(f"--cache-share must be in (0, 1], got {self.cache_share}")
         if self.model:

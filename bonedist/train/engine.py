@@ -147,6 +147,13 @@ class Trainer:
         cfg = self.cfg
         model = create_model(cfg.model, cfg.input, **cfg.model_options)
         self.task, self.spec = model.task, model.spec
+        # the loss's parts logged per epoch as train_loss_<term>: each branch's, the label's and the teacher's
+        # terms of a distilled run, the age-distribution term of an age-bins head
+        self.loss_terms = (*self.task.branches, *(("label", "teacher") if self.teacher else ()),
+                           *(("age_bins",) if cfg.model_options.get("age_bins") else ()))
+        if cfg.low_res and self.spec.is_patch:
+            raise BonedistError(f"--low-res is for whole-image models; {cfg.model}'s patches keep their size")
+        self._train_side = 0  # the side of the last training batch, to say when progressive resizing switches
         self.synced = bool(cfg.sync_bn and self.world > 1 and torch.cuda.is_available())
         if self.synced:  # its forward in training mode (recalibration included) has collectives
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -166,6 +173,9 @@ class Trainer:
         weights = balance_weights(index.age, index.male, data.n_bins, data.max_age) if cfg.balanced else None
         self.scale = TargetScale(*target_stats(index.age, weights))
         self.train_mean = float(np.mean(index.age))  # the natural mean: what predict-the-mean predicts
+        if cfg.low_res:
+            acc.print(f"progressive resizing: training at {cfg.low_res} px until {cfg.low_res_until:.0%} of the "
+                      f"cosine cycle, then at {self.spec.image_size} px (validation at {self.spec.image_size} px)")
         if self.teacher:
             acc.print(f"distilling: {self.teacher.path} column {self.teacher.column} ({len(self.teacher.months)} "
                       f"training radiographs), weight {self.distill_weight:g} beside the labels")
@@ -294,7 +304,7 @@ class Trainer:
         acc, cfg, state, timer = self.accelerator, self.cfg, self.state, self.timer
         start_batch = state.batch_in_epoch
         batches = iter(self.train_data.training(start_batch))  # a resumed epoch continues at its batch, unreplayed
-        sums = EpochSums.zeros(self.task.branches, self.device)
+        sums = EpochSums.zeros(self.loss_terms, self.device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         samples, wait, began, warm = 0, 0.0, time.perf_counter(), None
         bar = progress(self.steps_per_epoch, f"epoch {state.epoch + 1}/{cfg.epochs}", "step",
@@ -346,8 +356,18 @@ class Trainer:
         return self.stop_requested_everywhere
 
     def model_batch(self, batch: dict, step: int | None = None) -> ModelBatch:
-        """The model's inputs and z targets for a loader batch, augmented for ``step`` (None: as evaluation)."""
-        return self.pipe.model_batch(batch, step=step, scale=self.scale)
+        """The model's inputs and z targets for a loader batch, augmented for ``step`` (None: as evaluation), at
+        ``--low-res`` while the cosine cycle is short of ``--low-res-until``."""
+        return self.pipe.model_batch(batch, step=step, scale=self.scale,
+                                     size=self.train_size() if step is not None else None)
+
+    def train_size(self) -> int:
+        """The side of training inputs now: ``--low-res`` in the first ``--low-res-until`` of the cosine cycle (by
+        steps, or by the clock under a time budget, as the learning rate), else the image size."""
+        cfg = self.cfg
+        if cfg.low_res and self.scheduler.progress(self.state.global_step) < cfg.low_res_until:
+            return cfg.low_res
+        return self.spec.image_size
 
     def train_step(self, batch: dict, nonfinite: torch.Tensor):
         """One micro-step; a non-finite loss only sets ``nonfinite`` (on the device), which ``_agree`` checks.
@@ -355,6 +375,11 @@ class Trainer:
         acc, cfg, timer = self.accelerator, self.cfg, self.timer
         with timer.phase("input"):
             inputs = self.model_batch(batch, step=self.state.micro_step)
+            if cfg.low_res and inputs.image.shape[-1] != self._train_side:
+                if self._train_side:
+                    acc.print(f"progressive resizing: training at {inputs.image.shape[-1]} px from step "
+                              f"{self.state.global_step}")
+                self._train_side = inputs.image.shape[-1]
             taught = self.teacher.z_targets(batch["key"], self.scale, inputs.repeats, inputs.target.device) \
                 if self.teacher else None
         with acc.accumulate(self.model):
@@ -426,7 +451,7 @@ class Trainer:
         """Validate, schedule, checkpoint, log; True when early stopping says stop."""
         cfg, state = self.cfg, self.state
         metrics = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.global_step,
-                   **stats.metrics(cfg.batch_size, self.pipe.train_repeats, self.task.branches),
+                   **stats.metrics(cfg.batch_size, self.pipe.train_repeats, self.loss_terms),
                    "lr": self.optimizer.param_groups[0]["lr"], "peak_memory_gb": _peak_memory_gb()}
         if cfg.stages:
             metrics["stage"] = self.stage
