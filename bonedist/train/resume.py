@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 
 import torch
 
@@ -69,6 +69,11 @@ def check(trainer, folder) -> list[str]:
         raise BonedistError(f"cannot resume {cfg.model} from {folder}: it is a checkpoint of {meta.get('model')} "
                             f"(preset {saved_cfg.get('preset', '?')}); pass --resume never (or another --experiment) "
                             f"to start {cfg.model} afresh")
+    built = model_differences(meta.get("model_options"), cfg.options(), trainer.info)
+    if built:
+        raise BonedistError(f"cannot resume {cfg.model} from {folder}: its model was built with other options "
+                            f"({'; '.join(built)}); give the run's own values (its config.json, e.g. a default that "
+                            f"changed since) or start a new run (--resume never, or another --experiment)")
     changes = [f"preset {saved_cfg.get('preset')} → {cfg.preset}"] if saved_cfg.get("preset") != cfg.preset else []
     if meta.get("pack_identity"):  # checkpoints before 0.2 did not record it
         changes += pack_differences(meta["pack_identity"], pack_identity(trainer.manifest))
@@ -79,6 +84,17 @@ def check(trainer, folder) -> list[str]:
                             f"never, or another --experiment), or pass --allow-changed-data to continue on purpose")
     trainer.resume_changes = changes
     return changes
+
+
+def model_differences(saved: dict | None, options, info) -> list[str]:
+    """``name saved → now`` for each model option a checkpoint was built with that differs from this run's (an
+    option the checkpoint predates counts at its default): a different head or backbone cannot load its weights."""
+    if saved is None:
+        return []
+    defaults = {f.name: f.default for f in fields(options) if f.default is not MISSING}
+    now = info.without_weights(asdict(options))
+    return [f"{name} {saved.get(name, defaults.get(name))} → {value}" for name, value in now.items()
+            if saved.get(name, defaults.get(name)) != value]
 
 
 def teacher_differences(saved: dict | None, teacher) -> list[str]:
