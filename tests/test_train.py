@@ -146,6 +146,11 @@ def test_an_age_distribution_head_with_progressive_resizing_learns_and_records_b
     assert min(r["val_mae_months"] for r in records) < 0.75 * records[-1]["val_baseline_mae_months"]
     assert all(0 < r["train_loss_age_bins"] < r["train_loss"] for r in records)  # the soft-label term, logged
     assert records[-1]["train_loss_age_bins"] < records[0]["train_loss_age_bins"]
+    # resuming it with another head (as when a preset's default changed since) is one line, not a load error
+    again = run_train("--model", "cspnext_tiny", "--shards", str(train_shards), "--preset", "tiny", "--epochs", "4",
+                      "--age-bins", "17", runs=tmp_path)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "its model was built with other options (age_bins 41 → 17)" in again.stderr
 
 
 @pytest.mark.slow
