@@ -544,11 +544,12 @@ def test_one_radiograph_in_two_splits_is_reported_at_pack_time(phantom_copy, tmp
 # -- 8. exact resume in both data modes ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_stream_mode_run_stopped_mid_epoch_resumes_bit_identical(train_shards, tmp_path, workers):
+@pytest.mark.parametrize("workers, extra", [(0, []), (2, []), (0, ["--mixup", "0.4"])],
+                         ids=["workers0", "workers2", "mixup"])
+def test_a_stream_mode_run_stopped_mid_epoch_resumes_bit_identical(train_shards, tmp_path, workers, extra):
     args = ["--model", "xception", "--preset", "tiny", "--image-size", "64", "--epochs", "2",
             "--steps-per-epoch", "8", "--batch-size", "4", "--data-mode", "stream", "--workers", str(workers),
-            "--log-every", "1", "--sync-every", "1", "--shards", str(train_shards)]
+            "--log-every", "1", "--sync-every", "1", "--shards", str(train_shards), *extra]
     reference = run_train(*args, runs=tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
     runs = tmp_path / "interrupted"

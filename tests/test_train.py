@@ -106,6 +106,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_good_checkpoints(t
     (["--model", "xception", "--shards", "x", "--low-res", "500"], "--low-res 500: a side below --image-size"),
     (["--model", "xception", "--shards", "x", "--low-res", "32", "--scheduler", "plateau"], "with --scheduler cosine"),
     (["--model", "xception", "--shards", "x", "--distill", "0.5"], "--distill and --teacher-column need --teacher"),
+    (["--model", "xception", "--shards", "x", "--mixup-bandwidth", "0"], "--mixup-bandwidth must be positive"),
     (["--model", "xception", "--shards", "x", "--teacher", "t.csv", "--distill", "1.5"], "--distill must be at most"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, args, message):
@@ -151,6 +152,23 @@ def test_an_age_distribution_head_with_progressive_resizing_learns_and_records_b
                       "--age-bins", "17", runs=tmp_path)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "its model was built with other options (age_bins 41 → 17)" in again.stderr
+
+
+@pytest.mark.slow
+def test_c_mixup_learns_says_so_and_is_refused_for_patch_models(train_shards, tmp_path):
+    """--mixup blends same-sex radiographs of similar age (bonedist.train.mixup) and the model still learns; a patch
+    model, whose inputs are patches rather than radiographs, is refused in one line before training."""
+    result = run_train("--model", "cspnext_tiny", "--shards", str(train_shards), "--preset", "tiny", "--epochs", "3",
+                       "--mixup", "0.4", runs=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "C-Mixup: each training radiograph blended with one of the same sex and similar age (Beta(0.4, 0.4) " \
+           "weights, kernel width 0.2 SD)" in result.stdout
+    records = epoch_records(tmp_path / "default" / "cspnext_tiny")
+    assert min(r["val_mae_months"] for r in records) < 0.75 * records[-1]["val_baseline_mae_months"]
+    patch = run_train("--model", "resnet50_patch", "--shards", str(train_shards), *TINY, "--mixup", "0.4",
+                      runs=tmp_path)
+    assert patch.returncode == 2 and "Traceback" not in patch.stderr
+    assert "--mixup mixes whole radiographs; resnet50_patch trains on patches of them" in patch.stderr
 
 
 @pytest.mark.slow

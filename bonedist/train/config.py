@@ -79,6 +79,11 @@ class TrainConfig:
                              "image size; 0: off)", group=OPT, minimum=0)
     low_res_until: float = option(0.5, "the share of the cosine cycle trained at --low-res", group=OPT, minimum=0.0,
                                   maximum=1.0)
+    mixup: float = option(0.0, "C-Mixup: blend each training radiograph and its z target with a partner of the "
+                               "same sex and similar age, by Beta(this, this) weights (e.g. 0.4; 0: off; "
+                               "bonedist.train.mixup)", group=OPT, minimum=0.0)
+    mixup_bandwidth: float = option(0.2, "C-Mixup: the partner kernel's width, in standard deviations of the ages",
+                                    group=OPT, minimum=1e-9)
     teacher: str | None = option(None, "distill: a table of a teacher's predictions for the training radiographs "
                                        "(`bonedist evaluate --runs TEACHER --split train`'s report/predictions.csv,"
                                        " or a CSV with key and months), learnt beside the labels", group=OPT)

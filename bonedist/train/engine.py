@@ -43,6 +43,7 @@ from bonedist.train.config import TrainConfig
 from bonedist.train.distill import distill_loss, load_teacher
 from bonedist.train.lock import RunLock
 from bonedist.train.losses import build_loss
+from bonedist.train.mixup import c_mixup
 from bonedist.train.optim import build_optimizer
 from bonedist.train.precision import resolve_precision
 from bonedist.train.schedule import build_scheduler
@@ -153,6 +154,8 @@ class Trainer:
                            *(("age_bins",) if cfg.model_options.get("age_bins") else ()))
         if cfg.low_res and self.spec.is_patch:
             raise BonedistError(f"--low-res is for whole-image models; {cfg.model}'s patches keep their size")
+        if cfg.mixup and self.spec.is_patch:
+            raise BonedistError(f"--mixup mixes whole radiographs; {cfg.model} trains on patches of them")
         self._train_side = 0  # the side of the last training batch, to say when progressive resizing switches
         self.synced = bool(cfg.sync_bn and self.world > 1 and torch.cuda.is_available())
         if self.synced:  # its forward in training mode (recalibration included) has collectives
@@ -176,6 +179,9 @@ class Trainer:
         if cfg.low_res:
             acc.print(f"progressive resizing: training at {cfg.low_res} px until {cfg.low_res_until:.0%} of the "
                       f"cosine cycle, then at {self.spec.image_size} px (validation at {self.spec.image_size} px)")
+        if cfg.mixup:
+            acc.print(f"C-Mixup: each training radiograph blended with one of the same sex and similar age "
+                      f"(Beta({cfg.mixup:g}, {cfg.mixup:g}) weights, kernel width {cfg.mixup_bandwidth:g} SD)")
         if self.teacher:
             acc.print(f"distilling: {self.teacher.path} column {self.teacher.column} ({len(self.teacher.months)} "
                       f"training radiographs), weight {self.distill_weight:g} beside the labels")
@@ -382,6 +388,9 @@ class Trainer:
                 self._train_side = inputs.image.shape[-1]
             taught = self.teacher.z_targets(batch["key"], self.scale, inputs.repeats, inputs.target.device) \
                 if self.teacher else None
+            if cfg.mixup:
+                inputs, taught = c_mixup(inputs, cfg.mixup, cfg.mixup_bandwidth, cfg.seed, self.rank,
+                                         self.state.micro_step, taught)
         with acc.accumulate(self.model):
             with timer.phase("forward"):
                 with acc.autocast():
