@@ -30,10 +30,10 @@ def partners(target: torch.Tensor, male: torch.Tensor, bandwidth: float) -> torc
     same = male.cpu()[:, None] == male.cpu()[None, :]
     alone = same.sum(dim=1, keepdim=True) == 1
     allowed = same & (~torch.eye(len(t), dtype=torch.bool) | alone)
-    # the nearest allowed age carries weight 1 on its row, so no row is all zeros however far apart the ages are
-    gap = torch.where(allowed, distance.abs(), torch.full_like(distance, torch.inf))
-    gap = gap - gap.min(dim=1, keepdim=True).values
-    weight = torch.where(allowed, torch.exp(-0.5 * (gap / bandwidth) ** 2), torch.zeros_like(distance))
+    # the kernel in log space, less each row's largest: the same ratios, and the nearest allowed age keeps weight 1
+    # however far beyond the bandwidth it is, so no row underflows to all zeros
+    logit = torch.where(allowed, -0.5 * (distance / bandwidth) ** 2, torch.full_like(distance, -torch.inf))
+    weight = torch.exp(logit - logit.max(dim=1, keepdim=True).values)
     return torch.multinomial(weight, 1).squeeze(1)
 
 
