@@ -42,7 +42,7 @@ class Predictor:
         return total if count == 1 else {k: v / count for k, v in total.items()}
 
     def _forward(self, batch: dict, flip: bool, view: tuple[float, float] = (0.0, 1.0)) -> dict[str, torch.Tensor]:
-        inputs = self.pipe.model_batch(batch, flip=flip, view=None if view == (0.0, 1.0) else view)
+        inputs = self.pipe.model_batch(batch, flip=flip, view=view)
         with self.autocast() if self.autocast else nullcontext():
             out = self.model(inputs.image, inputs.male)
         result = {"pred": out["pred"].float(), **{k: out[k].float() for k in self.model.task.branches}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -353,6 +354,31 @@ def test_a_png_with_bytes_after_its_end_is_read(tmp_path):
     assert np.array_equal(image, _hand())
     with pytest.raises(ImageError, match="truncated"):
         decode_gray8(png.tobytes()[: len(png) - 20])
+
+
+def test_every_reader_of_a_users_file_names_it_and_says_why(tmp_path):
+    """`predict`, worklists, the bundle and the service share one checked decoder: one line, the name first."""
+    from bonedist.data.dicom import read_radiograph
+    from bonedist.eval.predict import load_radiograph
+    from bonedist.serving.bundle import prepare
+
+    ok, png = cv2.imencode(".png", _hand())
+    image, facts = read_radiograph(png.tobytes(), "hand.png")
+    assert np.array_equal(image, _hand()) and facts == {}
+    blank = cv2.imencode(".png", np.full((64, 64), 128, np.uint8))[1].tobytes()
+    cases = {"scan7": (b"not an image at all", "cannot read the image"),
+             "cut.png": (png.tobytes()[: len(png) - 20], "cannot read the image: .*truncated"),
+             "blank.png": (blank, "blank or near-constant image")}
+    for name, (data, why) in cases.items():
+        with pytest.raises(BonedistError, match=f"^{name}: {why}"):
+            read_radiograph(data, name)
+        with pytest.raises(BonedistError, match=f"^{name}: {why}"):
+            prepare(data, name, {"image_size": 32, "resize_mode": "pad"})
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BonedistError, match=f"^{re.escape(str(tmp_path / name))}: {why}"):
+            load_radiograph(tmp_path / name, 32, "pad")
+    resized, _ = prepare(png.tobytes(), "hand.png", {"image_size": 32, "resize_mode": "pad"})
+    assert resized.shape == (32, 32) and resized.dtype == np.uint8
 
 
 # -- 5. faults leave the last good state and a log with each step once ---------------------------------------------

@@ -159,6 +159,27 @@ def decode_radiograph(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[np.nda
     return decode_gray8(data, max_pixels), {}  # its own error: not a PNG, JPEG or DICOM
 
 
+def read_radiograph(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
+                    memory_hint: str = "") -> tuple[np.ndarray, dict]:
+    """``decode_radiograph`` for one file a user hands in (``predict``, a worklist, the bundle, the service): a file
+    that cannot be decoded, or holds no radiograph, raises one ``BonedistError`` line naming ``name`` and why;
+    ``memory_hint`` follows an out-of-memory error (the flag that lowers it, where there is one)."""
+    from bonedist import BonedistError
+    from bonedist.data.images import not_a_radiograph
+
+    try:
+        original, facts = decode_radiograph(data, max_pixels)
+    except ImageError as exc:
+        raise BonedistError(f"{name}: cannot read the image: {exc}") from None
+    except MemoryError:
+        raise BonedistError(f"{name}: out of memory while decoding it{memory_hint}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever breaks on one file is that file's error
+        raise BonedistError(f"{name}: cannot read the image ({reason(exc)})") from None
+    if (why := not_a_radiograph(original)) is not None:
+        raise BonedistError(f"{name}: {why}")
+    return original, facts
+
+
 def looks_like_dicom(data: bytes) -> bool:
     """A DICOM stream without its preamble starts with a group-0002 or group-0008 element (little endian)."""
     return data[:2] in (b"\x02\x00", b"\x08\x00") and data[2:4] in (b"\x00\x00", b"\x01\x00", b"\x05\x00",

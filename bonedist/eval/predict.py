@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from bonedist import BonedistError
-from bonedist.data.dicom import decode_radiograph
-from bonedist.data.images import MAX_PIXELS, ImageError, not_a_radiograph, resize_square
+from bonedist.data.dicom import read_radiograph
+from bonedist.data.images import MAX_PIXELS, resize_square
 from bonedist.data.options import parse_male
 from bonedist.eval.intervals import IntervalCalibration
 from bonedist.files import Fields, read_json, reason
@@ -61,15 +61,10 @@ def load_radiograph(path: Path, size: int, mode: str, max_pixels: int = MAX_PIXE
     if not path.is_file():
         raise BonedistError(f"{path}: no such file")
     try:
-        original, facts = decode_radiograph(path.read_bytes(), max_pixels)
-    except (ImageError, OSError) as exc:
-        raise BonedistError(f"{path}: cannot read the image: {exc}") from exc
-    except MemoryError:
-        raise BonedistError(f"{path}: out of memory while decoding it (lower --max-pixels)") from None
-    except Exception as exc:  # noqa: BLE001 - whatever breaks on one file is that file's error
-        raise BonedistError(f"{path}: cannot read the image ({reason(exc)})") from None
-    if (why := not_a_radiograph(original)) is not None:
-        raise BonedistError(f"{path}: {why}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BonedistError(f"{path}: cannot read the image: {exc.strerror or reason(exc)}") from None
+    original, facts = read_radiograph(data, str(path), max_pixels, memory_hint=" (lower --max-pixels)")
     try:
         resized, geometry = resize_square(original, size, mode)
     except Exception as exc:  # noqa: BLE001

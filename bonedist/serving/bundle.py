@@ -207,7 +207,7 @@ class Bundle:
         total, count = None, 0
         for view, flip in ((v, f) for v in member.views for f in ((False, True) if member.flip else (False,))):
             count += 1
-            x, repeats = model_inputs(images, member.spec, flip, None if view == (0.0, 1.0) else view)
+            x, repeats = model_inputs(images, member.spec, flip, view)
             sexes = np.repeat(male.astype(np.float32), repeats)
             z = member.session.run(["pred"], {"image": x, "male": sexes})[0].astype(np.float32)
             if repeats > 1:
@@ -234,20 +234,10 @@ class Bundle:
 def prepare(data: bytes, name: str, pack: dict, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
     """The bytes of one PNG, JPEG or DICOM radiograph → (uint8 image at the pack's size, DICOM header facts), as
     ``bonedist predict`` reads a file; a bad one raises one line naming ``name``."""
-    from bonedist.data.dicom import decode_radiograph
-    from bonedist.data.images import ImageError, not_a_radiograph, resize_square
-    from bonedist.files import reason
+    from bonedist.data.dicom import read_radiograph
+    from bonedist.data.images import resize_square
 
-    try:
-        original, facts = decode_radiograph(data, max_pixels)
-    except ImageError as exc:
-        raise BonedistError(f"{name}: cannot read the image: {exc}") from None
-    except MemoryError:
-        raise BonedistError(f"{name}: out of memory while decoding it") from None
-    except Exception as exc:  # noqa: BLE001 - whatever breaks on one file is that file's error
-        raise BonedistError(f"{name}: cannot read the image ({reason(exc)})") from None
-    if (why := not_a_radiograph(original)) is not None:
-        raise BonedistError(f"{name}: {why}")
+    original, facts = read_radiograph(data, name, max_pixels)
     resized, _ = resize_square(original, pack["image_size"], pack["resize_mode"])
     return resized, facts
 

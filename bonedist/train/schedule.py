@@ -13,18 +13,18 @@ class Schedule:
     """A scheduler with a uniform face: ``per_step``/``per_epoch`` say when the engine calls ``step``;
     ``follow_clock`` tells a clock-aware schedule how much of the time budget is used."""
 
-    def __init__(self, kind: str, inner=None, clock: dict | None = None):
+    def __init__(self, kind: str, inner=None, clock: dict | None = None,
+                 progress: Callable[[int], float] | None = None):
         self.kind, self.inner = kind, inner
         self._clock = clock if clock is not None else {"fraction": 0.0}
+        self._progress = progress  # a cosine's position in its cycle (0 to 1) at an optimizer step
         self.per_step = kind == "cosine"
         self.per_epoch = kind == "plateau"
 
     def progress(self, step: int) -> float:
         """How far into its current cosine cycle (0 to 1) the schedule is at optimizer ``step``: by steps, or by the
         clock when it is further, as the learning rate follows it (0 for other schedules)."""
-        return self._progress(step) if self.kind == "cosine" and self._progress is not None else 0.0
-
-    _progress: Callable[[int], float] | None = None
+        return self._progress(step) if self._progress is not None else 0.0
 
     def follow_clock(self, fraction: float) -> None:
         """The share of the current stage's time budget used so far (0 without a budget)."""
@@ -68,7 +68,9 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, steps_per_epoch: int)
             progress = (done - ramp) / max(1, total - ramp)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-        schedule = Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor), clock)
-        schedule._progress = lambda step: min(1.0, position(step)[0] / position(step)[1])
-        return schedule
+        def progress(step: int) -> float:
+            done, total = position(step)
+            return min(1.0, done / total)
+
+        return Schedule("cosine", torch.optim.lr_scheduler.LambdaLR(optimizer, factor), clock, progress)
     return Schedule("constant")
