@@ -390,3 +390,17 @@ def test_an_age_distribution_head_predicts_its_mean_and_trains_on_soft_labels(tm
 
     with pytest.raises(BonedistError, match="--age-bins 1: an age distribution needs at least 2 bins"):
         create_model("cspnext_tiny", cfg.input, **{**cfg.model_options, "age_bins": 1})
+
+    # --age-sigma: the soft labels' width, which the model's task carries into the loss
+    assert model.task.label_sigma_z == 0.2
+    wide = create_model("cspnext_tiny", cfg.input, **{**cfg.model_options, "age_sigma": 0.5}).eval()
+    assert wide.task.label_sigma_z == 0.5 and create_model("cspnext_s", cfg.input).task.label_sigma_z == 0.2
+    spread = lambda p: ((p * centers ** 2).sum(-1) - (p * centers).sum(-1) ** 2).sqrt()  # noqa: E731
+    assert torch.allclose(spread(soft_labels(target, 41, 0.5)), torch.full((3,), 0.5), atol=0.02)
+    out = wide(image, male)
+    _, parts = wide.task.loss(out, target, L1())
+    expected = distribution_loss(out["age_logits"], target, 0.5)
+    assert float(parts["loss_age_bins"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(expected) != pytest.approx(float(distribution_loss(out["age_logits"], target)), rel=1e-3)
+    with pytest.raises(BonedistError, match="age.sigma"):
+        create_model("cspnext_tiny", cfg.input, **{**cfg.model_options, "age_sigma": 0.0})

@@ -4,8 +4,9 @@
 The bins are fixed in z units (``SPAN_Z``: the training split's mean age +- 4 standard deviations, wider than 0-19
 years on any RSNA split), so that a model's output means the same whatever data it is built for. Training adds to
 the regression loss on the mean the Kullback-Leibler divergence from a Gaussian soft label around the target
-(``LABEL_SIGMA_Z`` wide) to the predicted distribution: every bin gets a dense, ordered signal, and a radiograph's
-neighbours in age share what is learned. Evaluation, intervals, distillation and export read the mean only.
+(``--age-sigma`` wide, ``LABEL_SIGMA_Z`` by default; the model's task holds it) to the predicted distribution: every
+bin gets a dense, ordered signal, and a radiograph's neighbours in age share what is learned. Evaluation, intervals,
+distillation and export read the mean only.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonedist import BonedistError
+from bonedist.models.task import LABEL_SIGMA_Z
 
 SPAN_Z = (-4.0, 4.0)
-# the soft label's standard deviation, in z: a fifth of the ages' spread, the order of the disagreement between two
-# readers of one radiograph
-LABEL_SIGMA_Z = 0.2
 
 
 def bin_centers(bins: int, device=None) -> torch.Tensor:
@@ -44,13 +43,13 @@ class AgeBinsHead(nn.Module):
         return {"pred": pred, "age_logits": logits}
 
 
-def soft_labels(target: torch.Tensor, bins: int) -> torch.Tensor:
-    """(B,) targets in z → (B, bins) Gaussian soft labels over the bins, each row summing to 1."""
+def soft_labels(target: torch.Tensor, bins: int, sigma: float = LABEL_SIGMA_Z) -> torch.Tensor:
+    """(B,) targets in z → (B, bins) Gaussian soft labels over the bins, ``sigma`` (z) wide, each row summing to 1."""
     centers = bin_centers(bins, target.device)
-    return torch.softmax(-0.5 * ((centers - target.float().unsqueeze(-1)) / LABEL_SIGMA_Z) ** 2, dim=-1)
+    return torch.softmax(-0.5 * ((centers - target.float().unsqueeze(-1)) / sigma) ** 2, dim=-1)
 
 
-def distribution_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KL(soft label || predicted distribution), averaged over the batch (0 when they agree)."""
+def distribution_loss(logits: torch.Tensor, target: torch.Tensor, sigma: float = LABEL_SIGMA_Z) -> torch.Tensor:
+    """KL(soft label ``sigma`` wide || predicted distribution), averaged over the batch (0 when they agree)."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    return F.kl_div(log_probs, soft_labels(target, logits.shape[-1]), reduction="batchmean")
+    return F.kl_div(log_probs, soft_labels(target, logits.shape[-1], sigma), reduction="batchmean")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bonedist.models.task import LABEL_SIGMA_Z
 from bonedist.options import option
 
 MODEL = "model"
@@ -38,6 +39,9 @@ class TimmOptions(BackboneOptions):
     age_bins: int = option(0, "0: the head predicts one age; N: a distribution over N age bins whose mean is the "
                               "prediction, trained with a soft-label term too (bonedist.models.age_bins)",
                            group=MODEL, minimum=0)
+    age_sigma: float = option(LABEL_SIGMA_Z, "with --age-bins: the standard deviation (z units: the training ages' "
+                                             "standard deviations) of the Gaussian soft label around each target",
+                              group=MODEL, minimum=0.01)
 
 
 # -- recipes of an ImageNet-backbone regressor: what it adds to each preset's shared values ---------------------------

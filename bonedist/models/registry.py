@@ -198,5 +198,6 @@ def create_model(name: str, inputs: InputConfig | dict | None = None, spec: Inpu
         raise BonedistError(f"model {name!r}: {exc}") from exc
     model.spec = spec or InputSpec.resolve(inputs, channels, getattr(model, "input_norm", None),
                                            getattr(model, "min_input_size", 0))
-    model.task = info.task
+    if getattr(model, "task", None) is None:  # a factory may derive its task from the options (an age head's labels)
+        model.task = info.task
     return model

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # torch is imported where models are built, not where they ar
     from torch import nn
 
 LossFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+# an age-distribution head's soft label's standard deviation, in z (``--age-sigma``): a fifth of the ages' spread,
+# the order of the disagreement between two readers of one radiograph
+LABEL_SIGMA_Z = 0.2
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Task:
         weights: each branch's share of the training loss.
         main_branch: the branch that ``pred`` is; the model is then reported under that branch's row only.
         stages: branches that can be trained one after another (``--stages``), in this order.
+        label_sigma_z: the width of an age-distribution head's soft labels (``--age-sigma``), in z.
         attention: the output holds attention ``boxes`` (B, 4) and ``masks`` (B, 1, H, W) to draw and log.
         compilable: ``torch.compile`` can trace the forward pass.
     """
@@ -36,6 +40,7 @@ class Task:
     weights: dict = field(default_factory=dict)
     main_branch: str | None = None
     stages: tuple[str, ...] = ()
+    label_sigma_z: float = LABEL_SIGMA_Z
     attention: bool = False
     compilable: bool = True
 
@@ -50,7 +55,7 @@ class Task:
                 return loss, {"loss": loss.detach()}
             from bonedist.models.age_bins import distribution_loss
 
-            bins = distribution_loss(output["age_logits"], target)
+            bins = distribution_loss(output["age_logits"], target, self.label_sigma_z)
             return loss + bins, {"loss": (loss + bins).detach(), "loss_age_bins": bins.detach()}
         weights = {stage: 1.0} if stage else self.weights
         parts = {name: loss_fn(output[name].float(), target.float()) for name in weights}

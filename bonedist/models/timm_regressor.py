@@ -25,13 +25,17 @@ def timm_regressor(arch: str, opts: TimmOptions, in_chans: int):
 
     from bonedist.models.age_bins import AgeBinsHead
     from bonedist.models.regressor import SexImageRegressor, mlp, sigmoid_sex_encoder
+    from bonedist.models.task import Task
 
     def head(features: int) -> nn.Module:
         layers = mlp([features + 32, opts.head_width, opts.age_bins or 1], nn.ReLU)
         return AgeBinsHead(layers, opts.age_bins) if opts.age_bins else layers
 
     backbone_kw = {"drop_path_rate": opts.drop_path} if opts.drop_path else {}
-    return SexImageRegressor(arch, head, sigmoid_sex_encoder(), opts, in_chans, **backbone_kw)
+    model = SexImageRegressor(arch, head, sigmoid_sex_encoder(), opts, in_chans, **backbone_kw)
+    if opts.age_bins:  # the soft labels' width is the loss's, which the task computes
+        model.task = Task(label_sigma_z=opts.age_sigma)
+    return model
 
 
 def _resolve(name: str) -> bool:
