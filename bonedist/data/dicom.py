@@ -15,7 +15,8 @@ from datetime import date
 
 import numpy as np
 
-from bonedist.data.images import MAX_PIXELS, ImageError, check_pixels, robust_window, stretch_to_uint8
+from bonedist import BonedistError
+from bonedist.data.images import MAX_PIXELS, ImageError, check_pixels, not_a_radiograph, robust_window, stretch_to_uint8
 from bonedist.files import reason
 
 DICM_OFFSET = 128  # the 128-byte preamble, then "DICM"
@@ -164,9 +165,6 @@ def read_radiograph(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
     """``decode_radiograph`` for one file a user hands in (``predict``, a worklist, the bundle, the service): a file
     that cannot be decoded, or holds no radiograph, raises one ``BonedistError`` line naming ``name`` and why;
     ``memory_hint`` follows an out-of-memory error (the flag that lowers it, where there is one)."""
-    from bonedist import BonedistError
-    from bonedist.data.images import not_a_radiograph
-
     try:
         original, facts = decode_radiograph(data, max_pixels)
     except ImageError as exc:
