@@ -69,3 +69,58 @@ def test_a_cpu_without_bf16_units_trains_in_fp32_as_before(train_shards, tmp_pat
     assert "precision: fp32 (a CPU without bf16 matrix units)" in result.stdout
     resolved = json.loads((tmp_path / "default" / "xception" / "config.json").read_text())["resolved"]
     assert resolved == {**resolved, "precision": "fp32", "channels_last": False}
+
+
+def _grid_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The 4-D weights of more than one input channel (their memory format is not ambiguous)."""
+    return [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2:].numel() > 1]
+
+
+def test_channels_last_from_a_stage_runs_the_first_layers_nchw_with_the_same_outputs(monkeypatch):
+    """CSPNeXt's measured CPU choice: channels_last from a later stage, its stem and first stages NCHW (BatchNorm's
+    backward pass is slow over channels_last maps of few channels); the outputs are the model's."""
+    import copy
+
+    from bonedist import BonedistError
+    from bonedist.models import create_model
+    from bonedist.train.config import resolve_config
+    from bonedist.train.precision import to_memory_format
+
+    info = model_info("cspnext_tiny")
+    start = info.cpu_precision[1]
+    assert isinstance(start, str) and start.startswith("backbone.stages.")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setenv("BONEDIST_CPU_BF16", "1")
+    p = resolve_precision("auto", None, False, info.cpu_precision)
+    assert (p.mixed, p.channels_last, p.channels_last_from, p.input_channels_last) == ("bf16", True, start, False)
+    assert f"channels_last from {start}" in p.describe()
+    assert resolve_precision("auto", True, False, info.cpu_precision).channels_last_from == ""  # --channels-last
+    assert resolve_precision("auto", None, True, info.cpu_precision).channels_last_from == ""  # CUDA: all of it
+    assert inference_precision("auto", False, info.cpu_precision).channels_last_from == start
+
+    cfg = resolve_config("cspnext_tiny", "", "scratch", input={"image_size": 64})
+    torch.manual_seed(0)
+    model = create_model("cspnext_tiny", cfg.input, **cfg.model_options).eval()
+    reference = copy.deepcopy(model)
+    params = [id(q) for q in model.parameters()]
+    p.apply(model)
+    p.apply(model)  # again, as evaluation may: one conversion hook
+    modules = dict(model.named_modules())
+    assert [id(q) for q in model.parameters()] == params  # an optimizer built before still holds them
+    assert len(modules[start]._forward_pre_hooks) == 1
+    early = [*_grid_weights(model.backbone.stem), *_grid_weights(model.backbone.stages[0])]
+    late = _grid_weights(modules[start])
+    assert early and late
+    assert all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last) for w in early)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in late)
+    seen = {}
+    model.backbone.stages[0].register_forward_hook(lambda m, a, out: seen.setdefault("stage0", out))
+    modules[start].register_forward_hook(lambda m, a, out: seen.setdefault("start", out))
+    image, male = torch.randn(4, 1, 64, 64), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    with torch.no_grad():
+        got, want = model(image, male), reference(image, male)
+    assert seen["stage0"].is_contiguous() and seen["stage0"].shape[1] > 1
+    assert seen["start"].is_contiguous(memory_format=torch.channels_last) and not seen["start"].is_contiguous()
+    torch.testing.assert_close(got["pred"], want["pred"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(BonedistError, match="no module of that path"):
+        to_memory_format(reference, True, "backbone.stages.9")

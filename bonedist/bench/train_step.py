@@ -4,13 +4,15 @@ recipe for ``--preset``), same inputs, same run; MFU on CUDA.
 
 The engine's defaults are what ``--precision auto`` resolves to (``bonedist.train.precision``): bf16 autocast and
 channels_last on CUDA; on a CPU with bf16 matrix units the model's measured choice (bf16 and channels_last for most
-CNNs), fp32 on other CPUs. Compilation time is left out of the timing (it runs in the warm-up steps). A step is
+CNNs), fp32 on other CPUs. Where that choice keeps a model's first layers NCHW, the defaults with channels_last
+throughout are timed beside them. Compilation time is left out of the timing (it runs in the warm-up steps). A step is
 forward, backward and AdamW step on one fixed batch of prepared inputs (the input pipeline is timed by ``bench
 augment`` and ``bench train-loop``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 
@@ -40,8 +42,7 @@ def _setup(model_name: str, preset: str, size: int, device: torch.device, precis
     cfg = resolve_config(model_name, "", preset, input={"image_size": size}, model_options=options)
     torch.manual_seed(0)
     model = create_model(model_name, cfg.input, **cfg.model_options).to(device).train()
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = precision.apply(model)
     stage = cfg.stages[0][0] if cfg.stages else None  # a staged model is timed in its first stage
     model.task.enter_stage(model, stage)
     return model, cfg, build_loss(cfg), stage
@@ -64,7 +65,7 @@ def _inputs(model, cfg, batch: int, size: int, device: torch.device, channels_la
 def measure(model_name: str, batch: int, size: int, steps: int, device: torch.device, precision: Precision,
             preset: str = "scratch", compile_model: bool = False) -> dict:
     model, cfg, loss_fn, stage = _setup(model_name, preset, size, device, precision)
-    inputs = _inputs(model, cfg, batch, size, device, precision.channels_last)
+    inputs = _inputs(model, cfg, batch, size, device, precision.input_channels_last)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     step_model = torch.compile(model) if compile_model else model
     autocast = autocast_for(precision, device) or nullcontext
@@ -106,6 +107,9 @@ def bench_train_step(model_name: str, batch: int | None = None, size: int | None
     compiled = info.task.compilable and (cuda if compile_model == "auto" else compile_model == "on")
     rows = {"baseline: fp32 eager": measure(model_name, batch, size, steps, device, FP32_EAGER, preset),
             "bonedist defaults": measure(model_name, batch, size, steps, device, defaults, preset)}
+    if defaults.channels_last_from:  # the alternative the partial memory format was chosen over
+        whole = dataclasses.replace(defaults, channels_last_from="")
+        rows["defaults, all channels_last"] = measure(model_name, batch, size, steps, device, whole, preset)
     if compiled:
         rows["defaults + torch.compile"] = measure(model_name, batch, size, steps, device, defaults, preset, True)
     base = rows["baseline: fp32 eager"]["images_per_s"]

@@ -96,8 +96,8 @@ class TrainedModel:
                                      discrete=self.model.task.attention)
         pipe = self.pipe
         if chosen.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-            pipe = InputPipeline(self.model.spec, channels_last=True)
+            chosen.apply(self.model)
+            pipe = InputPipeline(self.model.spec, channels_last=chosen.input_channels_last)
         return Predictor(self.model, pipe, flip, aggregate, autocast_for(chosen, device), self.views(rotate, scale))
 
 

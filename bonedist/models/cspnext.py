@@ -17,6 +17,10 @@ from bonedist.models.registry import register_model
 from bonedist.models.timm_regressor import timm_regressor
 
 CPU_PRECISION = ("bf16", True)  # its 1x1 and 3x3 convolutions carry most of the work (bench train-step)
+# the tiny one's stem and first two stages have 12-48 channels over 50x50 and 25x25 maps, where BatchNorm's backward
+# pass is several times slower channels_last than NCHW on a CPU: channels_last from the third stage on (bench
+# train-step: faster than channels_last throughout; not so for the small one, whose maps are wider)
+TINY_CPU_PRECISION = ("bf16", "backbone.stages.2")
 # 100 epochs (warmup 30 %, as scratch's 9 of 30): more than a CPU budget holds, even a whole hour on a fast day (60
 # ended a 60-minute run after 45-54 minutes), so that with a time budget the clock, which warmup and cosine follow,
 # decides where training ends rather than the epoch count; a run the clock ends has the same schedule either way
@@ -28,7 +32,7 @@ MASKED = modern_recipes(scratch={"epochs": 100, "warmup_epochs": 30.0, "input": 
                                  "model": {"age_bins": 65}})
 
 
-@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=CPU_PRECISION, recipes=MASKED)
+@register_model(options=TimmOptions, channels=(1, 3), cpu_precision=TINY_CPU_PRECISION, recipes=MASKED)
 def cspnext_tiny(opts: TimmOptions, in_chans: int):
     """CSPNeXt-tiny (2.3 M parameters, 384 features) → sex-aware head."""
     return timm_regressor("cspnext_tiny", opts, in_chans)

@@ -45,7 +45,7 @@ class ModelInfo:
         paper_weight: its weight in the paper's ensemble (VI-D: 0.5 ResNet50-patch, 0.1 InceptionV3, 0.1 Xception).
         cpu_precision: ``(precision, channels_last)`` the engine uses with ``--precision auto`` on a CPU that has
             bf16 matrix units (a measured choice per architecture, see ``bonedist.train.precision``; fp32 for a
-            model nobody measured).
+            model nobody measured); ``channels_last`` may be a module's path, where channels_last starts.
     """
 
     name: str
@@ -56,7 +56,7 @@ class ModelInfo:
     channels: tuple[int, ...] = (1,)
     paper: dict = field(default_factory=dict)
     paper_weight: float = 0.0
-    cpu_precision: tuple[str, bool] = ("fp32", False)
+    cpu_precision: tuple[str, bool | str] = ("fp32", False)
     listed: bool = True  # in list_models() (and so in every default model list); False for models made on demand
 
     @property

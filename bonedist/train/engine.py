@@ -141,6 +141,7 @@ class Trainer:
     def resolved(self) -> dict:
         """What ``auto`` settings became on this machine (saved in config.json and the W&B config)."""
         return {"precision": self.precision.name, "channels_last": self.precision.channels_last,
+                "channels_last_from": self.precision.channels_last_from,
                 "precision_reason": self.precision.reason, "world": self.world}
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -160,9 +161,7 @@ class Trainer:
         self.synced = bool(cfg.sync_bn and self.world > 1 and torch.cuda.is_available())
         if self.synced:  # its forward in training mode (recalibration included) has collectives
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if self.precision.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self._model = model
+        self._model = self.precision.apply(model)
 
     def _build_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -188,7 +187,7 @@ class Trainer:
         self.recal_data = self.train_data.subset(cfg.recalibrate, seed=cfg.seed, equal=self.synced) \
             if cfg.recalibrate else None
         self.pipe = InputPipeline(self.spec, cfg.augment_config(), seed=cfg.seed, rank=self.rank,
-                                  channels_last=self.precision.channels_last)
+                                  channels_last=self.precision.input_channels_last)
         if self.spec.hand_mask:  # cached splits keep each radiograph's hand mask instead of computing it per step
             for split in (self.train_data, self.val_data):
                 if isinstance(split, CachedSplit):
