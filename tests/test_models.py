@@ -303,6 +303,7 @@ def test_every_model_under_every_preset_it_declares_builds_and_takes_an_optimize
     batch = {"image": images, "male": torch.tensor([1.0, 0.0]), "age": torch.tensor([60.0, 150.0])}
     inputs = InputPipeline(model.spec, cfg.augment_config()).model_batch(batch, step=0, scale=TargetScale(120, 40))
     optimizer = build_optimizer(cfg, model)
+    assert optimizer.defaults["fused"] is True
     before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
     loss, _ = model.task.loss(model(inputs.image, inputs.male), inputs.target, build_loss(cfg), stage)
     loss.backward()
